@@ -1,0 +1,64 @@
+//! guardd: the soffid-otp daemon. Runs in the foreground (systemd, or a terminal for tests).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use guardd::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "soffid-otp daemon: holds OTP tokens and decides logins")]
+struct Args {
+    /// Configuration file [default: /etc/soffid-otp/guardd.toml, if present]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Unix socket to serve on (overrides the file's `socket`)
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// SQLite database of tokens (overrides the file's `database`)
+    #[arg(long)]
+    database: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    guardd::logging::init("guardd");
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("guardd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    // Everything guardd creates is private unless it says otherwise (the socket does).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let mut config = Config::load(args.config.as_deref())?;
+    if let Some(socket) = args.socket {
+        config.socket = socket;
+    }
+    if let Some(database) = args.database {
+        config.database = database;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot watch SIGTERM")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down on signal");
+        };
+        guardd::server::run(config, shutdown).await?;
+        Ok(())
+    })
+}

@@ -1,0 +1,244 @@
+//! `guardctl`: enrol, confirm, list and delete tokens through guardd's socket.
+//!
+//! Exit status: 0 on success, 1 when guardd refuses or cannot be reached, 2 on a usage error.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use proto::v1::guard_client::GuardClient;
+use proto::v1::{ConfirmRequest, DeleteRequest, EnrollRequest, ListRequest, Token};
+use qrcode::render::unicode::Dense1x2;
+use qrcode::QrCode;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::config::Config;
+
+#[derive(Parser)]
+#[command(name = "guardctl", version, about = "Manage soffid-otp tokens")]
+pub struct Cli {
+    /// guardd's socket [default: the `socket` of guardd.toml, else /run/soffid-otp/guardd.sock]
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
+    /// guardd.toml to read the socket path from
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Seconds to wait for guardd
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout: u64,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a pending TOTP token and show its otpauth:// URI and QR code
+    Enroll {
+        user: String,
+        /// A name for the device, e.g. "work phone"
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Activate USER's pending token with the code it shows now (read from stdin when omitted)
+    Confirm { user: String, code: Option<String> },
+    /// List tokens (all users when USER is omitted: admins only)
+    List { user: Option<String> },
+    /// Delete one of USER's tokens
+    Delete { user: String, token_id: String },
+}
+
+/// A failure worth one line on stderr and exit status 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot reach guardd at {path}: {source} (is guardd running?)")]
+    Connect {
+        path: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Local(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        CliError::Refused(match s.code() {
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
+                "guardd did not answer in time".into()
+            }
+            _ => s.message().to_owned(),
+        })
+    }
+}
+
+/// Parses the command line (usage errors exit 2 through clap) and runs it.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guardctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    let socket = match cli.socket {
+        Some(s) => s,
+        None => {
+            Config::load(cli.config.as_deref())
+                .map_err(|e| CliError::Local(e.to_string()))?
+                .socket
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Local(format!("cannot start the async runtime: {e}")))?;
+    // Read a code from stdin before connecting, so a slow typist does not hold a connection.
+    let code = match &cli.command {
+        Command::Confirm { code, .. } => Some(match code.as_deref() {
+            Some("-") | None => read_code()?,
+            Some(c) => Zeroizing::new(c.as_bytes().to_vec()),
+        }),
+        _ => None,
+    };
+    runtime.block_on(async move {
+        let channel = proto::connect(&socket, Duration::from_secs(cli.timeout))
+            .await
+            .map_err(|source| CliError::Connect {
+                path: socket.display().to_string(),
+                source,
+            })?;
+        let mut client = GuardClient::new(channel);
+        execute(&mut client, cli.command, code).await
+    })
+}
+
+async fn execute(
+    client: &mut GuardClient<Channel>,
+    command: Command,
+    code: Option<Zeroizing<Vec<u8>>>,
+) -> Result<(), CliError> {
+    match command {
+        Command::Enroll { user, label } => {
+            let reply = client
+                .enroll(EnrollRequest { user, label })
+                .await?
+                .into_inner();
+            let uri = Zeroizing::new(reply.uri);
+            let token = reply.token.unwrap_or_default();
+            println!(
+                "Pending token {} for {}. Scan the QR code or add this URI in an authenticator app:",
+                token.id, token.user
+            );
+            println!("{}", uri.as_str());
+            if let Ok(qr) = QrCode::new(uri.as_bytes()) {
+                println!(
+                    "{}",
+                    qr.render::<Dense1x2>()
+                        .dark_color(Dense1x2::Light)
+                        .light_color(Dense1x2::Dark)
+                        .build()
+                );
+            }
+            println!(
+                "Then activate it with: guardctl confirm {} (and type the code the app shows)",
+                token.user
+            );
+        }
+        Command::Confirm { user, .. } => {
+            let code = code.unwrap_or_default();
+            let token = client
+                .confirm(ConfirmRequest {
+                    user,
+                    code: code.to_vec(),
+                })
+                .await?
+                .into_inner()
+                .token
+                .unwrap_or_default();
+            println!("Token {} of {} is active.", token.id, token.user);
+        }
+        Command::List { user } => {
+            let tokens = client
+                .list(ListRequest {
+                    user: user.unwrap_or_default(),
+                })
+                .await?
+                .into_inner()
+                .tokens;
+            print_tokens(&tokens);
+        }
+        Command::Delete { user, token_id } => {
+            client
+                .delete(DeleteRequest {
+                    user: user.clone(),
+                    token_id: token_id.clone(),
+                })
+                .await?;
+            println!("Deleted token {token_id} of {user}.");
+        }
+    }
+    Ok(())
+}
+
+fn print_tokens(tokens: &[Token]) {
+    println!(
+        "{:<12} {:<16} {:<5} {:<9} {:<20} {:<20} LABEL",
+        "ID", "USER", "KIND", "STATE", "CREATED", "LAST USED"
+    );
+    for t in tokens {
+        println!(
+            "{:<12} {:<16} {:<5} {:<9} {:<20} {:<20} {}",
+            t.id,
+            t.user,
+            t.kind,
+            t.state,
+            format_time(t.created),
+            format_time(t.last_used),
+            t.label
+        );
+    }
+}
+
+/// Unix seconds as UTC RFC 3339, or `-` for never.
+fn format_time(secs: i64) -> String {
+    match u64::try_from(secs) {
+        Ok(s) if s > 0 => {
+            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
+                .to_string()
+        }
+        _ => "-".into(),
+    }
+}
+
+/// Reads one line from stdin (without echo on a terminal would need a tty; codes are short-lived).
+fn read_code() -> Result<Zeroizing<Vec<u8>>, CliError> {
+    if std::io::stdin().is_terminal() {
+        eprint!("Code shown by the app: ");
+    }
+    let mut line = Zeroizing::new(String::new());
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::Local(format!("cannot read the code from stdin: {e}")))?;
+    Ok(Zeroizing::new(line.trim().as_bytes().to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::format_time;
+
+    #[test]
+    fn formats_utc_times() {
+        assert_eq!(format_time(0), "-");
+        assert_eq!(format_time(1_111_111_111), "2005-03-18T01:58:31Z");
+        assert_eq!(format_time(951_825_600), "2000-02-29T12:00:00Z");
+    }
+}

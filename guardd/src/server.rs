@@ -1,0 +1,100 @@
+use std::future::Future;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::v1::guard_server::GuardServer;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+
+use crate::config::Config;
+use crate::service::GuardService;
+use crate::store::{Store, StoreError};
+
+/// Longest time one RPC may take inside the daemon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why guardd could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("another guardd is already listening on {0}; stop it first")]
+    AlreadyRunning(PathBuf),
+    #[error("{path} exists and is not a socket; remove it or choose another `socket`")]
+    NotASocket { path: PathBuf },
+    #[error("cannot prepare {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
+    move |source| ServerError::Io {
+        path: path.into(),
+        source,
+    }
+}
+
+/// Creates `dir` (and parents) with `mode` if it does not exist yet; an existing one is kept.
+fn ensure_dir(dir: &Path, mode: u32) -> Result<(), ServerError> {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// Binds the socket: world-connectable (0666), because access is decided per call by the peer's
+/// credentials, so screen lockers running as the user can reach it. A stale socket left by a
+/// crash is replaced; a live one means another daemon runs, and is left alone.
+async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    if let Some(dir) = path.parent() {
+        ensure_dir(dir, 0o755)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                return Err(ServerError::AlreadyRunning(path.into()));
+            }
+            std::fs::remove_file(path).map_err(io_err(path))?;
+        }
+        Ok(_) => return Err(ServerError::NotASocket { path: path.into() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(io_err(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
+        .map_err(io_err(path))?;
+    Ok(listener)
+}
+
+/// Opens the store, serves the `Guard` service on the configured socket until `shutdown`
+/// resolves, then removes the socket.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    if let Some(dir) = config.database.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    let store = Store::open(&config.database)?;
+    let listener = bind(&config.socket).await?;
+    let service = GuardService::new(store, config.admin_group.clone(), config.issuer(), config.skew);
+    tracing::info!(
+        socket = %config.socket.display(),
+        database = %config.database.display(),
+        "guardd listening"
+    );
+    let served = tonic::transport::Server::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .add_service(GuardServer::new(service))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&config.socket);
+    tracing::info!("guardd stopped");
+    Ok(served?)
+}
