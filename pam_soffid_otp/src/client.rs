@@ -1,0 +1,97 @@
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use proto::v1::guard_client::GuardClient;
+use proto::v1::{AnswerRequest, BeginRequest, LoginContext, Step};
+use tokio::runtime::Runtime;
+use tonic::transport::Channel;
+use zeroize::Zeroizing;
+
+use crate::core::{Daemon, DaemonError};
+
+/// A connection to guardd for one PAM transaction. It owns a single-threaded tokio runtime
+/// that lives only as long as the transaction, so no thread is left behind in the host.
+pub struct GrpcDaemon {
+    runtime: Runtime,
+    client: GuardClient<Channel>,
+    timeout: Duration,
+}
+
+impl GrpcDaemon {
+    /// Connects to guardd at `socket`; fails within `timeout` when it is down or wedged.
+    pub fn connect(socket: &Path, timeout: Duration) -> Result<GrpcDaemon, DaemonError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DaemonError::Unreachable(format!("cannot start a runtime: {e}")))?;
+        let channel = block_on(&runtime, timeout, proto::connect(socket, timeout))?
+            .map_err(|e| DaemonError::Unreachable(format!("{}: {e}", socket.display())))?;
+        Ok(GrpcDaemon {
+            runtime,
+            client: GuardClient::new(channel),
+            timeout,
+        })
+    }
+
+    fn call<T: Send>(
+        &self,
+        f: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+    ) -> Result<T, DaemonError> {
+        match block_on(&self.runtime, self.timeout, f)? {
+            Ok(reply) => Ok(reply.into_inner()),
+            Err(status) => Err(DaemonError::from(status)),
+        }
+    }
+}
+
+impl Daemon for GrpcDaemon {
+    fn begin(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
+        let mut client = self.client.clone();
+        self.call(async move {
+            client
+                .begin(BeginRequest {
+                    context: Some(context),
+                })
+                .await
+        })
+    }
+
+    fn answer(
+        &mut self,
+        challenge: String,
+        response: Zeroizing<Vec<u8>>,
+    ) -> Result<Step, DaemonError> {
+        let mut client = self.client.clone();
+        self.call(async move {
+            // The request takes a copy; `response` is zeroized when this future ends.
+            let request = AnswerRequest {
+                challenge,
+                response: response.to_vec(),
+            };
+            client.answer(request).await
+        })
+    }
+}
+
+/// Runs `f` to completion on `runtime`, giving up after `timeout`. When the host process is
+/// itself inside a tokio runtime, `block_on` would panic there, so a short-lived thread runs it.
+fn block_on<F>(runtime: &Runtime, timeout: Duration, f: F) -> Result<F::Output, DaemonError>
+where
+    F: Future + Send,
+    F::Output: Send,
+{
+    let run = || {
+        runtime
+            .block_on(async { tokio::time::timeout(timeout, f).await })
+            .map_err(|_| DaemonError::TimedOut(timeout))
+    };
+    if tokio::runtime::Handle::try_current().is_err() {
+        return run();
+    }
+    std::thread::scope(|s| {
+        s.spawn(run)
+            .join()
+            .unwrap_or_else(|_| Err(DaemonError::Unreachable("the client thread failed".into())))
+    })
+}

@@ -1,0 +1,382 @@
+use pam::constants::PamResultCode;
+use proto::v1::{step, LoginContext, Step};
+use zeroize::Zeroizing;
+
+/// The most steps one login may take; a daemon that never ends the conversation is cut off.
+const MAX_STEPS: usize = 16;
+
+/// PAM items the module reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Item {
+    Service,
+    RHost,
+    RUser,
+    Tty,
+}
+
+/// How a conversation message is shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// Ask with the input hidden (codes).
+    EchoOff,
+    /// Ask with the input shown.
+    EchoOn,
+    /// Show information.
+    Info,
+    /// Show an error.
+    Error,
+}
+
+/// What the module needs from libpam; the FFI layer implements it over the real handle and
+/// tests implement it with a script.
+pub trait PamHandle {
+    /// The user being authenticated (PAM_USER, asking the application if unset).
+    fn user(&mut self) -> Result<String, PamResultCode>;
+    /// A PAM item, or None when unset.
+    fn item(&self, item: Item) -> Option<String>;
+    /// Sends one message through the application's conversation function; prompts return the
+    /// user's reply.
+    fn converse(
+        &self,
+        style: Style,
+        text: &str,
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, PamResultCode>;
+}
+
+/// Why guardd gave no decision.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("guardd is unreachable: {0}")]
+    Unreachable(String),
+    #[error("guardd did not answer within {0:?}")]
+    TimedOut(std::time::Duration),
+    #[error("guardd refused the request: {0}")]
+    Refused(String),
+}
+
+impl From<tonic::Status> for DaemonError {
+    fn from(status: tonic::Status) -> Self {
+        use tonic::Code;
+        match status.code() {
+            // The request itself was refused: an answer, not an outage.
+            Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated => {
+                DaemonError::Refused(status.message().to_owned())
+            }
+            Code::DeadlineExceeded => DaemonError::Unreachable("deadline exceeded".into()),
+            _ => DaemonError::Unreachable(format!("{:?}: {}", status.code(), status.message())),
+        }
+    }
+}
+
+impl DaemonError {
+    /// Unreachable daemons map to PAM_AUTHINFO_UNAVAIL (the login is refused; the service may
+    /// say "authentication service cannot retrieve authentication info"); refusals to AUTH_ERR.
+    fn pam_code(&self) -> PamResultCode {
+        match self {
+            DaemonError::Refused(_) => PamResultCode::PAM_AUTH_ERR,
+            _ => PamResultCode::PAM_AUTHINFO_UNAVAIL,
+        }
+    }
+}
+
+/// The daemon side of the conversation.
+pub trait Daemon {
+    fn begin(&mut self, context: LoginContext) -> Result<Step, DaemonError>;
+    fn answer(
+        &mut self,
+        challenge: String,
+        response: Zeroizing<Vec<u8>>,
+    ) -> Result<Step, DaemonError>;
+}
+
+/// Runs one authentication: tells guardd who logs in, relays its prompts, and maps its verdict
+/// to a PAM code. `connect` is called only once the login context is known. With `silent`
+/// (PAM_SILENT), informational and error messages are not shown; prompts still are.
+pub fn authenticate<H, D>(
+    pamh: &mut H,
+    host: &str,
+    silent: bool,
+    connect: impl FnOnce() -> Result<D, DaemonError>,
+) -> PamResultCode
+where
+    H: PamHandle,
+    D: Daemon,
+{
+    let user = match pamh.user() {
+        Ok(user) if !user.is_empty() => user,
+        Ok(_) => return PamResultCode::PAM_USER_UNKNOWN,
+        Err(code) => return code,
+    };
+    let context = LoginContext {
+        user,
+        service: pamh.item(Item::Service).unwrap_or_default(),
+        rhost: pamh.item(Item::RHost).unwrap_or_default(),
+        ruser: pamh.item(Item::RUser).unwrap_or_default(),
+        tty: pamh.item(Item::Tty).unwrap_or_default(),
+        host: host.to_owned(),
+    };
+    let who = format!("user={} service={}", context.user, context.service);
+    let result = connect().and_then(|mut daemon| {
+        let step = daemon.begin(context)?;
+        Ok(converse(pamh, &mut daemon, step, silent))
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            crate::log::error(&format!("{who}: {e}"));
+            e.pam_code()
+        }
+    }
+}
+
+/// Follows the daemon's steps until a verdict.
+fn converse<H: PamHandle, D: Daemon>(
+    pamh: &H,
+    daemon: &mut D,
+    mut step: Step,
+    silent: bool,
+) -> PamResultCode {
+    for _ in 0..MAX_STEPS {
+        match step.kind {
+            Some(step::Kind::Permit(permit)) => {
+                show(pamh, Style::Info, &permit.message, silent);
+                return PamResultCode::PAM_SUCCESS;
+            }
+            Some(step::Kind::Deny(deny)) => {
+                show(pamh, Style::Error, &deny.message, silent);
+                return PamResultCode::PAM_AUTH_ERR;
+            }
+            Some(step::Kind::Prompt(prompt)) => {
+                show(pamh, Style::Info, &prompt.info, silent);
+                let style = if prompt.echo {
+                    Style::EchoOn
+                } else {
+                    Style::EchoOff
+                };
+                let response = match pamh.converse(style, &prompt.text) {
+                    Ok(Some(response)) => response,
+                    Ok(None) => return PamResultCode::PAM_CONV_ERR,
+                    Err(code) => return code,
+                };
+                step = match daemon.answer(prompt.challenge, response) {
+                    Ok(next) => next,
+                    Err(e) => {
+                        crate::log::error(&e.to_string());
+                        return e.pam_code();
+                    }
+                };
+            }
+            None => {
+                crate::log::error("guardd sent an empty step; refusing the login");
+                return PamResultCode::PAM_AUTHINFO_UNAVAIL;
+            }
+        }
+    }
+    crate::log::error("guardd did not finish the conversation; refusing the login");
+    PamResultCode::PAM_AUTHINFO_UNAVAIL
+}
+
+fn show<H: PamHandle>(pamh: &H, style: Style, text: &str, silent: bool) {
+    if !silent && !text.is_empty() {
+        // A display failure must not change the verdict.
+        let _ = pamh.converse(style, text);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::v1::{Deny, Permit, Prompt};
+    use std::cell::RefCell;
+    use std::collections::VecDeque;
+
+    /// A PAM handle whose user answers prompts from a script and records what was shown.
+    #[derive(Default)]
+    struct FakePam {
+        user: Option<String>,
+        answers: RefCell<VecDeque<Result<Option<&'static str>, PamResultCode>>>,
+        shown: RefCell<Vec<(Style, String)>>,
+    }
+
+    impl PamHandle for FakePam {
+        fn user(&mut self) -> Result<String, PamResultCode> {
+            self.user.clone().ok_or(PamResultCode::PAM_USER_UNKNOWN)
+        }
+        fn item(&self, item: Item) -> Option<String> {
+            match item {
+                Item::Service => Some("sshd".into()),
+                Item::RHost => Some("192.0.2.7".into()),
+                Item::Tty => Some("ssh".into()),
+                Item::RUser => None,
+            }
+        }
+        fn converse(
+            &self,
+            style: Style,
+            text: &str,
+        ) -> Result<Option<Zeroizing<Vec<u8>>>, PamResultCode> {
+            self.shown.borrow_mut().push((style, text.to_owned()));
+            match style {
+                Style::EchoOff | Style::EchoOn => self
+                    .answers
+                    .borrow_mut()
+                    .pop_front()
+                    .unwrap_or(Ok(None))
+                    .map(|a| a.map(|a| Zeroizing::new(a.as_bytes().to_vec()))),
+                _ => Ok(None),
+            }
+        }
+    }
+
+    /// A daemon that replays scripted steps and records what it received.
+    #[derive(Default)]
+    struct FakeDaemon {
+        steps: VecDeque<Result<Step, DaemonError>>,
+        begun: Vec<LoginContext>,
+        answers: Vec<(String, Vec<u8>)>,
+    }
+
+    impl Daemon for &mut FakeDaemon {
+        fn begin(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
+            self.begun.push(context);
+            self.steps.pop_front().expect("unexpected begin")
+        }
+        fn answer(&mut self, c: String, r: Zeroizing<Vec<u8>>) -> Result<Step, DaemonError> {
+            self.answers.push((c, r.to_vec()));
+            self.steps.pop_front().expect("unexpected answer")
+        }
+    }
+
+    fn prompt(challenge: &str) -> Step {
+        Step {
+            kind: Some(step::Kind::Prompt(Prompt {
+                challenge: challenge.into(),
+                text: "Verification code: ".into(),
+                echo: false,
+                info: String::new(),
+            })),
+        }
+    }
+    fn permit() -> Step {
+        Step {
+            kind: Some(step::Kind::Permit(Permit::default())),
+        }
+    }
+    fn deny(msg: &str) -> Step {
+        Step {
+            kind: Some(step::Kind::Deny(Deny {
+                message: msg.into(),
+                reason: 0,
+            })),
+        }
+    }
+
+    fn pam(answers: Vec<Result<Option<&'static str>, PamResultCode>>) -> FakePam {
+        FakePam {
+            user: Some("ann".into()),
+            answers: RefCell::new(answers.into()),
+            ..FakePam::default()
+        }
+    }
+
+    fn run(pamh: &mut FakePam, daemon: &mut FakeDaemon, silent: bool) -> PamResultCode {
+        authenticate(pamh, "srv1", silent, || Ok(daemon))
+    }
+
+    #[test]
+    fn prompt_then_permit_succeeds_and_relays_context_and_code() {
+        let mut p = pam(vec![Ok(Some("123456"))]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c1")), Ok(permit())].into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_SUCCESS);
+        let ctx = &d.begun[0];
+        assert_eq!(
+            (&*ctx.user, &*ctx.service, &*ctx.rhost, &*ctx.tty, &*ctx.host),
+            ("ann", "sshd", "192.0.2.7", "ssh", "srv1")
+        );
+        assert_eq!(d.answers, vec![("c1".to_string(), b"123456".to_vec())]);
+        assert_eq!(p.shown.borrow()[0].0, Style::EchoOff);
+    }
+
+    #[test]
+    fn deny_fails_and_shows_the_message_unless_silent() {
+        for silent in [false, true] {
+            let mut p = pam(vec![Ok(Some("000000"))]);
+            let mut d = FakeDaemon {
+                steps: vec![Ok(prompt("c")), Ok(deny("wrong code"))].into(),
+                ..FakeDaemon::default()
+            };
+            assert_eq!(run(&mut p, &mut d, silent), PamResultCode::PAM_AUTH_ERR);
+            let shown_error = p
+                .shown
+                .borrow()
+                .iter()
+                .any(|(s, t)| *s == Style::Error && t == "wrong code");
+            assert_eq!(shown_error, !silent);
+        }
+    }
+
+    #[test]
+    fn unreachable_daemon_is_authinfo_unavail_and_refusal_is_auth_err() {
+        let mut p = pam(vec![]);
+        let code = authenticate(&mut p, "h", false, || {
+            Err::<&mut FakeDaemon, _>(DaemonError::Unreachable("down".into()))
+        });
+        assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let mut d = FakeDaemon {
+            steps: vec![Err(DaemonError::from(tonic::Status::permission_denied("no")))].into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTH_ERR);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c")), Err(DaemonError::TimedOut(Default::default()))].into(),
+            ..FakeDaemon::default()
+        };
+        let mut p = pam(vec![Ok(Some("1"))]);
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+    }
+
+    #[test]
+    fn conversation_failures_fail_the_login() {
+        let mut p = pam(vec![Ok(None)]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c"))].into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_CONV_ERR);
+        let mut p = pam(vec![Err(PamResultCode::PAM_CONV_ERR)]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c"))].into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_CONV_ERR);
+        assert!(d.answers.is_empty());
+    }
+
+    #[test]
+    fn empty_or_endless_conversations_are_cut_off() {
+        let mut p = pam(vec![]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(Step { kind: None })].into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let mut p = pam((0..=MAX_STEPS).map(|_| Ok(Some("1"))).collect());
+        let mut d = FakeDaemon {
+            steps: (0..=MAX_STEPS).map(|i| Ok(prompt(&i.to_string()))).collect(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+    }
+
+    #[test]
+    fn missing_user_is_user_unknown_and_never_contacts_the_daemon() {
+        let mut p = FakePam::default();
+        let code = authenticate(&mut p, "h", false, || -> Result<&mut FakeDaemon, _> {
+            panic!("must not connect")
+        });
+        assert_eq!(code, PamResultCode::PAM_USER_UNKNOWN);
+    }
+}
