@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, EnvFilter};
 
 /// Sends logs to journald when it is there, else to stderr (foreground runs, containers, tests).
@@ -13,7 +15,11 @@ pub fn init(identifier: &str) {
     let result = match journald {
         Some(layer) => registry.with(layer).try_init(),
         None => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
     };
     // Already initialised (tests): keep the existing subscriber.

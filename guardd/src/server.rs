@@ -13,6 +13,9 @@ use crate::store::{Store, StoreError};
 
 /// Longest time one RPC may take inside the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a shutdown signal, how long open connections may finish before guardd exits anyway
+/// (a wedged client must not keep the daemon alive).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Why guardd could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +42,8 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
-/// Creates `dir` (and parents) with `mode` if it does not exist yet; an existing one is kept.
+/// Creates `dir` (and parents) with `mode`, whatever the umask, if it does not exist yet; an
+/// existing one is kept as the administrator made it.
 fn ensure_dir(dir: &Path, mode: u32) -> Result<(), ServerError> {
     if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
@@ -48,6 +52,7 @@ fn ensure_dir(dir: &Path, mode: u32) -> Result<(), ServerError> {
         .recursive(true)
         .mode(mode)
         .create(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)))
         .map_err(io_err(dir))
 }
 
@@ -89,11 +94,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         database = %config.database.display(),
         "guardd listening"
     );
-    let served = tonic::transport::Server::builder()
+    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = signalled.send(());
+    };
+    let serve = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
         .add_service(GuardServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+    tokio::pin!(serve);
+    let served = tokio::select! {
+        served = &mut serve => served,
+        Ok(()) = on_signal => {
+            // New connections stop at once; calls in flight get a moment to finish.
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await {
+                Ok(served) => served,
+                Err(_) => {
+                    tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    Ok(())
+                }
+            }
+        }
+    };
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
     Ok(served?)

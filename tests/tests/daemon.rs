@@ -1,0 +1,197 @@
+//! Layer 2: a real guardd on a scratch socket and database, driven over gRPC and by guardctl.
+
+use std::process::Command;
+
+use harness::{artefact, is_deny, is_permit, is_root, Daemon};
+use proto::v1::{BeginRequest, ListRequest, LoginContext};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn right_code_permits_wrong_code_denies_and_a_code_is_accepted_once() {
+    let d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    assert!(is_deny(&d.login("daemon", &secret.wrong_code()).await));
+    let code = secret.code_at(0);
+    assert!(is_permit(&d.login("daemon", &code).await), "{}", d.log());
+    assert!(is_deny(&d.login("daemon", &code).await), "replayed code accepted");
+    // The next step's code is still good (within the ±1 step window).
+    assert!(is_permit(&d.login("daemon", &secret.code_at(30)).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_users_and_users_without_a_token_are_denied_alike() {
+    let d = Daemon::start();
+    let unknown = d.login("no-such-user-soffid", "123456").await;
+    let unenrolled = d.login("bin", "123456").await;
+    assert!(is_deny(&unknown) && is_deny(&unenrolled));
+    assert_eq!(unknown, unenrolled, "messages must not reveal whether a user exists");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pending_token_does_not_open_logins_and_confirm_needs_the_right_code() {
+    let d = Daemon::start();
+    let out = guardctl(&d, &["enroll", "sys", "--label", "phone"]);
+    assert!(out.status.success(), "{out:?}");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let uri = stdout
+        .lines()
+        .find(|l| l.starts_with("otpauth://totp/test:sys?secret="))
+        .expect("URI on a line of its own");
+    let secret = harness::Secret::from_uri(uri);
+    assert!(is_deny(&d.login("sys", &secret.code_at(0)).await));
+    let bad = guardctl(&d, &["confirm", "sys", &secret.wrong_code()]);
+    assert_eq!(bad.status.code(), Some(1));
+    let good = guardctl(&d, &["confirm", "sys", &secret.code_at(0)]);
+    assert!(good.status.success(), "{good:?}");
+    // The code that confirmed the token cannot log in, the next one can.
+    assert!(is_deny(&d.login("sys", &secret.code_at(0)).await));
+    assert!(is_permit(&d.login("sys", &secret.code_at(30)).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guardctl_lists_deletes_and_exits_with_the_documented_codes() {
+    let d = Daemon::start();
+    let _ = d.enroll_active("daemon").await;
+    let list = guardctl(&d, &["list"]);
+    assert!(list.status.success());
+    let listing = String::from_utf8(list.stdout).unwrap();
+    let row = listing.lines().find(|l| l.contains(" daemon ")).unwrap();
+    assert!(row.contains("active"), "{listing}");
+    let id = row.split_whitespace().next().unwrap();
+
+    assert_eq!(guardctl(&d, &["delete", "daemon", "ffffffffffff"]).status.code(), Some(1));
+    assert_eq!(guardctl(&d, &["enroll", "no-such-user-soffid"]).status.code(), Some(1));
+    assert_eq!(guardctl(&d, &["frobnicate"]).status.code(), Some(2));
+    assert_eq!(guardctl(&d, &["delete", "daemon"]).status.code(), Some(2));
+    let deleted = guardctl(&d, &["delete", "daemon", id]);
+    assert!(deleted.status.success(), "{deleted:?}");
+    assert!(is_deny(&d.login("daemon", "123456").await));
+
+    let down = Command::new(artefact("guardctl"))
+        .args(["--socket", "/nonexistent/guardd.sock", "list"])
+        .output()
+        .unwrap();
+    assert_eq!(down.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(err.contains("cannot reach guardd") && err.lines().count() == 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_input_is_refused_cleanly() {
+    let d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    let mut client = d.client().await;
+    let huge = "x".repeat(100_000);
+    let err = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: huge.clone(),
+                ..LoginContext::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(is_deny(&d.login("daemon", &"9".repeat(1_000_000)).await));
+    assert!(is_deny(&d.login("daemon", "12345\u{0}6").await));
+    // The daemon is still fine afterwards.
+    assert!(is_permit(&d.login("daemon", &secret.code_at(0)).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_used_steps_survive_a_restart_and_shutdown_removes_the_socket() {
+    let mut d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    let code = secret.code_at(0);
+    assert!(is_permit(&d.login("daemon", &code).await));
+    d.restart();
+    assert!(is_deny(&d.login("daemon", &code).await), "replay after restart");
+    assert!(is_permit(&d.login("daemon", &secret.code_at(30)).await));
+    assert!(d.stop(), "SIGTERM must end guardd cleanly");
+    assert!(!d.socket.exists(), "socket left behind");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
+    let d = Daemon::start();
+    let out = Command::new(artefact("guardd"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .arg("--database")
+        .arg(d.dir.path().join("other.db"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already listening"));
+    // The first one still serves.
+    assert!(d.client().await.list(ListRequest::default()).await.is_ok());
+}
+
+/// Callers are identified by SO_PEERCRED: another uid cannot begin a login for someone else,
+/// nor administer tokens, but may begin its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_uid_cannot_act_for_someone_else() {
+    if !is_root() {
+        eprintln!("skipped: needs root to run a client under another uid");
+        return;
+    }
+    let d = Daemon::start();
+    let _ = d.enroll_active("daemon").await;
+    let out = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(std::env::current_exe().unwrap())
+        .args(["--exact", "helper_begin_as_caller", "--ignored", "--nocapture"])
+        .env("SOFFID_HELPER_SOCKET", &d.socket)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("helper: checked"), "helper did not run: {stdout}");
+
+    let as_nobody = Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
+        .arg(artefact("guardctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(["list", "daemon"])
+        .output()
+        .unwrap();
+    assert_eq!(as_nobody.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("permission denied"));
+    assert!(d.log().contains("outcome=\"refused\""), "refusal not audited");
+}
+
+/// Runs inside `another_uid_cannot_act_for_someone_else`, as nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper: run by another_uid_cannot_act_for_someone_else under setpriv"]
+async fn helper_begin_as_caller() {
+    let socket = std::env::var("SOFFID_HELPER_SOCKET").expect("run by the parent test");
+    assert_ne!(nix::unistd::getuid().as_raw(), 0);
+    let mut client = proto::v1::guard_client::GuardClient::new(
+        proto::connect(socket, std::time::Duration::from_secs(5))
+            .await
+            .unwrap(),
+    );
+    let begin = |user: &str| BeginRequest {
+        context: Some(LoginContext {
+            user: user.into(),
+            ..LoginContext::default()
+        }),
+    };
+    let err = client.begin(begin("daemon")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    let err = client.begin(begin("root")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+    // Its own login is allowed (and denied for lack of a token, not for the caller).
+    let own = client.begin(begin("nobody")).await.unwrap().into_inner();
+    assert!(is_deny(&own));
+    println!("helper: checked");
+}
+
+fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {
+    Command::new(artefact("guardctl"))
+        .arg("--socket")
+        .arg(&d.socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
