@@ -1,0 +1,128 @@
+//! Layer 3: the built module loaded by the system's libpam through pam_wrapper and pamtester.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use harness::{artefact, Daemon, PamServices};
+
+const UNAVAILABLE: &str = "Authentication service cannot retrieve authentication info";
+
+fn stack(socket: &std::path::Path, timeout: &str) -> PamServices {
+    PamServices::new(
+        "otp-test",
+        &PamServices::module_line(&format!(
+            "socket={} timeout={timeout}",
+            socket.display()
+        )),
+    )
+}
+
+fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn right_code_succeeds_and_wrong_or_replayed_code_fails() {
+    let d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    let pam = stack(&d.socket, "5");
+
+    let wrong = pam.pamtester("otp-test", "daemon", &format!("{}\n", secret.wrong_code()));
+    assert_eq!(wrong.status.code(), Some(1), "{}", text(&wrong));
+    assert!(text(&wrong).contains("Authentication failure"));
+
+    let code = secret.code_at(0);
+    let right = pam.pamtester("otp-test", "daemon", &format!("{code}\n"));
+    assert!(right.status.success(), "{}\n{}", text(&right), d.log());
+    assert!(text(&right).contains("Verification code"));
+
+    let replay = pam.pamtester("otp-test", "daemon", &format!("{code}\n"));
+    assert_eq!(replay.status.code(), Some(1), "{}", text(&replay));
+
+    // What libpam told the daemon about the login.
+    assert!(d.log().contains("service=\"otp-test\""), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_without_token_is_refused_with_a_message() {
+    let d = Daemon::start();
+    let pam = stack(&d.socket, "5");
+    let out = pam.pamtester("otp-test", "bin", "");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("none is set up"), "{}", text(&out));
+}
+
+#[test]
+fn daemon_not_running_is_authinfo_unavail_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let pam = stack(&dir.path().join("absent.sock"), "10");
+    let started = Instant::now();
+    let out = pam.pamtester("otp-test", "daemon", "123456\n");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    // Fail fast: nowhere near the 10 s timeout.
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+}
+
+#[test]
+fn stopped_daemon_fails_after_the_timeout_without_hanging() {
+    let d = Daemon::start();
+    let pam = stack(&d.socket, "1");
+    nix::sys::signal::kill(d.pid(), nix::sys::signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let out = pam.pamtester("otp-test", "daemon", "123456\n");
+    let took = started.elapsed();
+    nix::sys::signal::kill(d.pid(), nix::sys::signal::SIGCONT).unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    assert!(took >= Duration::from_millis(900), "gave up before the timeout: {took:?}");
+    assert!(took < Duration::from_secs(6), "hung: {took:?}");
+}
+
+#[test]
+fn malformed_module_arguments_keep_secure_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    // The socket argument is dropped as malformed; the default socket is absent here or in CI
+    // unless guardd is installed, and in both cases no login may pass without a code.
+    let pam = PamServices::new(
+        "otp-test",
+        &PamServices::module_line(&format!(
+            "socket=relative timeout=banana socket={}",
+            dir.path().join("absent.sock").display()
+        )),
+    );
+    let out = pam.pamtester("otp-test", "daemon", "123456\n");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+}
+
+#[test]
+fn only_the_six_pam_entry_points_are_exported() {
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only", "--format=posix"])
+        .arg(artefact("libpam_soffid_otp.so"))
+        .output()
+        .expect("nm (binutils)");
+    assert!(out.status.success());
+    let mut symbols: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    symbols.sort();
+    assert_eq!(
+        symbols,
+        [
+            "pam_sm_acct_mgmt",
+            "pam_sm_authenticate",
+            "pam_sm_chauthtok",
+            "pam_sm_close_session",
+            "pam_sm_open_session",
+            "pam_sm_setcred"
+        ]
+    );
+}
