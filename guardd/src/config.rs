@@ -83,10 +83,7 @@ impl Config {
     /// Parses the TOML text; the error names the line and column of the fault.
     pub fn parse(text: &str) -> Result<Config, String> {
         toml::from_str(text).map_err(|e| {
-            let (line, col) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             format!("line {line}, column {col}: {}", e.message())
         })
     }

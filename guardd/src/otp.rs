@@ -122,7 +122,12 @@ pub fn verify_totp(
 }
 
 /// The otpauth:// URI an authenticator app scans. It carries the secret: show it once, never log it.
-pub fn otpauth_uri(issuer: &str, user: &str, secret: &[u8], params: TotpParams) -> Zeroizing<String> {
+pub fn otpauth_uri(
+    issuer: &str,
+    user: &str,
+    secret: &[u8],
+    params: TotpParams,
+) -> Zeroizing<String> {
     let secret = Zeroizing::new(data_encoding::BASE32_NOPAD.encode(secret));
     let issuer = percent_encode(issuer);
     Zeroizing::new(format!(
@@ -229,9 +234,15 @@ mod tests {
         let s = seed(HashAlg::Sha1);
         let p = TotpParams::default();
         let code = totp_code(&s, p, 1_000_020).unwrap();
-        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_050, 1).unwrap().is_some());
-        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_050, 0).unwrap().is_none());
-        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_080, 1).unwrap().is_none());
+        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_050, 1)
+            .unwrap()
+            .is_some());
+        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_050, 0)
+            .unwrap()
+            .is_none());
+        assert!(verify_totp(&s, p, code.as_bytes(), 1_000_080, 1)
+            .unwrap()
+            .is_none());
     }
 
     #[test]
@@ -240,7 +251,9 @@ mod tests {
         let p = TotpParams::default();
         let code = totp_code(&s, p, 5000).unwrap();
         let spaced = format!(" {} {} \n", &code[..3], &code[3..]);
-        assert!(verify_totp(&s, p, spaced.as_bytes(), 5000, 0).unwrap().is_some());
+        assert!(verify_totp(&s, p, spaced.as_bytes(), 5000, 0)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

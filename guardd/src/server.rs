@@ -75,8 +75,7 @@ async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
         Err(e) => return Err(io_err(path)(e)),
     }
     let listener = UnixListener::bind(path).map_err(io_err(path))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(io_err(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io_err(path))?;
     Ok(listener)
 }
 
@@ -88,7 +87,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     let store = Store::open(&config.database)?;
     let listener = bind(&config.socket).await?;
-    let service = GuardService::new(store, config.admin_group.clone(), config.issuer(), config.skew);
+    let service = GuardService::new(
+        store,
+        config.admin_group.clone(),
+        config.issuer(),
+        config.skew,
+    );
     tracing::info!(
         socket = %config.socket.display(),
         database = %config.database.display(),

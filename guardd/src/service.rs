@@ -4,9 +4,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::v1::guard_server::Guard;
 use proto::v1::{
-    step, AnswerRequest, BeginRequest, ConfirmReply, ConfirmRequest, Deny, DenyReason,
-    DeleteReply, DeleteRequest, EnrollReply, EnrollRequest, ListReply, ListRequest, LoginContext,
-    Permit, Prompt, Step, Token,
+    step, AnswerRequest, BeginRequest, ConfirmReply, ConfirmRequest, DeleteReply, DeleteRequest,
+    Deny, DenyReason, EnrollReply, EnrollRequest, ListReply, ListRequest, LoginContext, Permit,
+    Prompt, Step, Token,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -106,8 +106,8 @@ impl GuardService {
     }
 
     fn open_session(&self, context: LoginContext, caller_uid: u32) -> Result<String, Status> {
-        let challenge = otp::random_hex(16)
-            .map_err(|_| Status::internal("the system random source failed"))?;
+        let challenge =
+            otp::random_hex(16).map_err(|_| Status::internal("the system random source failed"))?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         if sessions.len() >= MAX_SESSIONS {
@@ -150,9 +150,13 @@ impl Guard for GuardService {
             .context
             .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
         validate_context(&ctx)?;
-        self.authorize(caller, Action::Login, Some(ctx.user.clone()), "begin", |_, _| {
-            Ok(false)
-        })
+        self.authorize(
+            caller,
+            Action::Login,
+            Some(ctx.user.clone()),
+            "begin",
+            |_, _| Ok(false),
+        )
         .await?;
         let user = ctx.user.clone();
         let enrolled = self
@@ -253,9 +257,13 @@ impl Guard for GuardService {
         validate_label(&label)?;
         // Self-service enrolment only while the user has no token at all: a user who has one
         // must not be able to add a second from a session that did not prove the first.
-        self.authorize(caller, Action::Enroll, Some(user.clone()), "enroll", |s, u| {
-            Ok(s.list(Some(u))?.is_empty())
-        })
+        self.authorize(
+            caller,
+            Action::Enroll,
+            Some(user.clone()),
+            "enroll",
+            |s, u| Ok(s.list(Some(u))?.is_empty()),
+        )
         .await?;
         let issuer = self.issuer.clone();
         let (info, uri) = self
@@ -300,9 +308,13 @@ impl Guard for GuardService {
         let ConfirmRequest { user, code } = req.into_inner();
         let code = Zeroizing::new(code);
         validate_name("user", &user)?;
-        self.authorize(caller, Action::Enroll, Some(user.clone()), "confirm", |_, _| {
-            Ok(true)
-        })
+        self.authorize(
+            caller,
+            Action::Enroll,
+            Some(user.clone()),
+            "confirm",
+            |_, _| Ok(true),
+        )
         .await?;
         let skew = self.skew;
         let u = user.clone();
@@ -371,9 +383,13 @@ impl Guard for GuardService {
         validate_name("token id", &token_id)?;
         // Users may withdraw their own unconfirmed enrolment, not an active token.
         let id = token_id.clone();
-        self.authorize(caller, Action::Delete, Some(user.clone()), "delete", move |s, u| {
-            Ok(s.get(u, &id)?.is_some_and(|t| t.state == "pending"))
-        })
+        self.authorize(
+            caller,
+            Action::Delete,
+            Some(user.clone()),
+            "delete",
+            move |s, u| Ok(s.get(u, &id)?.is_some_and(|t| t.state == "pending")),
+        )
         .await?;
         let (u, id) = (user.clone(), token_id.clone());
         let deleted = self
@@ -384,7 +400,11 @@ impl Guard for GuardService {
                 action: "delete",
                 user: &user,
                 outcome: if deleted { "ok" } else { "refused" },
-                reason: if deleted { "token deleted" } else { "no such token" },
+                reason: if deleted {
+                    "token deleted"
+                } else {
+                    "no such token"
+                },
                 token: &token_id,
                 ..Event::default()
             }

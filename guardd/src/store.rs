@@ -196,7 +196,11 @@ impl Store {
         let mut out = Vec::new();
         for row in rows {
             let (id, secret, alg, digits, period) = row?;
-            let params = match (HashAlg::parse(&alg), u8::try_from(digits), u64::try_from(period)) {
+            let params = match (
+                HashAlg::parse(&alg),
+                u8::try_from(digits),
+                u64::try_from(period),
+            ) {
                 (Some(algorithm), Ok(digits @ 6..=8), Ok(period @ 1..=300)) => TotpParams {
                     algorithm,
                     digits,
@@ -293,20 +297,31 @@ mod tests {
     #[test]
     fn database_file_is_private() {
         let (dir, _s) = temp_store();
-        let mode = std::fs::metadata(dir.path().join("t.db")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join("t.db"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]
     fn pending_token_becomes_active_once_and_steps_only_move_forward() {
         let (_d, s) = temp_store();
-        let t = s.add_pending("ann", "phone", &[7; 20], TotpParams::default(), 1).unwrap();
+        let t = s
+            .add_pending("ann", "phone", &[7; 20], TotpParams::default(), 1)
+            .unwrap();
         assert!(!s.has_active("ann").unwrap());
         assert!(s.accept_step(&t.id, TokenState::Pending, 100, 2).unwrap());
         assert!(s.has_active("ann").unwrap());
         assert!(!s.accept_step(&t.id, TokenState::Pending, 101, 2).unwrap());
-        assert!(!s.accept_step(&t.id, TokenState::Active, 100, 3).unwrap(), "replay");
-        assert!(!s.accept_step(&t.id, TokenState::Active, 99, 3).unwrap(), "older step");
+        assert!(
+            !s.accept_step(&t.id, TokenState::Active, 100, 3).unwrap(),
+            "replay"
+        );
+        assert!(
+            !s.accept_step(&t.id, TokenState::Active, 99, 3).unwrap(),
+            "older step"
+        );
         assert!(s.accept_step(&t.id, TokenState::Active, 101, 3).unwrap());
         let info = s.get("ann", &t.id).unwrap().unwrap();
         assert_eq!((info.state.as_str(), info.last_used), ("active", Some(3)));
@@ -315,7 +330,9 @@ mod tests {
     #[test]
     fn secrets_round_trip_and_delete_is_scoped_to_the_user() {
         let (_d, s) = temp_store();
-        let t = s.add_pending("ann", "", &[9; 20], TotpParams::default(), 1).unwrap();
+        let t = s
+            .add_pending("ann", "", &[9; 20], TotpParams::default(), 1)
+            .unwrap();
         let secrets = s.secrets("ann", TokenState::Pending).unwrap();
         assert_eq!(secrets.len(), 1);
         assert_eq!(*secrets[0].secret, vec![9; 20]);
@@ -328,7 +345,9 @@ mod tests {
     #[test]
     fn concurrent_accepts_of_one_step_succeed_exactly_once() {
         let (_d, s) = temp_store();
-        let t = s.add_pending("ann", "", &[1; 20], TotpParams::default(), 1).unwrap();
+        let t = s
+            .add_pending("ann", "", &[1; 20], TotpParams::default(), 1)
+            .unwrap();
         assert!(s.accept_step(&t.id, TokenState::Pending, 10, 1).unwrap());
         let wins = std::thread::scope(|scope| {
             let handles: Vec<_> = (0..50)

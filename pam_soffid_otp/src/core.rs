@@ -293,7 +293,13 @@ mod tests {
         assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_SUCCESS);
         let ctx = &d.begun[0];
         assert_eq!(
-            (&*ctx.user, &*ctx.service, &*ctx.rhost, &*ctx.tty, &*ctx.host),
+            (
+                &*ctx.user,
+                &*ctx.service,
+                &*ctx.rhost,
+                &*ctx.tty,
+                &*ctx.host
+            ),
             ("ann", "sshd", "192.0.2.7", "ssh", "srv1")
         );
         assert_eq!(d.answers, vec![("c1".to_string(), b"123456".to_vec())]);
@@ -326,16 +332,26 @@ mod tests {
         });
         assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
         let mut d = FakeDaemon {
-            steps: vec![Err(DaemonError::from(tonic::Status::permission_denied("no")))].into(),
+            steps: vec![Err(DaemonError::from(tonic::Status::permission_denied(
+                "no",
+            )))]
+            .into(),
             ..FakeDaemon::default()
         };
         assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTH_ERR);
         let mut d = FakeDaemon {
-            steps: vec![Ok(prompt("c")), Err(DaemonError::TimedOut(Default::default()))].into(),
+            steps: vec![
+                Ok(prompt("c")),
+                Err(DaemonError::TimedOut(Default::default())),
+            ]
+            .into(),
             ..FakeDaemon::default()
         };
         let mut p = pam(vec![Ok(Some("1"))]);
-        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        assert_eq!(
+            run(&mut p, &mut d, false),
+            PamResultCode::PAM_AUTHINFO_UNAVAIL
+        );
     }
 
     #[test]
@@ -362,13 +378,21 @@ mod tests {
             steps: vec![Ok(Step { kind: None })].into(),
             ..FakeDaemon::default()
         };
-        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        assert_eq!(
+            run(&mut p, &mut d, false),
+            PamResultCode::PAM_AUTHINFO_UNAVAIL
+        );
         let mut p = pam((0..=MAX_STEPS).map(|_| Ok(Some("1"))).collect());
         let mut d = FakeDaemon {
-            steps: (0..=MAX_STEPS).map(|i| Ok(prompt(&i.to_string()))).collect(),
+            steps: (0..=MAX_STEPS)
+                .map(|i| Ok(prompt(&i.to_string())))
+                .collect(),
             ..FakeDaemon::default()
         };
-        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        assert_eq!(
+            run(&mut p, &mut d, false),
+            PamResultCode::PAM_AUTHINFO_UNAVAIL
+        );
     }
 
     #[test]

@@ -3,13 +3,13 @@
 //! It holds no secret and decides nothing: it tells guardd who is logging in, shows the prompts
 //! guardd asks for, sends back the answers, and maps the outcome to a PAM code.
 
-/// The PAM entry points: the only place that touches libpam (Kanidm's thin-FFI pattern).
-mod ffi;
-/// The conversation, over a small `PamHandle` trait so it runs in unit tests without libpam.
-pub mod core;
 /// guardd over its Unix socket, with a timeout on every step.
 pub mod client;
-/// Module arguments from the PAM service file.
-pub mod options;
+/// The conversation, over a small `PamHandle` trait so it runs in unit tests without libpam.
+pub mod core;
+/// The PAM entry points: the only place that touches libpam (Kanidm's thin-FFI pattern).
+mod ffi;
 /// Messages for the system log (never the user's terminal).
 pub mod log;
+/// Module arguments from the PAM service file.
+pub mod options;

@@ -72,7 +72,13 @@ mod tests {
 
     #[test]
     fn bad_arguments_warn_and_keep_defaults() {
-        let (o, w) = Options::parse(&["timeout=abc", "timeout=-1", "timeout=1e9", "socket=rel", "x"]);
+        let (o, w) = Options::parse(&[
+            "timeout=abc",
+            "timeout=-1",
+            "timeout=1e9",
+            "socket=rel",
+            "x",
+        ]);
         assert_eq!(o, Options::default());
         assert_eq!(w.len(), 5);
     }

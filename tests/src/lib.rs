@@ -95,8 +95,11 @@ impl Daemon {
 
     fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("guardd.toml");
-        std::fs::write(&path, "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\n",
+        )
+        .unwrap();
         path
     }
 
@@ -110,7 +113,11 @@ impl Daemon {
 
     /// Stops and starts guardd again on the same socket and database.
     pub fn restart(&mut self) {
-        assert!(self.stop(), "guardd did not exit cleanly; log:\n{}", self.log());
+        assert!(
+            self.stop(),
+            "guardd did not exit cleanly; log:\n{}",
+            self.log()
+        );
         self.spawn();
     }
 
@@ -212,7 +219,10 @@ impl Secret {
 
     /// The code shown `offset` seconds from now.
     pub fn code_at(&self, offset: i64) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
         otp::totp_code(&self.0, TotpParams::default(), (now + offset) as u64).unwrap()
     }
 

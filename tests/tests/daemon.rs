@@ -12,7 +12,10 @@ async fn right_code_permits_wrong_code_denies_and_a_code_is_accepted_once() {
     assert!(is_deny(&d.login("daemon", &secret.wrong_code()).await));
     let code = secret.code_at(0);
     assert!(is_permit(&d.login("daemon", &code).await), "{}", d.log());
-    assert!(is_deny(&d.login("daemon", &code).await), "replayed code accepted");
+    assert!(
+        is_deny(&d.login("daemon", &code).await),
+        "replayed code accepted"
+    );
     // The next step's code is still good (within the ±1 step window).
     assert!(is_permit(&d.login("daemon", &secret.code_at(30)).await));
 }
@@ -23,7 +26,10 @@ async fn unknown_users_and_users_without_a_token_are_denied_alike() {
     let unknown = d.login("no-such-user-soffid", "123456").await;
     let unenrolled = d.login("bin", "123456").await;
     assert!(is_deny(&unknown) && is_deny(&unenrolled));
-    assert_eq!(unknown, unenrolled, "messages must not reveal whether a user exists");
+    assert_eq!(
+        unknown, unenrolled,
+        "messages must not reveal whether a user exists"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,8 +64,18 @@ async fn guardctl_lists_deletes_and_exits_with_the_documented_codes() {
     assert!(row.contains("active"), "{listing}");
     let id = row.split_whitespace().next().unwrap();
 
-    assert_eq!(guardctl(&d, &["delete", "daemon", "ffffffffffff"]).status.code(), Some(1));
-    assert_eq!(guardctl(&d, &["enroll", "no-such-user-soffid"]).status.code(), Some(1));
+    assert_eq!(
+        guardctl(&d, &["delete", "daemon", "ffffffffffff"])
+            .status
+            .code(),
+        Some(1)
+    );
+    assert_eq!(
+        guardctl(&d, &["enroll", "no-such-user-soffid"])
+            .status
+            .code(),
+        Some(1)
+    );
     assert_eq!(guardctl(&d, &["frobnicate"]).status.code(), Some(2));
     assert_eq!(guardctl(&d, &["delete", "daemon"]).status.code(), Some(2));
     let deleted = guardctl(&d, &["delete", "daemon", id]);
@@ -72,7 +88,10 @@ async fn guardctl_lists_deletes_and_exits_with_the_documented_codes() {
         .unwrap();
     assert_eq!(down.status.code(), Some(1));
     let err = String::from_utf8_lossy(&down.stderr);
-    assert!(err.contains("cannot reach guardd") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("cannot reach guardd") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,7 +123,10 @@ async fn tokens_and_used_steps_survive_a_restart_and_shutdown_removes_the_socket
     let code = secret.code_at(0);
     assert!(is_permit(&d.login("daemon", &code).await));
     d.restart();
-    assert!(is_deny(&d.login("daemon", &code).await), "replay after restart");
+    assert!(
+        is_deny(&d.login("daemon", &code).await),
+        "replay after restart"
+    );
     assert!(is_permit(&d.login("daemon", &secret.code_at(30)).await));
     assert!(d.stop(), "SIGTERM must end guardd cleanly");
     assert!(!d.socket.exists(), "socket left behind");
@@ -136,20 +158,34 @@ async fn another_uid_cannot_act_for_someone_else() {
     }
     let d = Daemon::start();
     let _ = d.enroll_active("daemon").await;
+    // The checkout may sit under a private home: run copies from the daemon's 0755 scratch dir.
+    let helper = world_executable_copy(&d, &std::env::current_exe().unwrap());
     let out = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(std::env::current_exe().unwrap())
-        .args(["--exact", "helper_begin_as_caller", "--ignored", "--nocapture"])
+        .arg(helper)
+        .args([
+            "--exact",
+            "helper_begin_as_caller",
+            "--ignored",
+            "--nocapture",
+        ])
         .env("SOFFID_HELPER_SOCKET", &d.socket)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("helper: checked"), "helper did not run: {stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("helper: checked"),
+        "helper did not run: {stdout}"
+    );
 
     let as_nobody = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(artefact("guardctl"))
+        .arg(world_executable_copy(&d, &artefact("guardctl")))
         .arg("--socket")
         .arg(&d.socket)
         .args(["list", "daemon"])
@@ -157,7 +193,10 @@ async fn another_uid_cannot_act_for_someone_else() {
         .unwrap();
     assert_eq!(as_nobody.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("permission denied"));
-    assert!(d.log().contains("outcome=\"refused\""), "refusal not audited");
+    assert!(
+        d.log().contains("outcome=\"refused\""),
+        "refusal not audited"
+    );
 }
 
 /// Runs inside `another_uid_cannot_act_for_someone_else`, as nobody.
@@ -185,6 +224,14 @@ async fn helper_begin_as_caller() {
     let own = client.begin(begin("nobody")).await.unwrap().into_inner();
     assert!(is_deny(&own));
     println!("helper: checked");
+}
+
+fn world_executable_copy(d: &Daemon, exe: &std::path::Path) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = d.dir.path().join(exe.file_name().unwrap());
+    std::fs::copy(exe, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
 }
 
 fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {

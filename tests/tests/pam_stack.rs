@@ -10,10 +10,7 @@ const UNAVAILABLE: &str = "Authentication service cannot retrieve authentication
 fn stack(socket: &std::path::Path, timeout: &str) -> PamServices {
     PamServices::new(
         "otp-test",
-        &PamServices::module_line(&format!(
-            "socket={} timeout={timeout}",
-            socket.display()
-        )),
+        &PamServices::module_line(&format!("socket={} timeout={timeout}", socket.display())),
     )
 }
 
@@ -80,7 +77,10 @@ fn stopped_daemon_fails_after_the_timeout_without_hanging() {
     nix::sys::signal::kill(d.pid(), nix::sys::signal::SIGCONT).unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
-    assert!(took >= Duration::from_millis(900), "gave up before the timeout: {took:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "gave up before the timeout: {took:?}"
+    );
     assert!(took < Duration::from_secs(6), "hung: {took:?}");
 }
 

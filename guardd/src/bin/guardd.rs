@@ -8,7 +8,10 @@ use clap::Parser;
 use guardd::config::Config;
 
 #[derive(Parser)]
-#[command(version, about = "soffid-otp daemon: holds OTP tokens and decides logins")]
+#[command(
+    version,
+    about = "soffid-otp daemon: holds OTP tokens and decides logins"
+)]
 struct Args {
     /// Configuration file [default: /etc/soffid-otp/guardd.toml, if present]
     #[arg(long)]

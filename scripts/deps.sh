@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs the Debian packages soffid-otp needs to build and to test. Idempotent; needs root
+# (or sudo) only when something is missing. Usage: scripts/deps.sh build|test
+set -euo pipefail
+
+build_pkgs=(libpam0g-dev pkg-config oathtool pamtester)
+test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils)
+
+case "${1:-build}" in
+  build) pkgs=("${build_pkgs[@]}") ;;
+  test) pkgs=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
+  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+esac
+
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+echo "Installing: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq -o DPkg::Lock::Timeout=300
+$sudo apt-get install -y -qq -o DPkg::Lock::Timeout=300 "${missing[@]}" >/dev/null
