@@ -8,7 +8,7 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
-use crate::service::GuardService;
+use crate::service::{Clock, GuardService};
 use crate::store::{Store, StoreError};
 
 /// Longest time one RPC may take inside the daemon.
@@ -82,17 +82,21 @@ async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 /// Opens the store, serves the `Guard` service on the configured socket until `shutdown`
 /// resolves, then removes the socket.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    run_with_clock(config, Clock::system(), shutdown).await
+}
+
+/// `run` with the time read from `clock` (benchmarks); the guardd binary always uses `run`.
+pub async fn run_with_clock(
+    config: Config,
+    clock: Clock,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     if let Some(dir) = config.database.parent() {
         ensure_dir(dir, 0o700)?;
     }
     let store = Store::open(&config.database)?;
     let listener = bind(&config.socket).await?;
-    let service = GuardService::new(
-        store,
-        config.admin_group.clone(),
-        config.issuer(),
-        config.skew,
-    );
+    let service = GuardService::new(store, &config, clock);
     tracing::info!(
         socket = %config.socket.display(),
         database = %config.database.display(),

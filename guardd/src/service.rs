@@ -13,6 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::audit::{self, Event};
 use crate::caller::{authorize, Action, Caller};
+use crate::config::Config;
 use crate::otp::{self, TotpParams};
 use crate::store::{Store, StoreError, TokenInfo, TokenState};
 
@@ -30,6 +31,29 @@ const NOT_ENROLLED_MESSAGE: &str =
 const WRONG_CODE_MESSAGE: &str = "Access denied: the code is wrong, expired or already used.";
 const EXPIRED_MESSAGE: &str = "Access denied: the login took too long; please start again.";
 
+/// Where the service reads the time (Unix seconds). The daemon always uses the system clock;
+/// benchmarks that need many logins in one 30 s step link the library and bring their own.
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> u64 + Send + Sync>);
+
+impl Clock {
+    pub fn system() -> Clock {
+        Clock(Arc::new(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        }))
+    }
+
+    pub fn from_fn(f: impl Fn() -> u64 + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(f))
+    }
+
+    pub fn now(&self) -> u64 {
+        (self.0)()
+    }
+}
+
 /// A login waiting for its answer.
 struct Session {
     context: LoginContext,
@@ -46,16 +70,18 @@ pub struct GuardService {
     admin_group: String,
     issuer: String,
     skew: u8,
+    clock: Clock,
 }
 
 impl GuardService {
-    pub fn new(store: Store, admin_group: String, issuer: String, skew: u8) -> Self {
+    pub fn new(store: Store, config: &Config, clock: Clock) -> Self {
         GuardService {
             store: Arc::new(store),
             sessions: Mutex::new(HashMap::new()),
-            admin_group,
-            issuer,
-            skew,
+            admin_group: config.admin_group.clone(),
+            issuer: config.issuer(),
+            skew: config.skew,
+            clock,
         }
     }
 
@@ -217,10 +243,10 @@ impl Guard for GuardService {
         };
         let ctx = session.context;
         let user = ctx.user.clone();
-        let skew = self.skew;
+        let (skew, now) = (self.skew, self.clock.now());
         let accepted = self
             .blocking(move |store| {
-                consume_code(store, &user, TokenState::Active, &response, skew)
+                consume_code(store, &user, TokenState::Active, &response, now, skew)
                     .map_err(store_status)
             })
             .await?;
@@ -266,6 +292,7 @@ impl Guard for GuardService {
         )
         .await?;
         let issuer = self.issuer.clone();
+        let now = self.clock.now();
         let (info, uri) = self
             .blocking(move |store| {
                 if !matches!(nix::unistd::User::from_name(&user), Ok(Some(_))) {
@@ -277,7 +304,7 @@ impl Guard for GuardService {
                     .map_err(|_| Status::internal("the system random source failed"))?;
                 let params = TotpParams::default();
                 let info = store
-                    .add_pending(&user, &label, &secret, params, unix_now() as i64)
+                    .add_pending(&user, &label, &secret, params, now as i64)
                     .map_err(store_status)?;
                 let uri = otp::otpauth_uri(&issuer, &user, &secret, params);
                 Ok((info, uri))
@@ -316,11 +343,11 @@ impl Guard for GuardService {
             |_, _| Ok(true),
         )
         .await?;
-        let skew = self.skew;
+        let (skew, now) = (self.skew, self.clock.now());
         let u = user.clone();
         let confirmed = self
             .blocking(move |store| {
-                let id = consume_code(store, &u, TokenState::Pending, &code, skew)
+                let id = consume_code(store, &u, TokenState::Pending, &code, now, skew)
                     .map_err(store_status)?;
                 match id {
                     Some(id) => Ok(Ok(store.get(&u, &id).map_err(store_status)?)),
@@ -427,9 +454,9 @@ fn consume_code(
     user: &str,
     state: TokenState,
     code: &[u8],
+    now: u64,
     skew: u8,
 ) -> Result<Option<String>, StoreError> {
-    let now = unix_now();
     for token in store.secrets(user, state)? {
         match otp::verify_totp(&token.secret, token.params, code, now, skew) {
             Ok(Some(step)) => {
@@ -507,10 +534,4 @@ fn validate_label(label: &str) -> Result<(), Status> {
         ));
     }
     Ok(())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

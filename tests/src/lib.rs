@@ -223,7 +223,12 @@ impl Secret {
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_secs() as i64;
-        otp::totp_code(&self.0, TotpParams::default(), (now + offset) as u64).unwrap()
+        self.code_at_time((now + offset) as u64)
+    }
+
+    /// The code shown at Unix time `time`.
+    pub fn code_at_time(&self, time: u64) -> String {
+        otp::totp_code(&self.0, TotpParams::default(), time).unwrap()
     }
 
     /// A well-formed code that matches no step near now.
