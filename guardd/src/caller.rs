@@ -22,6 +22,8 @@ pub enum Action {
     Enroll,
     /// Delete a token.
     Delete,
+    /// Administration without self-service: disable, enable, resync, unlock, backup codes.
+    Admin,
 }
 
 impl Caller {
@@ -90,6 +92,7 @@ pub fn authorize(
         Action::List | Action::Enroll | Action::Delete => {
             caller.in_group(admin_group) || (is_self && self_service)
         }
+        Action::Admin => caller.in_group(admin_group),
     };
     if allowed {
         Ok(())
@@ -118,7 +121,13 @@ mod tests {
             gid: 0,
             pid: None,
         };
-        for a in [Action::Login, Action::List, Action::Enroll, Action::Delete] {
+        for a in [
+            Action::Login,
+            Action::List,
+            Action::Enroll,
+            Action::Delete,
+            Action::Admin,
+        ] {
             assert!(authorize(&root, a, Some("anyone"), "nogroup-x", false).is_ok());
         }
     }
@@ -137,5 +146,6 @@ mod tests {
         assert!(authorize(&NOBODY, Action::List, None, "x", true).is_err());
         // nobody's primary group is nogroup (65534): membership by primary group counts.
         assert!(authorize(&NOBODY, Action::List, None, "nogroup", false).is_ok());
+        assert!(authorize(&NOBODY, Action::Admin, Some("nobody"), "x", true).is_err());
     }
 }

@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use proto::v1::guard_client::GuardClient;
-use proto::v1::{ConfirmRequest, DeleteRequest, EnrollRequest, ListRequest, Token};
+use proto::v1::{
+    BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest, ListRequest, ResyncRequest,
+    SetEnabledRequest, Token, UnlockRequest,
+};
 use qrcode::render::unicode::Dense1x2;
 use qrcode::QrCode;
 use tonic::transport::Channel;
@@ -41,6 +44,18 @@ enum Command {
         /// A name for the device, e.g. "work phone"
         #[arg(long, default_value = "")]
         label: String,
+        /// A counter-based HOTP token (RFC 4226) instead of TOTP
+        #[arg(long)]
+        hotp: bool,
+        /// HMAC hash: SHA1 (what every app supports), SHA256 or SHA512
+        #[arg(long, default_value = "SHA1")]
+        algorithm: String,
+        /// Code length: 6, 7 or 8
+        #[arg(long, default_value_t = 6)]
+        digits: u32,
+        /// TOTP step in seconds (15 to 120)
+        #[arg(long, default_value_t = 30)]
+        period: u32,
     },
     /// Activate USER's pending token with the code it shows now (read from stdin when omitted)
     Confirm { user: String, code: Option<String> },
@@ -48,6 +63,21 @@ enum Command {
     List { user: Option<String> },
     /// Delete one of USER's tokens
     Delete { user: String, token_id: String },
+    /// Disable one of USER's active tokens (it stops accepting codes)
+    Disable { user: String, token_id: String },
+    /// Re-enable one of USER's disabled tokens
+    Enable { user: String, token_id: String },
+    /// Move an HOTP token's counter forward with two consecutive codes
+    Resync {
+        user: String,
+        token_id: String,
+        first: String,
+        second: String,
+    },
+    /// Lift USER's back-off after repeated failures
+    Unlock { user: String },
+    /// Issue USER a new set of 10 one-time backup codes (replacing the old set)
+    BackupCodes { user: String },
 }
 
 /// A failure worth one line on stderr and exit status 1.
@@ -126,9 +156,23 @@ async fn execute(
     code: Option<Zeroizing<Vec<u8>>>,
 ) -> Result<(), CliError> {
     match command {
-        Command::Enroll { user, label } => {
+        Command::Enroll {
+            user,
+            label,
+            hotp,
+            algorithm,
+            digits,
+            period,
+        } => {
             let reply = client
-                .enroll(EnrollRequest { user, label })
+                .enroll(EnrollRequest {
+                    user,
+                    label,
+                    kind: if hotp { "hotp" } else { "totp" }.into(),
+                    algorithm,
+                    digits,
+                    period,
+                })
                 .await?
                 .into_inner();
             let uri = Zeroizing::new(reply.uri);
@@ -184,7 +228,72 @@ async fn execute(
                 .await?;
             println!("Deleted token {token_id} of {user}.");
         }
+        Command::Disable { user, token_id } => set_enabled(client, user, token_id, false).await?,
+        Command::Enable { user, token_id } => set_enabled(client, user, token_id, true).await?,
+        Command::Resync {
+            user,
+            token_id,
+            first,
+            second,
+        } => {
+            let token = client
+                .resync(ResyncRequest {
+                    user,
+                    token_id,
+                    first: first.into_bytes(),
+                    second: second.into_bytes(),
+                })
+                .await?
+                .into_inner()
+                .token
+                .unwrap_or_default();
+            println!("Token {} of {} is in step again.", token.id, token.user);
+        }
+        Command::Unlock { user } => {
+            let reply = client
+                .unlock(UnlockRequest { user: user.clone() })
+                .await?
+                .into_inner();
+            if reply.was_locked {
+                println!("Cleared the failed attempts of {user}.");
+            } else {
+                println!("{user} had no failed attempts.");
+            }
+        }
+        Command::BackupCodes { user } => {
+            let codes = client
+                .issue_backup_codes(BackupCodesRequest { user: user.clone() })
+                .await?
+                .into_inner()
+                .codes;
+            let codes: Vec<Zeroizing<String>> = codes.into_iter().map(Zeroizing::new).collect();
+            println!("Backup codes for {user} (each works once; they replace any earlier set;");
+            println!("keep them somewhere safe: they are not shown again):");
+            for code in &codes {
+                println!("  {}", code.as_str());
+            }
+        }
     }
+    Ok(())
+}
+
+async fn set_enabled(
+    client: &mut GuardClient<Channel>,
+    user: String,
+    token_id: String,
+    enabled: bool,
+) -> Result<(), CliError> {
+    let token = client
+        .set_enabled(SetEnabledRequest {
+            user,
+            token_id,
+            enabled,
+        })
+        .await?
+        .into_inner()
+        .token
+        .unwrap_or_default();
+    println!("Token {} of {} is {}.", token.id, token.user, token.state);
     Ok(())
 }
 

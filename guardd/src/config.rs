@@ -17,8 +17,18 @@ pub struct Config {
     pub admin_group: String,
     /// The issuer shown in authenticator apps; defaults to this host's name.
     pub issuer: Option<String>,
+    /// The 0600 file holding the key that seals token secrets; created on first start.
+    pub key_file: PathBuf,
     /// Time steps accepted before and after the current one, for clock drift.
     pub skew: u8,
+    /// HOTP counters tried ahead of the last accepted one.
+    pub hotp_look_ahead: u16,
+    /// Consecutive failures before a user must wait.
+    pub max_failures: u32,
+    /// The first wait after `max_failures`, in seconds; it doubles with each further failure.
+    pub lockout_seconds: u64,
+    /// The longest wait, in seconds.
+    pub lockout_max_seconds: u64,
 }
 
 impl Default for Config {
@@ -28,7 +38,12 @@ impl Default for Config {
             database: PathBuf::from("/var/lib/soffid-otp/guardd.db"),
             admin_group: "soffid-otp-admin".into(),
             issuer: None,
+            key_file: PathBuf::from("/etc/soffid-otp/guardd.key"),
             skew: 1,
+            hotp_look_ahead: 10,
+            max_failures: 5,
+            lockout_seconds: 30,
+            lockout_max_seconds: 3600,
         }
     }
 }
@@ -43,8 +58,8 @@ pub enum ConfigError {
     },
     #[error("{path}: {message}")]
     Parse { path: PathBuf, message: String },
-    #[error("{path}: skew must be between 0 and 10 steps, not {skew}")]
-    Skew { path: PathBuf, skew: u8 },
+    #[error("{path}: {message}")]
+    Invalid { path: PathBuf, message: String },
 }
 
 impl Config {
@@ -71,12 +86,10 @@ impl Config {
             path: path.into(),
             message,
         })?;
-        if config.skew > 10 {
-            return Err(ConfigError::Skew {
-                path: path.into(),
-                skew: config.skew,
-            });
-        }
+        config.validate().map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })?;
         Ok(config)
     }
 
@@ -86,6 +99,32 @@ impl Config {
             let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             format!("line {line}, column {col}: {}", e.message())
         })
+    }
+
+    /// Checks the ranges the TOML types cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.skew > 10 {
+            return Err(format!("skew must be 0 to 10 steps, not {}", self.skew));
+        }
+        if !(1..=1000).contains(&self.hotp_look_ahead) {
+            return Err("hotp_look_ahead must be 1 to 1000".into());
+        }
+        if self.max_failures == 0 || self.lockout_seconds == 0 {
+            return Err("max_failures and lockout_seconds must be at least 1".into());
+        }
+        if self.lockout_max_seconds < self.lockout_seconds {
+            return Err("lockout_max_seconds must not be below lockout_seconds".into());
+        }
+        Ok(())
+    }
+
+    /// The brute-force back-off these settings describe.
+    pub fn backoff(&self) -> crate::lockout::Backoff {
+        crate::lockout::Backoff {
+            free_failures: self.max_failures,
+            first_delay: self.lockout_seconds,
+            max_delay: self.lockout_max_seconds,
+        }
     }
 
     /// The issuer for otpauth:// URIs.

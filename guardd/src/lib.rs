@@ -6,19 +6,25 @@
 
 /// The audit trail: one structured line per decision, never a secret.
 pub mod audit;
+/// Backup codes: one-time, hashed with Argon2id.
+pub mod backup;
 /// Who is calling: SO_PEERCRED credentials and what each caller may do.
 pub mod caller;
 /// `guardctl`, the admin and self-service command line.
 pub mod cli;
 /// Where the daemon's files live: `guardd.toml` and its embedded defaults.
 pub mod config;
+/// Brute-force back-off per user.
+pub mod lockout;
 /// Logging to journald or stderr.
 pub mod logging;
-/// One-time passwords: RFC 6238 verification, secrets and otpauth:// URIs.
+/// One-time passwords: TOTP (RFC 6238) and HOTP (RFC 4226), secrets, otpauth:// URIs.
 pub mod otp;
+/// Secrets at rest: XChaCha20-Poly1305 under a key file.
+pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.
 pub mod server;
 /// The gRPC `Guard` service: the login conversation and token administration.
 pub mod service;
-/// Tokens on disk: SQLite with WAL, and the atomic replay guard.
+/// The `Store` trait and its SQLite implementation: tokens, failures, backup codes.
 pub mod store;

@@ -9,7 +9,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
 use crate::service::{Clock, GuardService};
-use crate::store::{Store, StoreError};
+use crate::store::{SqliteStore, StoreError};
 
 /// Longest time one RPC may take inside the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -94,9 +94,12 @@ pub async fn run_with_clock(
     if let Some(dir) = config.database.parent() {
         ensure_dir(dir, 0o700)?;
     }
-    let store = Store::open(&config.database)?;
+    if let Some(dir) = config.key_file.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    let store = SqliteStore::open(&config.database, &config.key_file)?;
     let listener = bind(&config.socket).await?;
-    let service = GuardService::new(store, &config, clock);
+    let service = GuardService::new(std::sync::Arc::new(store), &config, clock);
     tracing::info!(
         socket = %config.socket.display(),
         database = %config.database.display(),

@@ -4,18 +4,21 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::v1::guard_server::Guard;
 use proto::v1::{
-    step, AnswerRequest, BeginRequest, ConfirmReply, ConfirmRequest, DeleteReply, DeleteRequest,
-    Deny, DenyReason, EnrollReply, EnrollRequest, ListReply, ListRequest, LoginContext, Permit,
-    Prompt, Step, Token,
+    step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
+    ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
+    ListReply, ListRequest, LoginContext, Permit, Prompt, ResyncRequest, SetEnabledRequest, Step,
+    Token, TokenReply, UnlockReply, UnlockRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use crate::audit::{self, Event};
+use crate::backup;
 use crate::caller::{authorize, Action, Caller};
 use crate::config::Config;
-use crate::otp::{self, TotpParams};
-use crate::store::{Store, StoreError, TokenInfo, TokenState};
+use crate::lockout::Backoff;
+use crate::otp::{self, HashAlg, Kind, OtpParams, Windows};
+use crate::store::{NewToken, Store, StoreError, TokenInfo, TokenState};
 
 /// How long a user has to type the code after the prompt appears.
 const SESSION_TTL: Duration = Duration::from_secs(300);
@@ -30,6 +33,8 @@ const NOT_ENROLLED_MESSAGE: &str =
     "Access denied: this login requires a one-time password and none is set up for the account.";
 const WRONG_CODE_MESSAGE: &str = "Access denied: the code is wrong, expired or already used.";
 const EXPIRED_MESSAGE: &str = "Access denied: the login took too long; please start again.";
+/// How far ahead `Resync` searches for two consecutive HOTP codes.
+const RESYNC_WINDOW: u64 = 1000;
 
 /// Where the service reads the time (Unix seconds). The daemon always uses the system clock;
 /// benchmarks that need many logins in one 30 s step link the library and bring their own.
@@ -63,24 +68,41 @@ struct Session {
 }
 
 /// The `Guard` gRPC service. Until the policy engine lands the decision is fixed: a user with an
-/// active token must give a code; anyone else is denied (fail closed).
+/// active token (or backup codes) must give a code; anyone else is denied (fail closed).
 pub struct GuardService {
-    store: Arc<Store>,
+    store: Arc<dyn Store>,
     sessions: Mutex<HashMap<String, Session>>,
     admin_group: String,
     issuer: String,
-    skew: u8,
+    windows: Windows,
+    backoff: Backoff,
     clock: Clock,
 }
 
+/// The outcome of checking one answer.
+enum Verdict {
+    /// Refused unchecked: the user must wait this many seconds.
+    Locked(i64),
+    /// A token accepted the code.
+    Otp(String),
+    /// A backup code was used up.
+    Backup,
+    /// Nothing accepted it; the failure was counted.
+    Wrong,
+}
+
 impl GuardService {
-    pub fn new(store: Store, config: &Config, clock: Clock) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: &Config, clock: Clock) -> Self {
         GuardService {
-            store: Arc::new(store),
+            store,
             sessions: Mutex::new(HashMap::new()),
             admin_group: config.admin_group.clone(),
             issuer: config.issuer(),
-            skew: config.skew,
+            windows: Windows {
+                skew: config.skew,
+                look_ahead: config.hotp_look_ahead,
+            },
+            backoff: config.backoff(),
             clock,
         }
     }
@@ -88,10 +110,10 @@ impl GuardService {
     /// Runs blocking work (SQLite, NSS look-ups) off the async threads.
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Store) -> Result<T, Status> + Send + 'static,
+        f: impl FnOnce(&dyn Store) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        tokio::task::spawn_blocking(move || f(store.as_ref()))
             .await
             .map_err(|_| Status::internal("internal error; see the guardd log"))?
     }
@@ -103,7 +125,7 @@ impl GuardService {
         action: Action,
         user: Option<String>,
         name: &'static str,
-        self_service: impl FnOnce(&Store, &str) -> Result<bool, StoreError> + Send + 'static,
+        self_service: impl FnOnce(&dyn Store, &str) -> Result<bool, StoreError> + Send + 'static,
     ) -> Result<(), Status> {
         let group = self.admin_group.clone();
         let u = user.clone();
@@ -186,7 +208,10 @@ impl Guard for GuardService {
         .await?;
         let user = ctx.user.clone();
         let enrolled = self
-            .blocking(move |store| store.has_active(&user).map_err(store_status))
+            .blocking(move |store| {
+                Ok(store.has_active(&user).map_err(store_status)?
+                    || !store.backup_codes(&user).map_err(store_status)?.is_empty())
+            })
             .await?;
         let event = |outcome, reason| {
             audit::record(
@@ -243,16 +268,17 @@ impl Guard for GuardService {
         };
         let ctx = session.context;
         let user = ctx.user.clone();
-        let (skew, now) = (self.skew, self.clock.now());
-        let accepted = self
+        let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
+        let verdict = self
             .blocking(move |store| {
-                consume_code(store, &user, TokenState::Active, &response, now, skew)
-                    .map_err(store_status)
+                check_answer(store, &user, &response, now, windows, &backoff).map_err(store_status)
             })
             .await?;
-        let (outcome, reason, token) = match &accepted {
-            Some(id) => ("permit", "otp verified", id.as_str()),
-            None => ("deny", "wrong, expired or replayed code", ""),
+        let (outcome, reason, token) = match &verdict {
+            Verdict::Otp(id) => ("permit", "otp verified", id.as_str()),
+            Verdict::Backup => ("permit", "backup code used", ""),
+            Verdict::Locked(_) => ("deny", "locked after repeated failures", ""),
+            Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
         };
         audit::record(
             &Event {
@@ -268,19 +294,31 @@ impl Guard for GuardService {
             }
             .caller(&caller),
         );
-        Ok(Response::new(match accepted {
-            Some(_) => Step {
+        Ok(Response::new(match verdict {
+            Verdict::Otp(_) | Verdict::Backup => Step {
                 kind: Some(step::Kind::Permit(Permit::default())),
             },
-            None => deny(WRONG_CODE_MESSAGE, DenyReason::WrongCode),
+            Verdict::Locked(wait) => deny(
+                &format!("Access denied: too many failed attempts; try again in {wait} s."),
+                DenyReason::Locked,
+            ),
+            Verdict::Wrong => deny(WRONG_CODE_MESSAGE, DenyReason::WrongCode),
         }))
     }
 
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
         let caller = Caller::of(&req)?;
-        let EnrollRequest { user, label } = req.into_inner();
+        let EnrollRequest {
+            user,
+            label,
+            kind,
+            algorithm,
+            digits,
+            period,
+        } = req.into_inner();
         validate_name("user", &user)?;
         validate_label(&label)?;
+        let (kind, params) = token_kind(&kind, &algorithm, digits, period)?;
         // Self-service enrolment only while the user has no token at all: a user who has one
         // must not be able to add a second from a session that did not prove the first.
         self.authorize(
@@ -295,18 +333,22 @@ impl Guard for GuardService {
         let now = self.clock.now();
         let (info, uri) = self
             .blocking(move |store| {
-                if !matches!(nix::unistd::User::from_name(&user), Ok(Some(_))) {
-                    return Err(Status::not_found(format!(
-                        "no such user: {user} (enroll only users the system knows)"
-                    )));
-                }
+                require_system_user(&user)?;
                 let secret = otp::new_secret()
                     .map_err(|_| Status::internal("the system random source failed"))?;
-                let params = TotpParams::default();
                 let info = store
-                    .add_pending(&user, &label, &secret, params, now as i64)
+                    .add_pending(
+                        NewToken {
+                            user: &user,
+                            label: &label,
+                            kind,
+                            params,
+                            secret: &secret,
+                        },
+                        now as i64,
+                    )
                     .map_err(store_status)?;
-                let uri = otp::otpauth_uri(&issuer, &user, &secret, params);
+                let uri = otp::otpauth_uri(&issuer, &user, &secret, kind, params);
                 Ok((info, uri))
             })
             .await?;
@@ -343,11 +385,11 @@ impl Guard for GuardService {
             |_, _| Ok(true),
         )
         .await?;
-        let (skew, now) = (self.skew, self.clock.now());
+        let (windows, now) = (self.windows, self.clock.now());
         let u = user.clone();
         let confirmed = self
             .blocking(move |store| {
-                let id = consume_code(store, &u, TokenState::Pending, &code, now, skew)
+                let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)
                     .map_err(store_status)?;
                 match id {
                     Some(id) => Ok(Ok(store.get(&u, &id).map_err(store_status)?)),
@@ -445,22 +487,236 @@ impl Guard for GuardService {
             )))
         }
     }
+
+    async fn set_enabled(
+        &self,
+        req: Request<SetEnabledRequest>,
+    ) -> Result<Response<TokenReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let SetEnabledRequest {
+            user,
+            token_id,
+            enabled,
+        } = req.into_inner();
+        validate_name("user", &user)?;
+        validate_name("token id", &token_id)?;
+        let action = if enabled { "enable" } else { "disable" };
+        self.authorize(caller, Action::Admin, Some(user.clone()), action, |_, _| {
+            Ok(false)
+        })
+        .await?;
+        let (from, to) = if enabled {
+            (TokenState::Disabled, TokenState::Active)
+        } else {
+            (TokenState::Active, TokenState::Disabled)
+        };
+        let (u, id) = (user.clone(), token_id.clone());
+        let token = self
+            .blocking(move |store| {
+                if store.set_state(&u, &id, from, to).map_err(store_status)? {
+                    store.get(&u, &id).map_err(store_status)
+                } else {
+                    Ok(None)
+                }
+            })
+            .await?;
+        admin_audit(&caller, action, &user, token.is_some(), &token_id);
+        match token {
+            Some(t) => Ok(Response::new(TokenReply {
+                token: Some(token_message(t)),
+            })),
+            None => Err(Status::failed_precondition(format!(
+                "{user} has no {} token {token_id}; see `guardctl list {user}`",
+                from.as_str()
+            ))),
+        }
+    }
+
+    async fn resync(&self, req: Request<ResyncRequest>) -> Result<Response<TokenReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let ResyncRequest {
+            user,
+            token_id,
+            first,
+            second,
+        } = req.into_inner();
+        let (first, second) = (Zeroizing::new(first), Zeroizing::new(second));
+        validate_name("user", &user)?;
+        validate_name("token id", &token_id)?;
+        self.authorize(
+            caller,
+            Action::Admin,
+            Some(user.clone()),
+            "resync",
+            |_, _| Ok(false),
+        )
+        .await?;
+        let (u, id, now) = (user.clone(), token_id.clone(), self.clock.now());
+        let result = self
+            .blocking(move |store| {
+                let tokens = store
+                    .secrets(&u, TokenState::Active)
+                    .map_err(store_status)?;
+                let Some(token) = tokens.into_iter().find(|t| t.id == id) else {
+                    return Err(Status::not_found(format!(
+                        "{u} has no active token {id}; see `guardctl list {u}`"
+                    )));
+                };
+                if token.counter.kind != Kind::Hotp {
+                    return Err(Status::failed_precondition(
+                        "only HOTP tokens need resynchronising; TOTP tokens follow the clock",
+                    ));
+                }
+                let counter = otp::resync(&token.secret, token.counter, &first, &second, RESYNC_WINDOW)
+                    .map_err(|e| Status::internal(e.to_string()))?
+                    .ok_or_else(|| {
+                        Status::invalid_argument(format!(
+                            "the two codes are not consecutive codes of token {id} within {RESYNC_WINDOW} counters"
+                        ))
+                    })?;
+                if !store
+                    .accept(&id, TokenState::Active, counter, 0, now as i64)
+                    .map_err(store_status)?
+                {
+                    return Err(Status::aborted("the token changed meanwhile; try again"));
+                }
+                store.get(&u, &id).map_err(store_status)
+            })
+            .await;
+        admin_audit(&caller, "resync", &user, result.is_ok(), &token_id);
+        Ok(Response::new(TokenReply {
+            token: result?.map(token_message),
+        }))
+    }
+
+    async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let user = req.into_inner().user;
+        validate_name("user", &user)?;
+        self.authorize(
+            caller,
+            Action::Admin,
+            Some(user.clone()),
+            "unlock",
+            |_, _| Ok(false),
+        )
+        .await?;
+        let u = user.clone();
+        let was_locked = self
+            .blocking(move |store| store.clear_failures(&u).map_err(store_status))
+            .await?;
+        admin_audit(&caller, "unlock", &user, true, "");
+        Ok(Response::new(UnlockReply { was_locked }))
+    }
+
+    async fn issue_backup_codes(
+        &self,
+        req: Request<BackupCodesRequest>,
+    ) -> Result<Response<BackupCodesReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let user = req.into_inner().user;
+        validate_name("user", &user)?;
+        self.authorize(
+            caller,
+            Action::Admin,
+            Some(user.clone()),
+            "backup-codes",
+            |_, _| Ok(false),
+        )
+        .await?;
+        let (u, now) = (user.clone(), self.clock.now());
+        let codes = self
+            .blocking(move |store| {
+                require_system_user(&u)?;
+                let (codes, hashes) =
+                    backup::generate().map_err(|e| Status::internal(e.to_string()))?;
+                store
+                    .replace_backup_codes(&u, &hashes, now as i64)
+                    .map_err(store_status)?;
+                Ok(codes)
+            })
+            .await?;
+        admin_audit(&caller, "backup-codes", &user, true, "");
+        Ok(Response::new(BackupCodesReply {
+            codes: codes.iter().map(|c| c.to_string()).collect(),
+        }))
+    }
 }
 
-/// Verifies `code` against `user`'s tokens in `state` and, on a match, records the time step in
-/// the same atomic update that makes it unusable again. Returns the id of the accepting token.
+/// The audit line of an administrative call.
+fn admin_audit(caller: &Caller, action: &str, user: &str, ok: bool, token: &str) {
+    audit::record(
+        &Event {
+            action,
+            user,
+            outcome: if ok { "ok" } else { "refused" },
+            token,
+            ..Event::default()
+        }
+        .caller(caller),
+    );
+}
+
+/// Tokens and codes are only issued to users the system knows (NSS).
+fn require_system_user(user: &str) -> Result<(), Status> {
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(_)) => Ok(()),
+        _ => Err(Status::not_found(format!(
+            "no such user: {user} (enroll only users the system knows)"
+        ))),
+    }
+}
+
+/// Checks one answer: refused unchecked while the user is locked out; else a token code, else a
+/// backup code; a miss counts as a failure. Every acceptance is one atomic store update.
+fn check_answer(
+    store: &dyn Store,
+    user: &str,
+    response: &[u8],
+    now: u64,
+    windows: Windows,
+    backoff: &Backoff,
+) -> Result<Verdict, StoreError> {
+    let now_i = now as i64;
+    if let Some(wait) = store.lockout(user)?.remaining(now_i) {
+        return Ok(Verdict::Locked(wait));
+    }
+    if let Some(id) = consume_code(store, user, TokenState::Active, response, now, windows)? {
+        store.clear_failures(user)?;
+        return Ok(Verdict::Otp(id));
+    }
+    if let Some(code) = backup::normalize(response) {
+        for (id, hash) in store.backup_codes(user)? {
+            if backup::matches(&code, &hash) && store.use_backup_code(id)? {
+                store.clear_failures(user)?;
+                return Ok(Verdict::Backup);
+            }
+        }
+    }
+    store.record_failure(user, backoff, now_i)?;
+    Ok(Verdict::Wrong)
+}
+
+/// Verifies `code` against `user`'s tokens in `state` and, on a match, records the step or
+/// counter in the same atomic update that makes it unusable again. Returns the accepting token.
 fn consume_code(
-    store: &Store,
+    store: &dyn Store,
     user: &str,
     state: TokenState,
     code: &[u8],
     now: u64,
-    skew: u8,
+    windows: Windows,
 ) -> Result<Option<String>, StoreError> {
     for token in store.secrets(user, state)? {
-        match otp::verify_totp(&token.secret, token.params, code, now, skew) {
-            Ok(Some(step)) => {
-                if store.accept_step(&token.id, state, step, now as i64)? {
+        match otp::verify(&token.secret, token.counter, code, now, windows) {
+            Ok(Some(accepted)) => {
+                if store.accept(
+                    &token.id,
+                    state,
+                    accepted.counter,
+                    accepted.drift,
+                    now as i64,
+                )? {
                     return Ok(Some(token.id));
                 }
             }
@@ -469,6 +725,43 @@ fn consume_code(
         }
     }
     Ok(None)
+}
+
+/// Reads the token kind and parameters of an enrolment; empty or zero fields take defaults.
+fn token_kind(
+    kind: &str,
+    algorithm: &str,
+    digits: u32,
+    period: u32,
+) -> Result<(Kind, OtpParams), Status> {
+    let defaults = OtpParams::default();
+    let kind = match kind {
+        "" => Kind::Totp,
+        k => Kind::parse(k).ok_or_else(|| Status::invalid_argument("kind must be totp or hotp"))?,
+    };
+    let algorithm = match algorithm {
+        "" => defaults.algorithm,
+        a => HashAlg::parse(&a.to_ascii_uppercase())
+            .ok_or_else(|| Status::invalid_argument("algorithm must be SHA1, SHA256 or SHA512"))?,
+    };
+    let digits = match digits {
+        0 => defaults.digits,
+        d @ 6..=8 => d as u8,
+        _ => return Err(Status::invalid_argument("digits must be 6, 7 or 8")),
+    };
+    let period = match period {
+        0 => defaults.period,
+        p @ 15..=120 => u64::from(p),
+        _ => return Err(Status::invalid_argument("period must be 15 to 120 seconds")),
+    };
+    Ok((
+        kind,
+        OtpParams {
+            algorithm,
+            digits,
+            period,
+        },
+    ))
 }
 
 fn deny(message: &str, reason: DenyReason) -> Step {

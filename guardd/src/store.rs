@@ -1,3 +1,6 @@
+//! Tokens, failure counters and backup codes on disk. `Store` is the seam for other backends
+//! (a shared PostgreSQL for fleets); `SqliteStore` is the embedded one.
+
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
@@ -6,12 +9,14 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use zeroize::Zeroizing;
 
-use crate::otp::{HashAlg, TotpParams};
+use crate::lockout::{Backoff, Lockout};
+use crate::otp::{Counter, HashAlg, Kind, OtpParams};
+use crate::seal::{SealError, Sealer};
 
 /// How long a writer waits for a lock held by another connection before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why the token store could not do what was asked.
+/// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("cannot open the token database {path}: {source}")]
@@ -19,12 +24,26 @@ pub enum StoreError {
         path: String,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error(
+        "the token database {path} has schema version {found}, newer than this guardd knows ({known}); upgrade guardd"
+    )]
+    SchemaTooNew {
+        path: String,
+        found: i64,
+        known: i64,
+    },
+    #[error(
+        "the key file {key_file} is missing, but {path} holds sealed secrets: restore the key file from backup (a new key cannot open them)"
+    )]
+    KeyMissing { key_file: String, path: String },
+    #[error("the key file {key_file} does not open the secrets in {path}: wrong key file for this database")]
+    WrongKey { key_file: String, path: String },
+    #[error(transparent)]
+    Seal(#[from] SealError),
     #[error("the token database is busy or locked; try again (another process holds it)")]
     Busy,
     #[error("token database error: {0}")]
     Sqlite(rusqlite::Error),
-    #[error("the system random source failed: {0}")]
-    Random(String),
     #[error("the token database holds an invalid row for token {0}")]
     Corrupt(String),
 }
@@ -40,7 +59,7 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-/// A token's state: pending until its first correct code, then active.
+/// A token's state: pending until its first correct code, then active or disabled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TokenState {
     Pending,
@@ -70,42 +89,136 @@ pub struct TokenInfo {
     pub last_used: Option<i64>,
 }
 
-/// What verification needs: the secret (zeroized on drop) and how to compute codes.
+/// What verification needs: the opened secret (zeroized on drop) and the counter state.
 pub struct TokenSecret {
     pub id: String,
     pub secret: Zeroizing<Vec<u8>>,
-    pub params: TotpParams,
+    pub counter: Counter,
 }
 
-/// Tokens in one SQLite file (WAL, synchronous=FULL: an accepted step is on disk before the
-/// answer leaves the daemon). One connection behind a mutex: SQLite has one writer anyway.
-pub struct Store {
-    conn: Mutex<Connection>,
+/// A token to create.
+pub struct NewToken<'a> {
+    pub user: &'a str,
+    pub label: &'a str,
+    pub kind: Kind,
+    pub params: OtpParams,
+    pub secret: &'a [u8],
 }
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS tokens (
+/// The persistence guardd needs. Every method is one atomic step; the ones that accept a code
+/// are compare-and-set, so concurrent logins cannot both use it.
+pub trait Store: Send + Sync {
+    /// Adds a pending token and returns its description.
+    fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError>;
+    /// The secrets of `user`'s tokens in `state`, newest first.
+    fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError>;
+    /// Whether `user` has at least one active token.
+    fn has_active(&self, user: &str) -> Result<bool, StoreError>;
+    /// Records that token `id`, in state `from`, accepted `counter` (a TOTP step or HOTP
+    /// counter) with clock `drift`, if and only if no equal or later counter was accepted
+    /// before. A pending token becomes active by the same step. True when recorded.
+    fn accept(
+        &self,
+        id: &str,
+        from: TokenState,
+        counter: u64,
+        drift: i64,
+        now: i64,
+    ) -> Result<bool, StoreError>;
+    /// Tokens of `user`, or of everyone, ordered by user then age.
+    fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError>;
+    /// Moves `user`'s token `id` from state `from` to `to`; false when it is not in `from`.
+    fn set_state(
+        &self,
+        user: &str,
+        id: &str,
+        from: TokenState,
+        to: TokenState,
+    ) -> Result<bool, StoreError>;
+    /// Deletes `user`'s token `id`; false when there is no such token.
+    fn delete(&self, user: &str, id: &str) -> Result<bool, StoreError>;
+    /// `user`'s failure record.
+    fn lockout(&self, user: &str) -> Result<Lockout, StoreError>;
+    /// Counts one more failure for `user` and applies the back-off; returns the new record.
+    fn record_failure(
+        &self,
+        user: &str,
+        backoff: &Backoff,
+        now: i64,
+    ) -> Result<Lockout, StoreError>;
+    /// Forgets `user`'s failures; true when there were any.
+    fn clear_failures(&self, user: &str) -> Result<bool, StoreError>;
+    /// Replaces `user`'s backup codes with these hashes.
+    fn replace_backup_codes(
+        &self,
+        user: &str,
+        hashes: &[String],
+        now: i64,
+    ) -> Result<(), StoreError>;
+    /// `user`'s unused backup-code hashes, with their row ids.
+    fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError>;
+    /// Uses up backup code `id`; true only for the one caller that removed it.
+    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError>;
+
+    /// The token `id` if it belongs to `user`.
+    fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {
+        Ok(self.list(Some(user))?.into_iter().find(|t| t.id == id))
+    }
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &["
+CREATE TABLE tokens (
     id        TEXT PRIMARY KEY,
     user      TEXT NOT NULL,
     label     TEXT NOT NULL,
     kind      TEXT NOT NULL,
     state     TEXT NOT NULL,
-    secret    BLOB NOT NULL,
+    secret    BLOB NOT NULL,      -- sealed: nonce || ciphertext, bound to id
     algorithm TEXT NOT NULL,
     digits    INTEGER NOT NULL,
     period    INTEGER NOT NULL,
-    last_step INTEGER,
+    last      INTEGER,            -- last accepted TOTP step or HOTP counter
+    drift     INTEGER NOT NULL DEFAULT 0,
     created   INTEGER NOT NULL,
     last_used INTEGER
 );
-CREATE INDEX IF NOT EXISTS tokens_user ON tokens(user);
-";
+CREATE INDEX tokens_user ON tokens(user);
+CREATE TABLE lockouts (
+    user      TEXT PRIMARY KEY,
+    failures  INTEGER NOT NULL,
+    until     INTEGER NOT NULL
+);
+CREATE TABLE backup_codes (
+    id        INTEGER PRIMARY KEY,
+    user      TEXT NOT NULL,
+    hash      TEXT NOT NULL,
+    created   INTEGER NOT NULL
+);
+CREATE INDEX backup_codes_user ON backup_codes(user);
+CREATE TABLE meta (
+    key       TEXT PRIMARY KEY,
+    value     BLOB NOT NULL
+);
+"];
 
-impl Store {
-    /// Opens (creating if needed, mode 0600) the database at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+/// Associated data of the key-check value, which proves at start-up that the key file fits.
+const KEY_CHECK: &[u8] = b"soffid-otp key check";
+
+/// The embedded store: one SQLite file (WAL, synchronous=FULL, so an accepted code is on disk
+/// before the answer leaves the daemon) behind one connection; SQLite has one writer anyway.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    sealer: Sealer,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600) the database at `path`, migrates it, and loads the
+    /// sealing key from `key_file` (creating one only for a database without sealed secrets).
+    pub fn open(path: &Path, key_file: &Path) -> Result<SqliteStore, StoreError> {
+        let display = path.display().to_string();
         let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
-            path: path.display().to_string(),
+            path: display.clone(),
             source,
         };
         // Create the file ourselves so it is never, even briefly, readable by others.
@@ -116,59 +229,128 @@ impl Store {
             .mode(0o600)
             .open(path)
             .map_err(|e| open_err(e.into()))?;
-        let conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
         conn.busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
             .map_err(|e| open_err(e.into()))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(|e| open_err(e.into()))?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(|e| open_err(e.into()))?;
-        conn.execute_batch(SCHEMA).map_err(|e| open_err(e.into()))?;
-        Ok(Store {
+        migrate(&mut conn, &display).map_err(|e| match e {
+            StoreError::Sqlite(e) => open_err(e.into()),
+            e => e,
+        })?;
+
+        let check: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let key_name = key_file.display().to_string();
+        let sealer = match Sealer::load(key_file, check.is_none()) {
+            Ok(sealer) => sealer,
+            Err(SealError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(StoreError::KeyMissing {
+                    key_file: key_name,
+                    path: display,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match check {
+            Some(sealed) => {
+                sealer
+                    .open(KEY_CHECK, &sealed)
+                    .map_err(|_| StoreError::WrongKey {
+                        key_file: key_name,
+                        path: display,
+                    })?;
+            }
+            None => {
+                let sealed = sealer.seal(KEY_CHECK, KEY_CHECK)?;
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+                    [sealed],
+                )?;
+            }
+        }
+        Ok(SqliteStore {
             conn: Mutex::new(conn),
+            sealer,
         })
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written (statements are atomic),
-        // so a poisoned lock is safe to reuse.
+        // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
+        // half-written: a poisoned lock is safe to reuse.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
 
-    /// Adds a pending TOTP token and returns its description.
-    pub fn add_pending(
-        &self,
-        user: &str,
-        label: &str,
-        secret: &[u8],
-        params: TotpParams,
-        now: i64,
-    ) -> Result<TokenInfo, StoreError> {
+/// Brings the schema to the newest version, one transaction per migration.
+fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let known = MIGRATIONS.len() as i64;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew {
+            path: path.into(),
+            found,
+            known,
+        });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn row_params(id: &str, alg: &str, digits: i64, period: i64) -> Result<OtpParams, StoreError> {
+    match (
+        HashAlg::parse(alg),
+        u8::try_from(digits),
+        u64::try_from(period),
+    ) {
+        (Some(algorithm), Ok(digits @ 6..=8), Ok(period @ 1..=300)) => Ok(OtpParams {
+            algorithm,
+            digits,
+            period,
+        }),
+        _ => Err(StoreError::Corrupt(id.into())),
+    }
+}
+
+impl Store for SqliteStore {
+    fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError> {
         let conn = self.conn();
         loop {
-            // 48 bits: short enough to type in `guardctl delete`, collisions retried below.
-            let id = crate::otp::random_hex(6).map_err(|e| StoreError::Random(e.to_string()))?;
+            // 48 bits: short enough to type in `guardctl delete`; a collision is retried.
+            let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
+            let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
             let inserted = conn.execute(
                 "INSERT OR IGNORE INTO tokens
                  (id, user, label, kind, state, secret, algorithm, digits, period, created)
-                 VALUES (?1, ?2, ?3, 'totp', 'pending', ?4, ?5, ?6, ?7, ?8)",
+                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9)",
                 params![
                     id,
-                    user,
-                    label,
-                    secret,
-                    params.algorithm.as_str(),
-                    params.digits,
-                    params.period as i64,
+                    token.user,
+                    token.label,
+                    token.kind.as_str(),
+                    sealed,
+                    token.params.algorithm.as_str(),
+                    token.params.digits,
+                    token.params.period as i64,
                     now
                 ],
             )?;
             if inserted == 1 {
                 return Ok(TokenInfo {
                     id,
-                    user: user.into(),
-                    label: label.into(),
-                    kind: "totp".into(),
+                    user: token.user.into(),
+                    label: token.label.into(),
+                    kind: token.kind.as_str().into(),
                     state: TokenState::Pending.as_str().into(),
                     created: now,
                     last_used: None,
@@ -177,46 +359,51 @@ impl Store {
         }
     }
 
-    /// The secrets of `user`'s tokens in `state`, newest first.
-    pub fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
+    fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT id, secret, algorithm, digits, period FROM tokens
+            "SELECT id, kind, secret, algorithm, digits, period, last, drift FROM tokens
              WHERE user = ?1 AND state = ?2 ORDER BY created DESC, id",
         )?;
         let rows = stmt.query_map(params![user, state.as_str()], |r| {
             Ok((
                 r.get::<_, String>(0)?,
-                Zeroizing::new(r.get::<_, Vec<u8>>(1)?),
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
+                r.get::<_, String>(1)?,
+                Zeroizing::new(r.get::<_, Vec<u8>>(2)?),
+                r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, i64>(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, secret, alg, digits, period) = row?;
-            let params = match (
-                HashAlg::parse(&alg),
-                u8::try_from(digits),
-                u64::try_from(period),
-            ) {
-                (Some(algorithm), Ok(digits @ 6..=8), Ok(period @ 1..=300)) => TotpParams {
-                    algorithm,
-                    digits,
-                    period,
+            let (id, kind, sealed, alg, digits, period, last, drift) = row?;
+            let params = row_params(&id, &alg, digits, period)?;
+            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+            let last = last
+                .map(u64::try_from)
+                .transpose()
+                .map_err(|_| StoreError::Corrupt(id.clone()))?;
+            let secret = self.sealer.open(id.as_bytes(), &sealed)?;
+            out.push(TokenSecret {
+                counter: Counter {
+                    kind,
+                    params,
+                    last,
+                    drift,
                 },
-                _ => return Err(StoreError::Corrupt(id)),
-            };
-            out.push(TokenSecret { id, secret, params });
+                id,
+                secret,
+            });
         }
         Ok(out)
     }
 
-    /// Whether `user` has at least one active token.
-    pub fn has_active(&self, user: &str) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        Ok(conn
+    fn has_active(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
             .query_row(
                 "SELECT 1 FROM tokens WHERE user = ?1 AND state = 'active' LIMIT 1",
                 [user],
@@ -226,29 +413,24 @@ impl Store {
             .is_some())
     }
 
-    /// Records that token `id` accepted time step `step`, if and only if no equal or later step
-    /// was accepted before and the token is in state `from`. This single UPDATE is the replay
-    /// guard: of two concurrent logins with the same code, exactly one sees `true`.
-    /// A pending token becomes active by the same statement.
-    pub fn accept_step(
+    fn accept(
         &self,
         id: &str,
         from: TokenState,
-        step: u64,
+        counter: u64,
+        drift: i64,
         now: i64,
     ) -> Result<bool, StoreError> {
-        let step = i64::try_from(step).map_err(|_| StoreError::Corrupt(id.into()))?;
-        let conn = self.conn();
-        let changed = conn.execute(
-            "UPDATE tokens SET last_step = ?1, last_used = ?2, state = 'active'
-             WHERE id = ?3 AND state = ?4 AND (last_step IS NULL OR last_step < ?1)",
-            params![step, now, id, from.as_str()],
+        let counter = i64::try_from(counter).map_err(|_| StoreError::Corrupt(id.into()))?;
+        let changed = self.conn().execute(
+            "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
+             WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
+            params![counter, drift, now, id, from.as_str()],
         )?;
         Ok(changed == 1)
     }
 
-    /// Tokens of `user`, or of everyone when `user` is None, ordered by user then age.
-    pub fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
+    fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT id, user, label, kind, state, created, last_used FROM tokens
@@ -268,18 +450,107 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// The token `id` if it belongs to `user`.
-    pub fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {
-        Ok(self.list(Some(user))?.into_iter().find(|t| t.id == id))
+    fn set_state(
+        &self,
+        user: &str,
+        id: &str,
+        from: TokenState,
+        to: TokenState,
+    ) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE tokens SET state = ?1 WHERE user = ?2 AND id = ?3 AND state = ?4",
+            params![to.as_str(), user, id, from.as_str()],
+        )? == 1)
     }
 
-    /// Deletes `user`'s token `id`; false when there is no such token.
-    pub fn delete(&self, user: &str, id: &str) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        Ok(conn.execute(
+    fn delete(&self, user: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
             "DELETE FROM tokens WHERE user = ?1 AND id = ?2",
             params![user, id],
         )? == 1)
+    }
+
+    fn lockout(&self, user: &str) -> Result<Lockout, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT failures, until FROM lockouts WHERE user = ?1",
+                [user],
+                |r| {
+                    Ok(Lockout {
+                        failures: r.get(0)?,
+                        until: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    fn record_failure(
+        &self,
+        user: &str,
+        backoff: &Backoff,
+        now: i64,
+    ) -> Result<Lockout, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let failures: u32 = tx.query_row(
+            "INSERT INTO lockouts (user, failures, until) VALUES (?1, 1, 0)
+             ON CONFLICT(user) DO UPDATE SET failures = failures + 1
+             RETURNING failures",
+            [user],
+            |r| r.get(0),
+        )?;
+        let until = backoff
+            .delay(failures)
+            .map_or(0, |d| now.saturating_add(d as i64));
+        tx.execute(
+            "UPDATE lockouts SET until = ?1 WHERE user = ?2",
+            params![until, user],
+        )?;
+        tx.commit()?;
+        Ok(Lockout { failures, until })
+    }
+
+    fn clear_failures(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM lockouts WHERE user = ?1", [user])?
+            > 0)
+    }
+
+    fn replace_backup_codes(
+        &self,
+        user: &str,
+        hashes: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM backup_codes WHERE user = ?1", [user])?;
+        for hash in hashes {
+            tx.execute(
+                "INSERT INTO backup_codes (user, hash, created) VALUES (?1, ?2, ?3)",
+                params![user, hash, now],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT id, hash FROM backup_codes WHERE user = ?1")?;
+        let rows = stmt.query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM backup_codes WHERE id = ?1", [id])?
+            == 1)
     }
 }
 
@@ -288,77 +559,171 @@ mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 
-    fn temp_store() -> (tempfile::TempDir, Store) {
+    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.db")).unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
         (dir, store)
     }
 
-    #[test]
-    fn database_file_is_private() {
-        let (dir, _s) = temp_store();
-        let mode = std::fs::metadata(dir.path().join("t.db"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+    fn new_token<'a>(user: &'a str, secret: &'a [u8]) -> NewToken<'a> {
+        NewToken {
+            user,
+            label: "phone",
+            kind: Kind::Totp,
+            params: OtpParams::default(),
+            secret,
+        }
     }
 
     #[test]
-    fn pending_token_becomes_active_once_and_steps_only_move_forward() {
+    fn database_and_key_files_are_private() {
+        let (dir, _s) = temp_store();
+        for f in ["t.db", "k"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+
+    #[test]
+    fn pending_token_becomes_active_once_and_counters_only_move_forward() {
         let (_d, s) = temp_store();
-        let t = s
-            .add_pending("ann", "phone", &[7; 20], TotpParams::default(), 1)
-            .unwrap();
+        let t = s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
         assert!(!s.has_active("ann").unwrap());
-        assert!(s.accept_step(&t.id, TokenState::Pending, 100, 2).unwrap());
+        assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
         assert!(s.has_active("ann").unwrap());
-        assert!(!s.accept_step(&t.id, TokenState::Pending, 101, 2).unwrap());
+        assert!(!s.accept(&t.id, TokenState::Pending, 101, 0, 2).unwrap());
         assert!(
-            !s.accept_step(&t.id, TokenState::Active, 100, 3).unwrap(),
+            !s.accept(&t.id, TokenState::Active, 100, 0, 3).unwrap(),
             "replay"
         );
         assert!(
-            !s.accept_step(&t.id, TokenState::Active, 99, 3).unwrap(),
-            "older step"
+            !s.accept(&t.id, TokenState::Active, 99, 0, 3).unwrap(),
+            "older"
         );
-        assert!(s.accept_step(&t.id, TokenState::Active, 101, 3).unwrap());
+        assert!(s.accept(&t.id, TokenState::Active, 101, -1, 3).unwrap());
         let info = s.get("ann", &t.id).unwrap().unwrap();
         assert_eq!((info.state.as_str(), info.last_used), ("active", Some(3)));
+        let secret = &s.secrets("ann", TokenState::Active).unwrap()[0];
+        assert_eq!((secret.counter.last, secret.counter.drift), (Some(101), -1));
     }
 
     #[test]
-    fn secrets_round_trip_and_delete_is_scoped_to_the_user() {
-        let (_d, s) = temp_store();
-        let t = s
-            .add_pending("ann", "", &[9; 20], TotpParams::default(), 1)
+    fn secrets_are_sealed_on_disk_and_round_trip() {
+        let (dir, s) = temp_store();
+        let secret = b"0123456789abcdefghij";
+        let t = s.add_pending(new_token("ann", secret), 1).unwrap();
+        let got = s.secrets("ann", TokenState::Pending).unwrap();
+        assert_eq!(&**got[0].secret, secret);
+        drop(s);
+        let raw = Connection::open(dir.path().join("t.db")).unwrap();
+        let stored: Vec<u8> = raw
+            .query_row("SELECT secret FROM tokens WHERE id = ?1", [&t.id], |r| {
+                r.get(0)
+            })
             .unwrap();
-        let secrets = s.secrets("ann", TokenState::Pending).unwrap();
-        assert_eq!(secrets.len(), 1);
-        assert_eq!(*secrets[0].secret, vec![9; 20]);
-        assert!(s.secrets("ann", TokenState::Active).unwrap().is_empty());
+        assert!(!stored.windows(secret.len()).any(|w| w == secret));
+    }
+
+    #[test]
+    fn swapped_sealed_secrets_do_not_open() {
+        let (dir, s) = temp_store();
+        let a = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        let b = s.add_pending(new_token("bob", &[2; 20]), 1).unwrap();
+        drop(s);
+        let raw = Connection::open(dir.path().join("t.db")).unwrap();
+        raw.execute(
+            "UPDATE tokens SET secret = (SELECT secret FROM tokens WHERE id = ?1) WHERE id = ?2",
+            [&a.id, &b.id],
+        )
+        .unwrap();
+        drop(raw);
+        let s = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
+        assert!(matches!(
+            s.secrets("bob", TokenState::Pending),
+            Err(StoreError::Seal(SealError::Open))
+        ));
+    }
+
+    #[test]
+    fn missing_or_wrong_key_file_is_refused_and_nothing_changes() {
+        let (dir, s) = temp_store();
+        s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        drop(s);
+        let db = dir.path().join("t.db");
+        let err = SqliteStore::open(&db, &dir.path().join("absent"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::KeyMissing { .. }), "{err}");
+        assert!(
+            !dir.path().join("absent").exists(),
+            "must not create a new key"
+        );
+        let other = tempfile::tempdir().unwrap();
+        SqliteStore::open(&other.path().join("o.db"), &other.path().join("k2")).unwrap();
+        let err = SqliteStore::open(&db, &other.path().join("k2"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        let s = SqliteStore::open(&db, &dir.path().join("k")).unwrap();
+        assert_eq!(s.list(None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let (dir, s) = temp_store();
+        drop(s);
+        let db = dir.path().join("t.db");
+        Connection::open(&db)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&db, &dir.path().join("k")).err().unwrap();
+        assert!(err.to_string().contains("upgrade guardd"), "{err}");
+    }
+
+    #[test]
+    fn state_changes_and_delete_are_scoped_to_the_user() {
+        let (_d, s) = temp_store();
+        let t = s.add_pending(new_token("ann", &[9; 20]), 1).unwrap();
+        assert!(s.accept(&t.id, TokenState::Pending, 1, 0, 1).unwrap());
+        assert!(!s
+            .set_state("bob", &t.id, TokenState::Active, TokenState::Disabled)
+            .unwrap());
+        assert!(s
+            .set_state("ann", &t.id, TokenState::Active, TokenState::Disabled)
+            .unwrap());
+        assert!(!s.has_active("ann").unwrap());
         assert!(!s.delete("bob", &t.id).unwrap());
         assert!(s.delete("ann", &t.id).unwrap());
         assert!(s.list(None).unwrap().is_empty());
     }
 
     #[test]
-    fn concurrent_accepts_of_one_step_succeed_exactly_once() {
+    fn failures_back_off_and_clear() {
         let (_d, s) = temp_store();
-        let t = s
-            .add_pending("ann", "", &[1; 20], TotpParams::default(), 1)
+        let b = Backoff::default();
+        for i in 1..5 {
+            assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 0, "{i}");
+        }
+        assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 1030);
+        assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 1060);
+        assert_eq!(s.lockout("bob").unwrap(), Lockout::default());
+        assert!(s.clear_failures("ann").unwrap());
+        assert_eq!(s.lockout("ann").unwrap(), Lockout::default());
+    }
+
+    #[test]
+    fn backup_codes_are_replaced_and_used_once() {
+        let (_d, s) = temp_store();
+        s.replace_backup_codes("ann", &["h1".into(), "h2".into()], 1)
             .unwrap();
-        assert!(s.accept_step(&t.id, TokenState::Pending, 10, 1).unwrap());
-        let wins = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..50)
-                .map(|_| scope.spawn(|| s.accept_step(&t.id, TokenState::Active, 11, 2).unwrap()))
-                .collect();
-            handles
-                .into_iter()
-                .map(|h| h.join().unwrap())
-                .filter(|&won| won)
-                .count()
-        });
-        assert_eq!(wins, 1);
+        s.replace_backup_codes("ann", &["h3".into()], 2).unwrap();
+        let codes = s.backup_codes("ann").unwrap();
+        assert_eq!(codes.len(), 1);
+        assert!(s.use_backup_code(codes[0].0).unwrap());
+        assert!(!s.use_backup_code(codes[0].0).unwrap());
     }
 }

@@ -28,6 +28,7 @@ fn main() {
     let config = Config {
         socket: socket.clone(),
         database: dir.path().join("guardd.db"),
+        key_file: dir.path().join("guardd.key"),
         ..Config::default()
     };
 
@@ -60,6 +61,7 @@ fn main() {
             .enroll(EnrollRequest {
                 user: user.into(),
                 label: "bench".into(),
+                ..EnrollRequest::default()
             })
             .await
             .unwrap()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use guardd::otp::{self, TotpParams};
+use guardd::otp::{self, OtpParams};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{step, AnswerRequest, BeginRequest, ConfirmRequest, EnrollRequest, LoginContext};
 use proto::v1::{Step, Token};
@@ -76,6 +76,8 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--database")
             .arg(self.dir.path().join("lib/guardd.db"))
+            .arg("--key-file")
+            .arg(self.dir.path().join("etc/guardd.key"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -152,6 +154,7 @@ impl Daemon {
             .enroll(EnrollRequest {
                 user: user.into(),
                 label: "test".into(),
+                ..EnrollRequest::default()
             })
             .await
             .expect("enroll")
@@ -228,7 +231,7 @@ impl Secret {
 
     /// The code shown at Unix time `time`.
     pub fn code_at_time(&self, time: u64) -> String {
-        otp::totp_code(&self.0, TotpParams::default(), time).unwrap()
+        otp::totp_code(&self.0, OtpParams::default(), time).unwrap()
     }
 
     /// A well-formed code that matches no step near now.

@@ -22,6 +22,9 @@ struct Args {
     /// SQLite database of tokens (overrides the file's `database`)
     #[arg(long)]
     database: Option<PathBuf>,
+    /// Key file sealing the token secrets (overrides the file's `key_file`)
+    #[arg(long)]
+    key_file: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -46,6 +49,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(database) = args.database {
         config.database = database;
+    }
+    if let Some(key_file) = args.key_file {
+        config.key_file = key_file;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
