@@ -4,11 +4,15 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guardd::otp::{self, OtpParams};
 use proto::v1::guard_client::GuardClient;
-use proto::v1::{step, AnswerRequest, BeginRequest, ConfirmRequest, EnrollRequest, LoginContext};
+use proto::v1::{
+    step, AnswerRequest, BackupCodesRequest, BeginRequest, ConfirmRequest, EnrollRequest,
+    LoginContext,
+};
 use proto::v1::{Step, Token};
 use tonic::transport::Channel;
 
@@ -37,11 +41,164 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A guardd reachable on `socket`, in a child process or in this one.
+#[derive(Clone)]
+pub struct Guard {
+    pub socket: PathBuf,
+    /// Every secret and code the tests handed to or got from guardd: none may show in its log.
+    used: Arc<Mutex<Vec<String>>>,
+}
+
+impl Guard {
+    pub fn new(socket: PathBuf) -> Guard {
+        Guard {
+            socket,
+            used: Arc::default(),
+        }
+    }
+
+    /// Notes a secret or code that guardd must never log.
+    pub fn remember(&self, secret: &str) {
+        let secret = secret.trim();
+        if !secret.is_empty() {
+            self.used.lock().unwrap().push(secret.to_owned());
+        }
+    }
+
+    /// The remembered secrets that occur in `log` as whole words (timestamps and pids removed).
+    pub fn leaked_into(&self, log: &str) -> Vec<String> {
+        // Fields are space-separated; the first is the timestamp, and pids are numbers that
+        // could equal a code by chance.
+        let words: std::collections::HashSet<&str> = log
+            .lines()
+            .flat_map(|line| line.split(' ').skip(1))
+            .filter(|field| !field.contains("pid="))
+            .flat_map(|field| field.split(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
+            .filter(|w| !w.is_empty())
+            .collect();
+        let full = log;
+        self.used
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| words.contains(s.as_str()) || (s.len() > 16 && full.contains(s.as_str())))
+            .cloned()
+            .collect()
+    }
+
+    /// A gRPC client on the daemon's socket (the caller is this test process, root in CI).
+    pub async fn client(&self) -> GuardClient<Channel> {
+        GuardClient::new(
+            proto::connect(&self.socket, Duration::from_secs(5))
+                .await
+                .expect("connect to guardd"),
+        )
+    }
+
+    /// Enrolls `user` and confirms the token, returning its secret. The confirmation uses the
+    /// previous time step's code, so the current and next steps remain free for logins.
+    pub async fn enroll_active(&self, user: &str) -> Secret {
+        let mut client = self.client().await;
+        let reply = client
+            .enroll(EnrollRequest {
+                user: user.into(),
+                label: "test".into(),
+                ..EnrollRequest::default()
+            })
+            .await
+            .expect("enroll")
+            .into_inner();
+        let secret = Secret::from_uri(&reply.uri);
+        self.remember(&reply.uri);
+        self.remember(&secret.base32());
+        let token: Token = client
+            .confirm(ConfirmRequest {
+                user: user.into(),
+                code: secret.code_at(-30).into_bytes(),
+            })
+            .await
+            .expect("confirm")
+            .into_inner()
+            .token
+            .unwrap();
+        assert_eq!(token.state, "active");
+        secret
+    }
+
+    /// Enrolls a pending token with these options and returns its secret and URI.
+    pub async fn enroll(&self, request: EnrollRequest) -> (Secret, String) {
+        let uri = self
+            .client()
+            .await
+            .enroll(request)
+            .await
+            .expect("enroll")
+            .into_inner()
+            .uri;
+        let secret = Secret::from_uri(&uri);
+        self.remember(&uri);
+        self.remember(&secret.base32());
+        (secret, uri)
+    }
+
+    /// Issues `user` a set of backup codes (remembered as secrets).
+    pub async fn backup_codes(&self, user: &str) -> Vec<String> {
+        let codes = self
+            .client()
+            .await
+            .issue_backup_codes(BackupCodesRequest { user: user.into() })
+            .await
+            .expect("backup codes")
+            .into_inner()
+            .codes;
+        for c in &codes {
+            self.remember(c);
+            self.remember(&c.replace('-', ""));
+        }
+        codes
+    }
+
+    /// One whole login through the daemon: Begin, then answer the prompt with `code`.
+    pub async fn login(&self, user: &str, code: &str) -> Step {
+        let mut client = self.client().await;
+        let step = client
+            .begin(BeginRequest {
+                context: Some(LoginContext {
+                    user: user.into(),
+                    service: "test".into(),
+                    ..LoginContext::default()
+                }),
+            })
+            .await
+            .expect("begin")
+            .into_inner();
+        let Some(step::Kind::Prompt(prompt)) = step.kind else {
+            return step;
+        };
+        self.remember(code);
+        client
+            .answer(AnswerRequest {
+                challenge: prompt.challenge,
+                response: code.as_bytes().to_vec(),
+            })
+            .await
+            .expect("answer")
+            .into_inner()
+    }
+}
+
 /// A guardd child process on a scratch socket and database.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
-    pub socket: PathBuf,
+    pub guard: Guard,
     child: Option<Child>,
+}
+
+impl std::ops::Deref for Daemon {
+    type Target = Guard;
+    fn deref(&self) -> &Guard {
+        &self.guard
+    }
 }
 
 impl Daemon {
@@ -59,7 +216,7 @@ impl Daemon {
         .unwrap();
         let socket = dir.path().join("run/guardd.sock");
         let mut daemon = Daemon {
-            socket,
+            guard: Guard::new(socket),
             child: None,
             dir,
         };
@@ -136,75 +293,18 @@ impl Daemon {
     fn pid_of(&self, child: &Child) -> nix::unistd::Pid {
         nix::unistd::Pid::from_raw(child.id() as i32)
     }
-
-    /// A gRPC client on the daemon's socket (the caller is this test process, root in CI).
-    pub async fn client(&self) -> GuardClient<Channel> {
-        GuardClient::new(
-            proto::connect(&self.socket, Duration::from_secs(5))
-                .await
-                .expect("connect to guardd"),
-        )
-    }
-
-    /// Enrolls `user` and confirms the token, returning its secret. The confirmation uses the
-    /// previous time step's code, so the current and next steps remain free for logins.
-    pub async fn enroll_active(&self, user: &str) -> Secret {
-        let mut client = self.client().await;
-        let reply = client
-            .enroll(EnrollRequest {
-                user: user.into(),
-                label: "test".into(),
-                ..EnrollRequest::default()
-            })
-            .await
-            .expect("enroll")
-            .into_inner();
-        let secret = Secret::from_uri(&reply.uri);
-        let token: Token = client
-            .confirm(ConfirmRequest {
-                user: user.into(),
-                code: secret.code_at(-30).into_bytes(),
-            })
-            .await
-            .expect("confirm")
-            .into_inner()
-            .token
-            .unwrap();
-        assert_eq!(token.state, "active");
-        secret
-    }
-
-    /// One whole login through the daemon: Begin, then answer the prompt with `code`.
-    pub async fn login(&self, user: &str, code: &str) -> Step {
-        let mut client = self.client().await;
-        let step = client
-            .begin(BeginRequest {
-                context: Some(LoginContext {
-                    user: user.into(),
-                    service: "test".into(),
-                    ..LoginContext::default()
-                }),
-            })
-            .await
-            .expect("begin")
-            .into_inner();
-        let Some(step::Kind::Prompt(prompt)) = step.kind else {
-            return step;
-        };
-        client
-            .answer(AnswerRequest {
-                challenge: prompt.challenge,
-                response: code.as_bytes().to_vec(),
-            })
-            .await
-            .expect("answer")
-            .into_inner()
-    }
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.stop();
+        if !std::thread::panicking() {
+            let leaked = self.guard.leaked_into(&self.log());
+            assert!(
+                leaked.is_empty(),
+                "guardd logged secrets or codes: {leaked:?}"
+            );
+        }
     }
 }
 
@@ -221,6 +321,11 @@ impl Secret {
     }
 
     /// The code shown `offset` seconds from now.
+    /// The secret as the URI carries it.
+    pub fn base32(&self) -> String {
+        data_encoding::BASE32_NOPAD.encode(&self.0)
+    }
+
     pub fn code_at(&self, offset: i64) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -232,6 +337,11 @@ impl Secret {
     /// The code shown at Unix time `time`.
     pub fn code_at_time(&self, time: u64) -> String {
         otp::totp_code(&self.0, OtpParams::default(), time).unwrap()
+    }
+
+    /// The HOTP code for `counter`.
+    pub fn hotp(&self, counter: u64) -> String {
+        otp::code_for(&self.0, otp::Kind::Hotp, OtpParams::default(), counter).unwrap()
     }
 
     /// A well-formed code that matches no step near now.
@@ -291,5 +401,91 @@ impl PamServices {
         use std::io::Write;
         let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
         child.wait_with_output().unwrap()
+    }
+}
+
+/// guardd served inside the test process on a clock the test moves: for back-off timing and
+/// many logins per 30 s. Only the library allows this; the guardd binary always uses real time.
+pub struct InProcess {
+    pub dir: tempfile::TempDir,
+    pub guard: Guard,
+    /// The Unix time guardd sees.
+    pub time: Arc<std::sync::atomic::AtomicU64>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl std::ops::Deref for InProcess {
+    type Target = Guard;
+    fn deref(&self) -> &Guard {
+        &self.guard
+    }
+}
+
+impl InProcess {
+    /// Starts serving with `config` (socket, database and key file are set here).
+    pub async fn start(mut config: guardd::config::Config) -> InProcess {
+        let dir = tempfile::tempdir().unwrap();
+        config.socket = dir.path().join("guardd.sock");
+        config.database = dir.path().join("guardd.db");
+        config.key_file = dir.path().join("guardd.key");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let time = Arc::new(std::sync::atomic::AtomicU64::new(now));
+        let t = time.clone();
+        let clock =
+            guardd::service::Clock::from_fn(move || t.load(std::sync::atomic::Ordering::SeqCst));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let socket = config.socket.clone();
+        tokio::spawn(guardd::server::run_with_clock(config, clock, async {
+            let _ = stopped.await;
+        }));
+        while tokio::net::UnixStream::connect(&socket).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        InProcess {
+            dir,
+            guard: Guard::new(socket),
+            time,
+            stop: Some(stop),
+        }
+    }
+
+    /// Moves guardd's clock by `seconds`.
+    pub fn advance(&self, seconds: u64) {
+        self.time
+            .fetch_add(seconds, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// guardd's current time.
+    pub fn now(&self) -> u64 {
+        self.time.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Guard;
+
+    #[test]
+    fn leak_check_finds_codes_and_secrets_but_not_timestamps_or_pids() {
+        let g = Guard::new("/x".into());
+        g.remember("123456");
+        g.remember("abcde-fghjk");
+        g.remember("JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP");
+        let clean = "2026-11-29T00:51:01.123456Z  INFO audit: caller_pid=123456 token=\"a1\"";
+        assert!(g.leaked_into(clean).is_empty());
+        let dirty =
+            "2026 INFO x: code=123456 backup=\"abcde-fghjk\" s=xJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
+        assert_eq!(g.leaked_into(dirty).len(), 3);
     }
 }
