@@ -437,9 +437,11 @@ impl Guard for GuardService {
         }
         self.authorize(caller, Action::List, user.clone(), "list", |_, _| Ok(true))
             .await?;
+        let who = user.clone().unwrap_or_else(|| "*".into());
         let tokens = self
             .blocking(move |store| store.list(user.as_deref()).map_err(store_status))
             .await?;
+        admin_audit(&caller, "list", &who, true, "");
         Ok(Response::new(ListReply {
             tokens: tokens.into_iter().map(token_message).collect(),
         }))

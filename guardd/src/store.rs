@@ -13,8 +13,10 @@ use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, HashAlg, Kind, OtpParams};
 use crate::seal::{SealError, Sealer};
 
-/// How long a writer waits for a lock held by another connection before giving up.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a writer waits for a lock held by another process (a backup, an sqlite3 shell)
+/// before giving up; well under the PAM module's default 5 s timeout, so the login gets a clear
+/// "unavailable" rather than a timeout.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]

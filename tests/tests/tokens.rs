@@ -343,3 +343,67 @@ fn guardd_refuses_to_start_without_its_key_file_or_with_another_one() {
     assert!(String::from_utf8_lossy(&wrong.stderr).contains("wrong key file"));
     assert_eq!(std::fs::read(&db).unwrap(), before, "the database changed");
 }
+
+#[test]
+fn a_corrupt_database_is_refused_at_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("guardd.db");
+    std::fs::write(&db, vec![0x5a; 8192]).unwrap();
+    let out = Command::new(artefact("guardd"))
+        .arg("--socket")
+        .arg(dir.path().join("s.sock"))
+        .arg("--database")
+        .arg(&db)
+        .arg("--key-file")
+        .arg(dir.path().join("k"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the token database"), "{err}");
+    assert_eq!(
+        std::fs::read(&db).unwrap(),
+        vec![0x5a; 8192],
+        "nothing may be written"
+    );
+}
+
+/// While another process holds the write lock, an answer waits (busy timeout) and then fails
+/// as "unavailable" (the module's PAM_AUTHINFO_UNAVAIL), accepting nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_database_gives_unavailable_and_loses_nothing() {
+    let d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    let code = secret.code_at(0);
+    d.remember(&code);
+    let locker = rusqlite::Connection::open(d.dir.path().join("lib/guardd.db")).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let mut client = d.client().await;
+    let step = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: "daemon".into(),
+                ..LoginContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(step::Kind::Prompt(p)) = step.kind else {
+        panic!("{step:?}")
+    };
+    let err = client
+        .answer(AnswerRequest {
+            challenge: p.challenge,
+            response: code.clone().into_bytes(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?} {}", d.log());
+    assert!(err.message().contains("busy or locked"));
+    locker.execute_batch("ROLLBACK").unwrap();
+    assert!(
+        is_permit(&d.login("daemon", &code).await),
+        "the code was not used up"
+    );
+}
