@@ -20,6 +20,8 @@ pub mod lockout;
 pub mod logging;
 /// One-time passwords: TOTP (RFC 6238) and HOTP (RFC 4226), secrets, otpauth:// URIs.
 pub mod otp;
+/// The rules: XACML-style permit / otp / deny decisions with explanations.
+pub mod policy;
 /// Secrets at rest: XChaCha20-Poly1305 under a key file.
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.

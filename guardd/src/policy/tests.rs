@@ -1,0 +1,554 @@
+use std::cell::Cell;
+
+use super::*;
+
+/// Facts from a table; counts look-ups to prove they are lazy.
+struct FakeFacts {
+    groups: Result<Vec<String>, LookupError>,
+    enrolled: Result<bool, LookupError>,
+    group_lookups: Cell<u32>,
+}
+
+impl FakeFacts {
+    fn new(groups: &[&str], enrolled: bool) -> FakeFacts {
+        FakeFacts {
+            groups: Ok(groups.iter().map(|g| g.to_string()).collect()),
+            enrolled: Ok(enrolled),
+            group_lookups: Cell::new(0),
+        }
+    }
+}
+
+impl Facts for FakeFacts {
+    fn groups(&self) -> Result<Vec<String>, LookupError> {
+        self.group_lookups.set(self.group_lookups.get() + 1);
+        self.groups.clone()
+    }
+    fn enrolled(&self) -> Result<bool, LookupError> {
+        self.enrolled.clone()
+    }
+}
+
+fn req(user: &str, service: &str) -> Request {
+    Request {
+        user: user.into(),
+        service: service.into(),
+        host: "db-1.prod.example.com".into(),
+        rhost: Some("192.0.2.7".into()),
+        tty: Some("ssh".into()),
+        command: None,
+        // Wednesday 2026-11-25 12:00 UTC
+        time: 1_795_608_000,
+    }
+}
+
+fn policy(text: &str) -> Policy {
+    Policy::parse("rules.toml", text).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn decide(p: &Policy, r: &Request, f: &FakeFacts) -> Verdict {
+    p.evaluate(r, f, false).verdict
+}
+
+const OTP: Verdict = Verdict::Otp {
+    unenrolled: Unenrolled::Deny,
+};
+
+fn deny(message: Option<&str>) -> Verdict {
+    Verdict::Deny {
+        message: message.map(str::to_owned),
+    }
+}
+
+/// The examples of POLICY.md, as shipped (commented) in packaging/rules.toml.
+const SOFFID: &str = r#"
+version = 1
+algorithm = "first-applicable"
+default = "permit"
+timezone = "UTC"
+
+[sets]
+admin_net  = ["10.20.0.0/16"]
+prod_hosts = ["db-*.prod.example.com", "pay-*"]
+
+[[rule]]
+id = "root-only-from-admin-net"
+effect = "deny"
+message = "root login is only allowed from the admin network"
+match  = { user = ["root"], service = ["sshd"] }
+except = { rhost = ["@admin_net"] }
+
+[[rule]]
+id = "recovery-needs-otp"
+effect = "otp"
+unenrolled = "deny"
+match = { service = ["recovery"] }
+
+[[rule]]
+id = "prod-ssh-otp"
+effect = "otp"
+unenrolled = "deny"
+match = { service = ["sshd"], host = ["@prod_hosts"] }
+
+[[rule]]
+id = "sudo-otp-if-enrolled"
+effect = "otp"
+unenrolled = "permit"
+match = { service = ["sudo"] }
+"#;
+
+#[test]
+fn soffid_examples_decide_a_grid_of_requests() {
+    let p = policy(SOFFID);
+    let enrolled = FakeFacts::new(&["dev"], true);
+    let unenrolled = FakeFacts::new(&["dev"], false);
+    let mut root_admin = req("root", "sshd");
+    root_admin.rhost = Some("10.20.3.4".into());
+    let mut other_host = req("alice", "sshd");
+    other_host.host = "web-1.example.com".into();
+    let mut pay = req("alice", "sshd");
+    pay.host = "pay-7".into();
+    let cases: Vec<(&str, Request, &FakeFacts, Verdict, &str)> = vec![
+        (
+            "root from outside",
+            req("root", "sshd"),
+            &enrolled,
+            deny(Some("root login is only allowed from the admin network")),
+            "root-only-from-admin-net",
+        ),
+        (
+            "root from admin net, prod",
+            root_admin,
+            &enrolled,
+            OTP,
+            "prod-ssh-otp",
+        ),
+        (
+            "recovery",
+            req("alice", "recovery"),
+            &unenrolled,
+            OTP,
+            "recovery-needs-otp",
+        ),
+        (
+            "prod ssh",
+            req("alice", "sshd"),
+            &unenrolled,
+            OTP,
+            "prod-ssh-otp",
+        ),
+        ("pay ssh", pay, &enrolled, OTP, "prod-ssh-otp"),
+        (
+            "other host ssh",
+            other_host,
+            &enrolled,
+            Verdict::Permit,
+            "default",
+        ),
+        (
+            "sudo enrolled",
+            req("alice", "sudo"),
+            &enrolled,
+            Verdict::Otp {
+                unenrolled: Unenrolled::Permit,
+            },
+            "sudo-otp-if-enrolled",
+        ),
+        (
+            "sudo unenrolled",
+            req("alice", "sudo"),
+            &unenrolled,
+            Verdict::Permit,
+            "sudo-otp-if-enrolled",
+        ),
+        (
+            "su",
+            req("alice", "su"),
+            &enrolled,
+            Verdict::Permit,
+            "default",
+        ),
+    ];
+    for (name, r, f, want, rule) in cases {
+        let d = p.evaluate(&r, f, true);
+        assert_eq!(d.verdict, want, "{name}");
+        assert_eq!(d.rule_label(), rule, "{name}");
+        assert_eq!(d.trace.len(), 4, "{name}: every rule is evaluated");
+    }
+}
+
+#[test]
+fn default_policy_asks_enrolled_users_on_ssh_and_sudo_only() {
+    let p = policy(DEFAULT_POLICY);
+    let yes = FakeFacts::new(&[], true);
+    let no = FakeFacts::new(&[], false);
+    for service in ["sshd", "sudo"] {
+        assert!(matches!(
+            decide(&p, &req("a", service), &yes),
+            Verdict::Otp { .. }
+        ));
+        assert_eq!(decide(&p, &req("a", service), &no), Verdict::Permit);
+    }
+    assert_eq!(decide(&p, &req("a", "login"), &yes), Verdict::Permit);
+}
+
+#[test]
+fn every_attribute_matches_exact_and_glob_values() {
+    let f = FakeFacts::new(&["alice", "dev", "wheel"], true);
+    let r = req("alice", "sshd");
+    let applies = |target: &str| {
+        let p = policy(&format!(
+            "version = 1\ndefault = \"permit\"\n[[rule]]\nid = \"r\"\neffect = \"deny\"\nmatch = {{ {target} }}\n"
+        ));
+        matches!(decide(&p, &r, &f), Verdict::Deny { .. })
+    };
+    let table = [
+        ("user = [\"alice\"]", true),
+        ("user = [\"al*\"]", true),
+        ("user = [\"bob\", \"a?ice\"]", true),
+        ("user = [\"bob\"]", false),
+        ("group = [\"wheel\"]", true),
+        ("group = [\"adm\"]", false),
+        ("service = [\"ssh*\"]", true),
+        ("service = [\"sudo\"]", false),
+        ("host = [\"db-*.prod.example.com\"]", true),
+        ("host = [\"web-*\"]", false),
+        ("rhost = [\"192.0.2.0/24\"]", true),
+        ("rhost = [\"192.0.2.7\"]", true),
+        ("rhost = [\"198.51.100.0/24\"]", false),
+        ("rhost = [\"2001:db8::/32\"]", false),
+        ("rhost = [\"192.0.2.*\"]", true),
+        ("rhost = [\"local\"]", false),
+        ("tty = [\"ssh\"]", true),
+        ("tty = [\"tty*\"]", false),
+        ("time = [\"wed 11:00-13:00\"]", true),
+        ("time = [\"mon-fri 08:00-19:00\"]", true),
+        ("time = [\"sat,sun 00:00-24:00\"]", false),
+        ("time = [\"12:30-11:00\"]", false),
+        ("enrolled = true", true),
+        ("enrolled = false", false),
+        ("command = [\"/usr/bin/id\"]", false),
+        ("user = [\"alice\"], service = [\"sudo\"]", false),
+        (
+            "user = [\"alice\"], service = [\"sshd\"], group = [\"dev\"]",
+            true,
+        ),
+    ];
+    for (target, want) in table {
+        assert_eq!(applies(target), want, "{target}");
+    }
+}
+
+#[test]
+fn ipv6_sources_local_and_absent_attributes() {
+    let p = policy(
+        r#"version = 1
+default = "permit"
+[[rule]]
+id = "v6"
+effect = "deny"
+match = { rhost = ["2001:db8:20::/48"] }
+[[rule]]
+id = "console"
+effect = "otp"
+match = { rhost = ["local"] }
+[[rule]]
+id = "no-tty"
+effect = "deny"
+match = { tty = ["*"] }
+"#,
+    );
+    let f = FakeFacts::new(&[], true);
+    let mut r = req("a", "sshd");
+    r.rhost = Some("2001:db8:20::5".into());
+    assert_eq!(p.evaluate(&r, &f, false).rules, ["v6"]);
+    r.rhost = None;
+    r.tty = None;
+    assert_eq!(p.evaluate(&r, &f, false).rules, ["console"]);
+    r.rhost = Some(String::new());
+    assert_eq!(
+        p.evaluate(&r, &f, false).rules,
+        ["console"],
+        "empty rhost is local"
+    );
+    r.rhost = Some("198.51.100.1".into());
+    // No tty: the tty condition is false, not an error.
+    assert_eq!(p.evaluate(&r, &f, false).verdict, Verdict::Permit);
+}
+
+#[test]
+fn time_windows_cross_midnight_and_follow_the_zone_through_dst() {
+    let p = policy(
+        r#"version = 1
+default = "permit"
+timezone = "Europe/Madrid"
+[[rule]]
+id = "night"
+effect = "deny"
+match = { time = ["fri 22:00-02:00"] }
+"#,
+    );
+    let f = FakeFacts::new(&[], true);
+    let at = |rfc3339: &str| {
+        let mut r = req("a", "sshd");
+        r.time = rfc3339.parse::<jiff::Timestamp>().unwrap().as_second();
+        matches!(decide(&p, &r, &f), Verdict::Deny { .. })
+    };
+    // Friday 2026-11-27 23:30 Madrid (UTC+1) = 22:30 UTC.
+    assert!(at("2026-11-27T22:30:00Z"));
+    // Saturday 01:30 Madrid: still inside, the window started on Friday.
+    assert!(at("2026-11-28T00:30:00Z"));
+    // Saturday 02:30 Madrid: outside.
+    assert!(!at("2026-11-28T01:30:00Z"));
+    // Friday 21:30 Madrid: before.
+    assert!(!at("2026-11-27T20:30:00Z"));
+    // Thursday 23:30 Madrid: wrong day.
+    assert!(!at("2026-11-26T22:30:00Z"));
+    // Summer time (UTC+2): Friday 2026-07-03 22:30 Madrid = 20:30 UTC.
+    assert!(at("2026-07-03T20:30:00Z"));
+    assert!(!at("2026-07-03T19:30:00Z"));
+    // The night DST ends (Sun 2026-10-25): a Saturday-night window is unaffected by design,
+    // and a Friday one on 2026-10-23 uses summer time.
+    assert!(at("2026-10-23T20:30:00Z"));
+}
+
+#[test]
+fn except_makes_a_rule_not_applicable_only_when_all_of_it_holds() {
+    let p = policy(
+        r#"version = 1
+default = "permit"
+[[rule]]
+id = "r"
+effect = "deny"
+match = { service = ["sshd"] }
+except = { rhost = ["192.0.2.0/24"], user = ["alice"] }
+"#,
+    );
+    let f = FakeFacts::new(&[], true);
+    assert_eq!(decide(&p, &req("alice", "sshd"), &f), Verdict::Permit);
+    assert!(matches!(
+        decide(&p, &req("bob", "sshd"), &f),
+        Verdict::Deny { .. }
+    ));
+}
+
+const ALGO: &str = r#"
+default = "permit"
+[[rule]]
+id = "p"
+effect = "permit"
+match = { user = ["alice"] }
+[[rule]]
+id = "o"
+effect = "otp"
+unenrolled = "permit"
+match = { service = ["sshd"] }
+[[rule]]
+id = "o2"
+effect = "otp"
+match = { group = ["dev"] }
+[[rule]]
+id = "d"
+effect = "deny"
+match = { tty = ["ssh"] }
+"#;
+
+fn algo(name: &str) -> Policy {
+    policy(&format!("version = 1\nalgorithm = \"{name}\"\n{ALGO}"))
+}
+
+#[test]
+fn combining_algorithms_order_results_as_xacml_says() {
+    let f = FakeFacts::new(&["dev"], true);
+    let r = req("alice", "sshd");
+    // first-applicable (C.8): the first applicable rule alone.
+    let d = algo("first-applicable").evaluate(&r, &f, false);
+    assert_eq!(
+        (d.verdict, d.rules),
+        (Verdict::Permit, vec!["p".to_string()])
+    );
+    // deny-overrides (C.2): any deny wins.
+    let d = algo("deny-overrides").evaluate(&r, &f, false);
+    assert_eq!(d.rules, ["d"]);
+    assert!(matches!(d.verdict, Verdict::Deny { .. }));
+    // permit-overrides (C.4): permit-class wins, with the union of obligations: otp required,
+    // strictest unenrolled.
+    let d = algo("permit-overrides").evaluate(&r, &f, false);
+    assert_eq!(d.verdict, OTP);
+    assert_eq!(d.rules, ["o", "o2"]);
+    // Without the deny rule applying, deny-overrides also unions the obligations.
+    let mut console = r.clone();
+    console.tty = None;
+    let d = algo("deny-overrides").evaluate(&console, &f, false);
+    assert_eq!(d.verdict, OTP);
+    // Nothing applicable: default.
+    let none = FakeFacts::new(&[], true);
+    let mut other = req("bob", "login");
+    other.tty = None;
+    for a in ["first-applicable", "deny-overrides", "permit-overrides"] {
+        let d = algo(a).evaluate(&other, &none, false);
+        assert_eq!(
+            (d.rule_label(), d.verdict),
+            ("default".to_string(), Verdict::Permit),
+            "{a}"
+        );
+    }
+}
+
+#[test]
+fn failed_lookups_make_rules_indeterminate_and_the_result_deny() {
+    let broken = FakeFacts {
+        groups: Err(LookupError("NSS unavailable".into())),
+        enrolled: Ok(true),
+        group_lookups: Cell::new(0),
+    };
+    let mut r = req("bob", "sshd");
+    r.tty = None;
+    // first-applicable: "o" applies before o2 (Ind{P}, groups failed), so "o" decides.
+    let d = algo("first-applicable").evaluate(&r, &broken, false);
+    assert!(matches!(d.verdict, Verdict::Otp { .. }));
+    assert_eq!(d.rules, ["o"]);
+    // Make "o" not apply: then o2's Indeterminate decides.
+    let mut s = r.clone();
+    s.service = "sudo".into();
+    let d = algo("first-applicable").evaluate(&s, &broken, false);
+    assert!(matches!(d.verdict, Verdict::Deny { .. }));
+    assert!(d
+        .indeterminate
+        .as_deref()
+        .unwrap()
+        .contains("NSS unavailable"));
+    // permit-overrides: the applicable permit-class "o" still wins over Ind{P}.
+    let d = algo("permit-overrides").evaluate(&r, &broken, false);
+    assert!(matches!(d.verdict, Verdict::Otp { .. }));
+    // deny-overrides: Ind{P} does not beat an applicable otp either (C.2 puts Permit first).
+    let d = algo("deny-overrides").evaluate(&r, &broken, false);
+    assert!(matches!(d.verdict, Verdict::Otp { .. }));
+    // A deny rule that is Indeterminate (Ind{D}) beats permits under deny-overrides.
+    let p = policy(
+        r#"version = 1
+algorithm = "deny-overrides"
+default = "permit"
+[[rule]]
+id = "dev-deny"
+effect = "deny"
+match = { group = ["dev"] }
+[[rule]]
+id = "all-permit"
+effect = "permit"
+"#,
+    );
+    let d = p.evaluate(&r, &broken, false);
+    assert!(matches!(d.verdict, Verdict::Deny { .. }));
+    assert!(d.indeterminate.unwrap().contains("dev-deny"));
+    // ...and loses to them under permit-overrides.
+    let p = policy(
+        r#"version = 1
+algorithm = "permit-overrides"
+[[rule]]
+id = "dev-deny"
+effect = "deny"
+match = { group = ["dev"] }
+[[rule]]
+id = "all-permit"
+effect = "permit"
+"#,
+    );
+    assert_eq!(p.evaluate(&r, &broken, false).verdict, Verdict::Permit);
+    // An unenrolled=permit rule whose enrolled look-up fails is Indeterminate.
+    let no_db = FakeFacts {
+        groups: Ok(vec![]),
+        enrolled: Err(LookupError("database busy".into())),
+        group_lookups: Cell::new(0),
+    };
+    let d = policy(DEFAULT_POLICY).evaluate(&req("a", "sudo"), &no_db, false);
+    assert!(matches!(d.verdict, Verdict::Deny { .. }));
+}
+
+#[test]
+fn groups_are_looked_up_only_when_a_rule_needs_them() {
+    let f = FakeFacts::new(&["dev"], true);
+    let p = policy(SOFFID);
+    p.evaluate(&req("alice", "sshd"), &f, false);
+    assert_eq!(f.group_lookups.get(), 0);
+}
+
+#[test]
+fn explain_says_why_for_every_rule() {
+    let p = policy(SOFFID);
+    let d = p.evaluate(&req("alice", "sshd"), &FakeFacts::new(&[], true), true);
+    let lines: Vec<String> = d
+        .trace
+        .iter()
+        .map(|t| format!("{} {:?} {} {}", t.id, t.outcome, t.why, t.decides))
+        .collect();
+    assert!(lines[0].contains("user alice not in [root]"), "{lines:?}");
+    assert!(lines[2].contains("host db-1.prod.example.com matches") && lines[2].ends_with("true"));
+    assert!(lines[3].contains("service sshd not in [sudo]"));
+    assert!(p.digest().starts_with("sha256:"));
+}
+
+#[test]
+fn invalid_files_are_refused_with_line_and_column() {
+    let cases = [
+        ("version = 1\nalgoritm = \"x\"\n", 2, "unknown field"),
+        ("version = 2\n", 1, "version must be 1"),
+        ("version = 1\nalgorithm = \"best\"\n", 2, "algorithm must be"),
+        ("version = 1\ntimezone = \"Mars/Olympus\"\n", 2, "unknown time zone"),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"permit\"\n[[rule]]\nid = \"a\"\neffect = \"deny\"\n",
+            6,
+            "duplicate rule id",
+        ),
+        ("version = 1\n[[rule]]\nid = \"a\"\neffect = \"allow\"\n", 4, "effect must be"),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nmatch = { rhost = [\"10.0.0.0/33\"] }\n",
+            5,
+            "not a CIDR",
+        ),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nmatch = { time = [\"mon-fry 08:00-09:00\"] }\n",
+            5,
+            "not a time window",
+        ),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nmatch = { user = [\"@admins\"] }\n",
+            5,
+            "undefined set @admins",
+        ),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"permit\"\nunenrolled = \"deny\"\n",
+            5,
+            "only to otp rules",
+        ),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"otp\"\nmatch = { colour = [\"red\"] }\n",
+            5,
+            "unknown field",
+        ),
+        ("version = 1\n[[rule]]\nid = \"Bad Id\"\neffect = \"otp\"\n", 3, "kebab-case"),
+        ("version = 1\n[[rule]\n", 2, ""),
+    ];
+    for (text, line, words) in cases {
+        let err = match Policy::parse("rules.toml", text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e,
+        };
+        assert_eq!(err.line, line, "{text}\n{err}");
+        assert!(err.column >= 1);
+        assert!(
+            err.to_string().starts_with(&format!("rules.toml:{line}:")),
+            "{err}"
+        );
+        assert!(err.message.contains(words), "{err}");
+    }
+}
+
+#[test]
+fn shadowed_rules_are_warned_about() {
+    let p = policy(
+        "version = 1\n[[rule]]\nid = \"all\"\neffect = \"otp\"\n[[rule]]\nid = \"never\"\neffect = \"deny\"\n",
+    );
+    assert_eq!(p.warnings().len(), 1);
+    assert!(p.warnings()[0].contains("never"));
+}
