@@ -18,6 +18,9 @@ pub struct Event<'a> {
     /// Why: the rule or the reason for a refusal.
     pub reason: &'a str,
     pub token: &'a str,
+    /// The deciding rule ids (or `default`) and the policy digest, for policy decisions.
+    pub rule: &'a str,
+    pub policy: &'a str,
     pub caller_uid: Option<u32>,
     pub caller_pid: Option<i32>,
 }
@@ -42,6 +45,8 @@ pub fn record(event: &Event<'_>) {
         outcome = event.outcome,
         reason = event.reason,
         token = event.token,
+        rule = event.rule,
+        policy = event.policy,
         caller_uid = event.caller_uid,
         caller_pid = event.caller_pid,
     );

@@ -10,8 +10,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{
-    BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest, ListRequest, ResyncRequest,
-    SetEnabledRequest, Token, UnlockRequest,
+    BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest, ExplainReply, ExplainRequest,
+    ListRequest, LoginContext, ReloadRequest, ResyncRequest, SetEnabledRequest, Token,
+    UnlockRequest,
 };
 use qrcode::render::unicode::Dense1x2;
 use qrcode::QrCode;
@@ -78,6 +79,29 @@ enum Command {
     Unlock { user: String },
     /// Issue USER a new set of 10 one-time backup codes (replacing the old set)
     BackupCodes { user: String },
+    /// Show how the rules decide a hypothetical login, rule by rule (changes nothing)
+    Explain {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        service: String,
+        /// Source address or name; omitted means a local login
+        #[arg(long, default_value = "")]
+        rhost: String,
+        /// Server name for `host` rules [default: guardd's own]
+        #[arg(long, default_value = "")]
+        host: String,
+        #[arg(long, default_value = "")]
+        tty: String,
+        /// When, as RFC 3339 (e.g. 2026-11-27T23:30:00+01:00) [default: now]
+        #[arg(long)]
+        time: Option<String>,
+        /// Print JSON for scripts
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the rules file (a broken file is refused; the rules in force stay)
+    Reload,
 }
 
 /// A failure worth one line on stderr and exit status 1.
@@ -260,6 +284,49 @@ async fn execute(
                 println!("{user} had no failed attempts.");
             }
         }
+        Command::Explain {
+            user,
+            service,
+            rhost,
+            host,
+            tty,
+            time,
+            json,
+        } => {
+            let time = match time {
+                None => 0,
+                Some(t) => t
+                    .parse::<jiff::Timestamp>()
+                    .map_err(|e| CliError::Local(format!("--time {t:?}: {e}")))?
+                    .as_second(),
+            };
+            let reply = client
+                .explain(ExplainRequest {
+                    context: Some(LoginContext {
+                        user,
+                        service,
+                        rhost,
+                        host,
+                        tty,
+                        ..LoginContext::default()
+                    }),
+                    time,
+                })
+                .await?
+                .into_inner();
+            if json {
+                print_explain_json(&reply);
+            } else {
+                print_explain(&reply);
+            }
+        }
+        Command::Reload => {
+            let reply = client.reload(ReloadRequest {}).await?.into_inner();
+            for w in &reply.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!("Rules reloaded: {}", reply.digest);
+        }
         Command::BackupCodes { user } => {
             let codes = client
                 .issue_backup_codes(BackupCodesRequest { user: user.clone() })
@@ -295,6 +362,41 @@ async fn set_enabled(
         .unwrap_or_default();
     println!("Token {} of {} is {}.", token.id, token.user, token.state);
     Ok(())
+}
+
+fn print_explain(reply: &ExplainReply) {
+    println!("request : {}", reply.request);
+    println!("policy  : {}", reply.policy);
+    let width = reply.rules.iter().map(|r| r.id.len()).max().unwrap_or(0);
+    for r in &reply.rules {
+        println!(
+            "  {:>2} {:<width$}  {:<13}  {}{}",
+            r.index,
+            r.id,
+            r.outcome,
+            r.why,
+            if r.decides { "   <- decides" } else { "" }
+        );
+    }
+    println!("decision: {}", reply.decision);
+}
+
+fn print_explain_json(reply: &ExplainReply) {
+    let rules: Vec<serde_json::Value> = reply
+        .rules
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "index": r.index, "id": r.id, "line": r.line, "outcome": r.outcome,
+                "why": r.why, "decides": r.decides,
+            })
+        })
+        .collect();
+    let doc = serde_json::json!({
+        "request": reply.request, "policy": reply.policy, "rules": rules,
+        "decision": reply.decision,
+    });
+    println!("{doc:#}");
 }
 
 fn print_tokens(tokens: &[Token]) {

@@ -4,6 +4,8 @@ use serde::Deserialize;
 
 /// Where guardd looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/soffid-otp/guardd.toml";
+/// Where guardd looks for its rules when `policy` is not set.
+pub const DEFAULT_RULES: &str = "/etc/soffid-otp/rules.toml";
 
 /// The daemon's settings. Every key is optional in the file; missing keys take the defaults.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -17,6 +19,11 @@ pub struct Config {
     pub admin_group: String,
     /// The issuer shown in authenticator apps; defaults to this host's name.
     pub issuer: Option<String>,
+    /// The rules file; when unset, /etc/soffid-otp/rules.toml if it exists, else the built-in
+    /// default policy.
+    pub policy: Option<PathBuf>,
+    /// This server's name for `host` rules; defaults to the system host name.
+    pub host: Option<String>,
     /// The 0600 file holding the key that seals token secrets; created on first start.
     pub key_file: PathBuf,
     /// Time steps accepted before and after the current one, for clock drift.
@@ -38,6 +45,8 @@ impl Default for Config {
             database: PathBuf::from("/var/lib/soffid-otp/guardd.db"),
             admin_group: "soffid-otp-admin".into(),
             issuer: None,
+            policy: None,
+            host: None,
             key_file: PathBuf::from("/etc/soffid-otp/guardd.key"),
             skew: 1,
             hotp_look_ahead: 10,
@@ -129,12 +138,28 @@ impl Config {
 
     /// The issuer for otpauth:// URIs.
     pub fn issuer(&self) -> String {
-        self.issuer.clone().unwrap_or_else(|| {
+        self.issuer.clone().unwrap_or_else(|| self.host())
+    }
+
+    /// This server's name, as `host` rules see it.
+    pub fn host(&self) -> String {
+        self.host.clone().unwrap_or_else(|| {
             nix::unistd::gethostname()
                 .ok()
                 .and_then(|h| h.into_string().ok())
-                .unwrap_or_else(|| "soffid-otp".into())
+                .unwrap_or_else(|| "localhost".into())
         })
+    }
+
+    /// Loads the policy: the configured file (which must exist and be valid), else
+    /// /etc/soffid-otp/rules.toml if present, else the built-in default.
+    pub fn load_policy(&self) -> Result<crate::policy::Policy, crate::policy::PolicyError> {
+        use crate::policy::{Policy, DEFAULT_POLICY};
+        match &self.policy {
+            Some(path) => Policy::load(path),
+            None if Path::new(DEFAULT_RULES).exists() => Policy::load(Path::new(DEFAULT_RULES)),
+            None => Policy::parse("(built-in default policy)", DEFAULT_POLICY),
+        }
     }
 }
 

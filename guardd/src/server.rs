@@ -1,6 +1,7 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use proto::v1::guard_server::GuardServer;
@@ -31,6 +32,8 @@ pub enum ServerError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error("no valid rules: {0}")]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -99,7 +102,25 @@ pub async fn run_with_clock(
     }
     let store = SqliteStore::open(&config.database, &config.key_file)?;
     let listener = bind(&config.socket).await?;
-    let service = GuardService::new(std::sync::Arc::new(store), &config, clock);
+    let policy = config.load_policy()?;
+    for w in policy.warnings() {
+        tracing::warn!("{w}");
+    }
+    tracing::info!(
+        policy = policy.digest(),
+        file = policy.file(),
+        "rules loaded"
+    );
+    let service = Arc::new(GuardService::new(Arc::new(store), &config, policy, clock));
+    // SIGHUP re-reads the rules, as `guardctl reload` does.
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(io_err(Path::new("SIGHUP")))?;
+    let reloader = service.clone();
+    let hup = tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            let _ = reloader.reload();
+        }
+    });
     tracing::info!(
         socket = %config.socket.display(),
         database = %config.database.display(),
@@ -112,7 +133,7 @@ pub async fn run_with_clock(
     };
     let serve = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
-        .add_service(GuardServer::new(service))
+        .add_service(GuardServer::from_arc(service))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
     tokio::pin!(serve);
     let served = tokio::select! {
@@ -128,6 +149,7 @@ pub async fn run_with_clock(
             }
         }
     };
+    hup.abort();
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
     Ok(served?)

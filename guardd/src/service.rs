@@ -1,13 +1,14 @@
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::v1::guard_server::Guard;
 use proto::v1::{
     step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
-    ListReply, ListRequest, LoginContext, Permit, Prompt, ResyncRequest, SetEnabledRequest, Step,
-    Token, TokenReply, UnlockReply, UnlockRequest,
+    ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt,
+    ReloadReply, ReloadRequest, ResyncRequest, RuleLine, SetEnabledRequest, Step, Token,
+    TokenReply, UnlockReply, UnlockRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -18,6 +19,9 @@ use crate::caller::{authorize, Action, Caller};
 use crate::config::Config;
 use crate::lockout::Backoff;
 use crate::otp::{self, HashAlg, Kind, OtpParams, Windows};
+use crate::policy::{
+    self as rules, Facts, LookupError, Outcome, Policy, PolicyError, Unenrolled, Verdict as Rule,
+};
 use crate::store::{NewToken, Store, StoreError, TokenInfo, TokenState};
 
 /// How long a user has to type the code after the prompt appears.
@@ -29,8 +33,9 @@ const MAX_FIELD: usize = 256;
 
 const PROMPT_TEXT: &str = "Verification code: ";
 /// The same words for an unknown user and a user without a token: no user enumeration.
-const NOT_ENROLLED_MESSAGE: &str =
-    "Access denied: this login requires a one-time password and none is set up for the account.";
+const NOT_ENROLLED_MESSAGE: &str = "Access denied: this login requires a one-time password and none is set up for the account; ask your administrator to enroll a token.";
+/// Shown for a deny rule without a message, and for a decision that could not be made.
+const POLICY_DENY_MESSAGE: &str = "Access denied by the site's rules.";
 const WRONG_CODE_MESSAGE: &str = "Access denied: the code is wrong, expired or already used.";
 const EXPIRED_MESSAGE: &str = "Access denied: the login took too long; please start again.";
 /// How far ahead `Resync` searches for two consecutive HOTP codes.
@@ -71,6 +76,12 @@ struct Session {
 /// active token (or backup codes) must give a code; anyone else is denied (fail closed).
 pub struct GuardService {
     store: Arc<dyn Store>,
+    /// The rules in force; replaced whole by a reload, never left half-loaded.
+    policy: RwLock<Arc<Policy>>,
+    /// Where reloads read the rules from.
+    config: Config,
+    /// This server's name for `host` rules (the daemon's own, not the client's word).
+    host: String,
     sessions: Mutex<HashMap<String, Session>>,
     admin_group: String,
     issuer: String,
@@ -92,9 +103,12 @@ enum Verdict {
 }
 
 impl GuardService {
-    pub fn new(store: Arc<dyn Store>, config: &Config, clock: Clock) -> Self {
+    pub fn new(store: Arc<dyn Store>, config: &Config, policy: Policy, clock: Clock) -> Self {
         GuardService {
             store,
+            policy: RwLock::new(Arc::new(policy)),
+            config: config.clone(),
+            host: config.host(),
             sessions: Mutex::new(HashMap::new()),
             admin_group: config.admin_group.clone(),
             issuer: config.issuer(),
@@ -104,6 +118,37 @@ impl GuardService {
             },
             backoff: config.backoff(),
             clock,
+        }
+    }
+
+    /// The rules in force.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the rules file. A file that does not load is refused and the rules in force stay.
+    pub fn reload(&self) -> Result<Arc<Policy>, PolicyError> {
+        match self.config.load_policy() {
+            Ok(policy) => {
+                let policy = Arc::new(policy);
+                for w in policy.warnings() {
+                    tracing::warn!("{w}");
+                }
+                tracing::info!(
+                    policy = policy.digest(),
+                    file = policy.file(),
+                    "rules reloaded"
+                );
+                *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+                Ok(policy)
+            }
+            Err(e) => {
+                tracing::error!("rules not reloaded, the previous ones stay in force: {e}");
+                Err(e)
+            }
         }
     }
 
@@ -206,14 +251,26 @@ impl Guard for GuardService {
             |_, _| Ok(false),
         )
         .await?;
-        let user = ctx.user.clone();
-        let enrolled = self
-            .blocking(move |store| {
-                Ok(store.has_active(&user).map_err(store_status)?
-                    || !store.backup_codes(&user).map_err(store_status)?.is_empty())
+        let policy = self.policy();
+        let request = self.rules_request(&ctx, self.clock.now() as i64);
+        let (decision, can_answer) = {
+            let policy = policy.clone();
+            self.blocking(move |store| {
+                let facts = LoginFacts::new(store, &request.user);
+                let decision = policy.evaluate(&request, &facts, false);
+                // Anything that can answer a prompt: an active token or backup codes.
+                let can_answer = matches!(decision.verdict, Rule::Otp { .. })
+                    && (store.has_active(&request.user).map_err(store_status)?
+                        || !store
+                            .backup_codes(&request.user)
+                            .map_err(store_status)?
+                            .is_empty());
+                Ok((decision, can_answer))
             })
-            .await?;
-        let event = |outcome, reason| {
+            .await?
+        };
+        let rule = decision.rule_label();
+        let event = |outcome, reason: &str| {
             audit::record(
                 &Event {
                     action: "begin",
@@ -223,28 +280,172 @@ impl Guard for GuardService {
                     tty: &ctx.tty,
                     outcome,
                     reason,
+                    rule: &rule,
+                    policy: policy.digest(),
                     ..Event::default()
                 }
                 .caller(&caller),
             )
         };
-        if !enrolled {
-            event("deny", "no active token");
-            return Ok(Response::new(deny(
-                NOT_ENROLLED_MESSAGE,
-                DenyReason::NotEnrolled,
-            )));
+        let step = match decision.verdict {
+            Rule::Permit => {
+                event("permit", "rules permit without otp");
+                Step {
+                    kind: Some(step::Kind::Permit(Permit::default())),
+                }
+            }
+            Rule::Deny { message } => {
+                match &decision.indeterminate {
+                    Some(cause) => event("deny", &format!("indeterminate: {cause}")),
+                    None => event("deny", "rules deny"),
+                }
+                deny(
+                    message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
+                    DenyReason::Policy,
+                )
+            }
+            Rule::Otp { .. } if can_answer => {
+                event("prompt", "otp required");
+                let challenge = self.open_session(ctx.clone(), caller.uid)?;
+                Step {
+                    kind: Some(step::Kind::Prompt(Prompt {
+                        challenge,
+                        text: PROMPT_TEXT.into(),
+                        echo: false,
+                        info: String::new(),
+                    })),
+                }
+            }
+            Rule::Otp {
+                unenrolled: Unenrolled::Permit,
+            } => {
+                event("permit", "otp required only of enrolled users");
+                Step {
+                    kind: Some(step::Kind::Permit(Permit::default())),
+                }
+            }
+            Rule::Otp {
+                unenrolled: Unenrolled::Deny,
+            } => {
+                event("deny", "otp required and no active token");
+                deny(NOT_ENROLLED_MESSAGE, DenyReason::NotEnrolled)
+            }
+        };
+        Ok(Response::new(step))
+    }
+
+    async fn explain(
+        &self,
+        req: Request<ExplainRequest>,
+    ) -> Result<Response<ExplainReply>, Status> {
+        let caller = Caller::of(&req)?;
+        let ExplainRequest { context, time } = req.into_inner();
+        let ctx =
+            context.ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
+        validate_context(&ctx)?;
+        self.authorize(
+            caller,
+            Action::List,
+            Some(ctx.user.clone()),
+            "explain",
+            |_, _| Ok(true),
+        )
+        .await?;
+        let time = if time == 0 {
+            self.clock.now() as i64
+        } else {
+            time
+        };
+        let mut request = self.rules_request(&ctx, time);
+        if !ctx.host.is_empty() {
+            request.host = ctx.host.clone();
         }
-        event("prompt", "otp required");
-        let challenge = self.open_session(ctx.clone(), caller.uid)?;
-        Ok(Response::new(Step {
-            kind: Some(step::Kind::Prompt(Prompt {
-                challenge,
-                text: PROMPT_TEXT.into(),
-                echo: false,
-                info: String::new(),
+        let policy = self.policy();
+        let reply = self
+            .blocking(move |store| {
+                let facts = LoginFacts::new(store, &request.user);
+                let d = policy.evaluate(&request, &facts, true);
+                let yes_no = |r: Result<bool, LookupError>| match r {
+                    Ok(true) => "yes".to_owned(),
+                    Ok(false) => "no".to_owned(),
+                    Err(LookupError(e)) => format!("unknown ({e})"),
+                };
+                let groups = match facts.groups() {
+                    Ok(g) => format!("[{}]", g.join(",")),
+                    Err(LookupError(e)) => format!("unknown ({e})"),
+                };
+                let when = jiff::Timestamp::from_second(request.time)
+                    .map(|t| t.to_string())
+                    .unwrap_or_default();
+                let request_line = format!(
+                    "user={} groups={groups} service={} rhost={} host={} tty={} enrolled={} time={when}",
+                    request.user,
+                    request.service,
+                    request.rhost.as_deref().unwrap_or("local"),
+                    request.host,
+                    request.tty.as_deref().unwrap_or("(none)"),
+                    yes_no(facts.enrolled()),
+                );
+                let decision = match (&d.verdict, &d.indeterminate) {
+                    (_, Some(cause)) => format!("Deny: Indeterminate ({cause})"),
+                    (Rule::Permit, _) => format!("Permit without OTP ({})", d.rule_label()),
+                    (Rule::Deny { message }, _) => format!(
+                        "Deny ({}){}",
+                        d.rule_label(),
+                        message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
+                    ),
+                    (Rule::Otp { unenrolled }, _) => format!(
+                        "OTP required ({}; unenrolled={})",
+                        d.rule_label(),
+                        match unenrolled {
+                            Unenrolled::Deny => "deny",
+                            Unenrolled::Permit => "permit",
+                        }
+                    ),
+                };
+                Ok(ExplainReply {
+                    request: request_line,
+                    policy: policy.summary(),
+                    rules: d
+                        .trace
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| RuleLine {
+                            index: i as u32 + 1,
+                            id: t.id.clone(),
+                            line: t.line as u32,
+                            outcome: match &t.outcome {
+                                Outcome::NotApplicable => "NotApplicable",
+                                Outcome::Applicable => "Applicable",
+                                Outcome::Indeterminate(_) => "Indeterminate",
+                            }
+                            .into(),
+                            why: t.why.clone(),
+                            decides: t.decides,
+                        })
+                        .collect(),
+                    decision,
+                })
+            })
+            .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
+        let caller = Caller::of(&req)?;
+        self.authorize(caller, Action::Admin, None, "reload", |_, _| Ok(false))
+            .await?;
+        let result = self.reload();
+        admin_audit(&caller, "reload", "*", result.is_ok(), "");
+        match result {
+            Ok(policy) => Ok(Response::new(ReloadReply {
+                digest: policy.digest().to_owned(),
+                warnings: policy.warnings().to_vec(),
             })),
-        }))
+            Err(e) => Err(Status::failed_precondition(format!(
+                "{e} (the previous rules stay in force)"
+            ))),
+        }
     }
 
     async fn answer(&self, req: Request<AnswerRequest>) -> Result<Response<Step>, Status> {
@@ -642,6 +843,77 @@ impl Guard for GuardService {
         Ok(Response::new(BackupCodesReply {
             codes: codes.iter().map(|c| c.to_string()).collect(),
         }))
+    }
+}
+
+/// The look-ups a decision may need, each done at most once per request and only when a rule
+/// asks: the user's groups through NSS, and whether the user has an active token.
+struct LoginFacts<'a> {
+    store: &'a dyn Store,
+    user: &'a str,
+    groups: std::cell::OnceCell<Result<Vec<String>, LookupError>>,
+    enrolled: std::cell::OnceCell<Result<bool, LookupError>>,
+}
+
+impl<'a> LoginFacts<'a> {
+    fn new(store: &'a dyn Store, user: &'a str) -> Self {
+        LoginFacts {
+            store,
+            user,
+            groups: Default::default(),
+            enrolled: Default::default(),
+        }
+    }
+}
+
+impl Facts for LoginFacts<'_> {
+    fn groups(&self) -> Result<Vec<String>, LookupError> {
+        self.groups.get_or_init(|| user_groups(self.user)).clone()
+    }
+
+    fn enrolled(&self) -> Result<bool, LookupError> {
+        self.enrolled
+            .get_or_init(|| {
+                self.store
+                    .has_active(self.user)
+                    .map_err(|e| LookupError(e.to_string()))
+            })
+            .clone()
+    }
+}
+
+/// Primary and supplementary group names of `user` (none for an unknown user).
+fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
+    use nix::unistd::{getgrouplist, Group, User};
+    let lookup = |e: nix::Error| LookupError(format!("NSS look-up failed: {e}"));
+    let Some(u) = User::from_name(user).map_err(lookup)? else {
+        return Ok(Vec::new());
+    };
+    let name = std::ffi::CString::new(user).map_err(|_| LookupError("bad user name".into()))?;
+    let mut names = Vec::new();
+    for gid in getgrouplist(&name, u.gid).map_err(lookup)? {
+        if let Some(g) = Group::from_gid(gid).map_err(lookup)? {
+            if !names.contains(&g.name) {
+                names.push(g.name);
+            }
+        }
+    }
+    Ok(names)
+}
+
+impl GuardService {
+    /// The request the rules see for a login context. The host is this daemon's own name.
+    fn rules_request(&self, ctx: &LoginContext, time: i64) -> rules::Request {
+        let present = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
+        rules::Request {
+            user: ctx.user.clone(),
+            service: ctx.service.clone(),
+            host: self.host.clone(),
+            rhost: present(&ctx.rhost),
+            tty: present(&ctx.tty),
+            command: None,
+            time,
+        }
     }
 }
 

@@ -29,6 +29,7 @@ fn main() {
         socket: socket.clone(),
         database: dir.path().join("guardd.db"),
         key_file: dir.path().join("guardd.key"),
+        policy: Some(harness::write_rules(dir.path(), harness::STRICT_RULES)),
         ..Config::default()
     };
 

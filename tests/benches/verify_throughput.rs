@@ -30,6 +30,7 @@ fn main() {
         socket: dir.path().join("guardd.sock"),
         database: dir.path().join("guardd.db"),
         key_file: dir.path().join("guardd.key"),
+        policy: Some(harness::write_rules(dir.path(), harness::STRICT_RULES)),
         ..Config::default()
     };
     // Tokens go straight into the store: bench users need not exist on the system.

@@ -16,6 +16,26 @@ use proto::v1::{
 use proto::v1::{Step, Token};
 use tonic::transport::Channel;
 
+/// Rules for tests that are about tokens rather than rules: every login needs an OTP, and a
+/// user without a token is refused (the strictest site).
+pub const STRICT_RULES: &str = r#"
+version = 1
+algorithm = "first-applicable"
+default = "deny"
+
+[[rule]]
+id = "everyone-otp"
+effect = "otp"
+unenrolled = "deny"
+"#;
+
+/// Writes `rules` as `rules.toml` in `dir` and returns its path.
+pub fn write_rules(dir: &Path, rules: &str) -> PathBuf {
+    let path = dir.join("rules.toml");
+    std::fs::write(&path, rules).unwrap();
+    path
+}
+
 /// The cargo output folder holding the built binaries and the module (`target/debug`).
 pub fn build_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
@@ -204,6 +224,11 @@ impl std::ops::Deref for Daemon {
 impl Daemon {
     /// Starts guardd and waits until its socket accepts connections.
     pub fn start() -> Daemon {
+        Daemon::with_rules(STRICT_RULES)
+    }
+
+    /// Starts guardd with these rules (in `rules.toml` of its scratch dir).
+    pub fn with_rules(rules: &str) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("soffid-otp-test")
             .tempdir()
@@ -220,6 +245,7 @@ impl Daemon {
             child: None,
             dir,
         };
+        write_rules(daemon.dir.path(), rules);
         daemon.spawn();
         daemon
     }
@@ -235,6 +261,8 @@ impl Daemon {
             .arg(self.dir.path().join("lib/guardd.db"))
             .arg("--key-file")
             .arg(self.dir.path().join("etc/guardd.key"))
+            .arg("--policy")
+            .arg(self.dir.path().join("rules.toml"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -428,6 +456,9 @@ impl InProcess {
         config.socket = dir.path().join("guardd.sock");
         config.database = dir.path().join("guardd.db");
         config.key_file = dir.path().join("guardd.key");
+        if config.policy.is_none() {
+            config.policy = Some(write_rules(dir.path(), STRICT_RULES));
+        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()

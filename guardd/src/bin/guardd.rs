@@ -25,10 +25,31 @@ struct Args {
     /// Key file sealing the token secrets (overrides the file's `key_file`)
     #[arg(long)]
     key_file: Option<PathBuf>,
+    /// Rules file (overrides the file's `policy`)
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Validate a rules file and exit: 0 when valid, 1 with file:line:column otherwise
+    #[arg(long, value_name = "FILE")]
+    check_policy: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(path) = &args.check_policy {
+        return match guardd::policy::Policy::load(path) {
+            Ok(policy) => {
+                for w in policy.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                println!("{}: OK {}", path.display(), policy.digest());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     guardd::logging::init("guardd");
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -52,6 +73,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(key_file) = args.key_file {
         config.key_file = key_file;
+    }
+    if let Some(policy) = args.policy {
+        config.policy = Some(policy);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
