@@ -3,7 +3,7 @@
 # (or sudo) only when something is missing. Usage: scripts/deps.sh build|test
 set -euo pipefail
 
-build_pkgs=(libpam0g-dev pkg-config oathtool pamtester)
+build_pkgs=(libpam0g-dev pkg-config oathtool pamtester libpam-wrapper)
 test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils)
 
 case "${1:-build}" in

@@ -19,6 +19,8 @@ install -D -m 0755 target/release/guardctl /usr/bin/guardctl
 install -D -m 0644 target/release/libpam_soffid_otp.so "$pamdir/pam_soffid_otp.so"
 install -d -m 0755 /etc/soffid-otp
 [ -e /etc/soffid-otp/guardd.toml ] || install -m 0644 packaging/guardd.toml /etc/soffid-otp/guardd.toml
+[ -e /etc/soffid-otp/rules.toml ] || install -m 0644 packaging/rules.toml /etc/soffid-otp/rules.toml
+guardd --check-policy /etc/soffid-otp/rules.toml
 install -D -m 0644 packaging/guardd.service /lib/systemd/system/guardd.service
 
 echo "== starting guardd"
@@ -54,13 +56,18 @@ secret=$(echo "$uri" | sed -E 's/.*[?&]secret=([A-Z2-7]+).*/\1/')
 # the current one: each step is accepted only once.
 oathtool --totp -b --now "$(date -u -d '-30 seconds' '+%Y-%m-%d %H:%M:%S UTC')" "$secret" \
   | guardctl confirm otpdemo
-cat > /etc/pam.d/soffid-otp-demo <<PAM
-auth required pam_soffid_otp.so socket=$socket timeout=5
-account required pam_permit.so
-PAM
-oathtool --totp -b "$secret" | pamtester soffid-otp-demo otpdemo authenticate
+# A sudo-like PAM stack under pam_wrapper (nothing in /etc/pam.d changes): the default rules ask
+# enrolled users for an OTP on sudo.
+demo=$(mktemp -d)
+trap 'rm -rf "$demo"' EXIT
+echo "auth required $pamdir/pam_soffid_otp.so socket=$socket timeout=5" > "$demo/sudo"
+echo "auth required pam_deny.so" > "$demo/other"
+guardctl explain --user otpdemo --service sudo | tail -n 1
+oathtool --totp -b "$secret" | LD_PRELOAD=libpam_wrapper.so PAM_WRAPPER=1 \
+  PAM_WRAPPER_SERVICE_DIR="$demo" pamtester sudo otpdemo authenticate
 guardctl list otpdemo
 echo
 echo "soffid-otp is installed and running. Next: enrol real users with"
 echo "  guardctl enroll USER    and    guardctl confirm USER"
-echo "and add 'auth required pam_soffid_otp.so' to the PAM services that should ask for a code."
+echo "and add 'auth required pam_soffid_otp.so' to the PAM services that should ask for a code;"
+echo "/etc/soffid-otp/rules.toml decides when (guardctl explain shows why; guardctl reload applies)."

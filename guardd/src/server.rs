@@ -94,14 +94,7 @@ pub async fn run_with_clock(
     clock: Clock,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    if let Some(dir) = config.database.parent() {
-        ensure_dir(dir, 0o700)?;
-    }
-    if let Some(dir) = config.key_file.parent() {
-        ensure_dir(dir, 0o700)?;
-    }
-    let store = SqliteStore::open(&config.database, &config.key_file)?;
-    let listener = bind(&config.socket).await?;
+    // Everything that can refuse to start comes before the socket exists.
     let policy = config.load_policy()?;
     for w in policy.warnings() {
         tracing::warn!("{w}");
@@ -111,10 +104,18 @@ pub async fn run_with_clock(
         file = policy.file(),
         "rules loaded"
     );
-    let service = Arc::new(GuardService::new(Arc::new(store), &config, policy, clock));
+    if let Some(dir) = config.database.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    if let Some(dir) = config.key_file.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    let store = SqliteStore::open(&config.database, &config.key_file)?;
     // SIGHUP re-reads the rules, as `guardctl reload` does.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
+    let service = Arc::new(GuardService::new(Arc::new(store), &config, policy, clock));
+    let listener = bind(&config.socket).await?;
     let reloader = service.clone();
     let hup = tokio::spawn(async move {
         while hangups.recv().await.is_some() {

@@ -34,6 +34,8 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    #[error("{path} holds tables but no schema version (not a guardd database, or a pre-release one); move it aside")]
+    Unversioned { path: String },
     #[error(
         "the key file {key_file} is missing, but {path} holds sealed secrets: restore the key file from backup (a new key cannot open them)"
     )]
@@ -299,6 +301,10 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
             found,
             known,
         });
+    }
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if found == 0 && tables > 0 {
+        return Err(StoreError::Unversioned { path: path.into() });
     }
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         let tx = conn.transaction()?;
