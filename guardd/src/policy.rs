@@ -122,7 +122,7 @@ pub struct Decision {
     pub rules: Vec<String>,
     /// Set when a look-up failure made the result Indeterminate (and so Deny).
     pub indeterminate: Option<String>,
-    /// Per-rule outcomes (every rule is evaluated).
+    /// Per-rule outcomes (every rule is evaluated); filled only when explaining.
     pub trace: Vec<RuleTrace>,
 }
 
@@ -500,7 +500,8 @@ impl Policy {
             clock,
             explain,
         };
-        let mut trace: Vec<RuleTrace> = Vec::with_capacity(self.rules.len());
+        let mut trace: Vec<RuleTrace> =
+            Vec::with_capacity(if explain { self.rules.len() } else { 0 });
         // Effective effect of each applicable rule (an `unenrolled = permit` otp rule is plain
         // permit for a user without a token).
         let mut results: Vec<(usize, Result<Effect, String>)> = Vec::new();
@@ -514,6 +515,9 @@ impl Policy {
             if let Some(e) = effect {
                 results.push((i, e));
             }
+            if !explain {
+                continue;
+            }
             trace.push(RuleTrace {
                 id: rule.id.clone(),
                 line: rule.line,
@@ -524,7 +528,9 @@ impl Policy {
         }
         let (verdict, deciding, indeterminate) = self.combine(&results);
         for &i in &deciding {
-            trace[i].decides = true;
+            if let Some(t) = trace.get_mut(i) {
+                t.decides = true;
+            }
         }
         Decision {
             verdict,
