@@ -30,6 +30,8 @@ pub struct Config {
     pub skew: u8,
     /// HOTP counters tried ahead of the last accepted one.
     pub hotp_look_ahead: u16,
+    /// Codes a user may try within one login before it is refused (PAM_MAXTRIES).
+    pub max_tries: u32,
     /// Consecutive failures before a user must wait.
     pub max_failures: u32,
     /// The first wait after `max_failures`, in seconds; it doubles with each further failure.
@@ -50,6 +52,7 @@ impl Default for Config {
             key_file: PathBuf::from("/etc/soffid-otp/guardd.key"),
             skew: 1,
             hotp_look_ahead: 10,
+            max_tries: 3,
             max_failures: 5,
             lockout_seconds: 30,
             lockout_max_seconds: 3600,
@@ -117,6 +120,9 @@ impl Config {
         }
         if !(1..=1000).contains(&self.hotp_look_ahead) {
             return Err("hotp_look_ahead must be 1 to 1000".into());
+        }
+        if !(1..=10).contains(&self.max_tries) {
+            return Err("max_tries must be 1 to 10".into());
         }
         if self.max_failures == 0 || self.lockout_seconds == 0 {
             return Err("max_failures and lockout_seconds must be at least 1".into());

@@ -70,6 +70,8 @@ struct Session {
     /// Only the process owner that began the conversation may answer it.
     caller_uid: u32,
     expires: Instant,
+    /// Answers still allowed in this conversation, this one included.
+    tries_left: u32,
 }
 
 /// The `Guard` gRPC service. Until the policy engine lands the decision is fixed: a user with an
@@ -87,6 +89,8 @@ pub struct GuardService {
     issuer: String,
     windows: Windows,
     backoff: Backoff,
+    /// Answers allowed per conversation before it ends in a deny.
+    max_tries: u32,
     clock: Clock,
 }
 
@@ -117,6 +121,7 @@ impl GuardService {
                 look_ahead: config.hotp_look_ahead,
             },
             backoff: config.backoff(),
+            max_tries: config.max_tries,
             clock,
         }
     }
@@ -198,7 +203,13 @@ impl GuardService {
         result
     }
 
-    fn open_session(&self, context: LoginContext, caller_uid: u32) -> Result<String, Status> {
+    /// Stores a conversation waiting for an answer under a fresh challenge id.
+    fn open_session(
+        &self,
+        context: LoginContext,
+        caller_uid: u32,
+        tries_left: u32,
+    ) -> Result<String, Status> {
         let challenge =
             otp::random_hex(16).map_err(|_| Status::internal("the system random source failed"))?;
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -217,6 +228,7 @@ impl GuardService {
                 context,
                 caller_uid,
                 expires: now + SESSION_TTL,
+                tries_left,
             },
         );
         Ok(challenge)
@@ -251,24 +263,7 @@ impl Guard for GuardService {
             |_, _| Ok(false),
         )
         .await?;
-        let policy = self.policy();
-        let request = self.rules_request(&ctx, self.clock.now() as i64);
-        let (decision, can_answer) = {
-            let policy = policy.clone();
-            self.blocking(move |store| {
-                let facts = LoginFacts::new(store, &request.user);
-                let decision = policy.evaluate(&request, &facts, false);
-                // Anything that can answer a prompt: an active token or backup codes.
-                let can_answer = matches!(decision.verdict, Rule::Otp { .. })
-                    && (store.has_active(&request.user).map_err(store_status)?
-                        || !store
-                            .backup_codes(&request.user)
-                            .map_err(store_status)?
-                            .is_empty());
-                Ok((decision, can_answer))
-            })
-            .await?
-        };
+        let (policy, decision, can_answer) = self.decide(&ctx).await?;
         let rule = decision.rule_label();
         let event = |outcome, reason: &str| {
             audit::record(
@@ -306,7 +301,7 @@ impl Guard for GuardService {
             }
             Rule::Otp { .. } if can_answer => {
                 event("prompt", "otp required");
-                let challenge = self.open_session(ctx.clone(), caller.uid)?;
+                let challenge = self.open_session(ctx.clone(), caller.uid, self.max_tries)?;
                 Step {
                     kind: Some(step::Kind::Prompt(Prompt {
                         challenge,
@@ -332,6 +327,52 @@ impl Guard for GuardService {
             }
         };
         Ok(Response::new(step))
+    }
+
+    async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
+        let caller = Caller::of(&req)?;
+        let ctx = req
+            .into_inner()
+            .context
+            .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
+        validate_context(&ctx)?;
+        self.authorize(
+            caller,
+            Action::Login,
+            Some(ctx.user.clone()),
+            "check",
+            |_, _| Ok(false),
+        )
+        .await?;
+        let (policy, decision, _) = self.decide(&ctx).await?;
+        let Rule::Deny { message } = &decision.verdict else {
+            return Ok(Response::new(Step {
+                kind: Some(step::Kind::Permit(Permit::default())),
+            }));
+        };
+        let reason = match &decision.indeterminate {
+            Some(cause) => format!("indeterminate: {cause}"),
+            None => "rules deny".into(),
+        };
+        audit::record(
+            &Event {
+                action: "check",
+                user: &ctx.user,
+                service: &ctx.service,
+                rhost: &ctx.rhost,
+                tty: &ctx.tty,
+                outcome: "deny",
+                reason: &reason,
+                rule: &decision.rule_label(),
+                policy: policy.digest(),
+                ..Event::default()
+            }
+            .caller(&caller),
+        );
+        Ok(Response::new(deny(
+            message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
+            DenyReason::Policy,
+        )))
     }
 
     async fn explain(
@@ -467,6 +508,7 @@ impl Guard for GuardService {
             );
             return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
         };
+        let tries_left = session.tries_left;
         let ctx = session.context;
         let user = ctx.user.clone();
         let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
@@ -503,6 +545,25 @@ impl Guard for GuardService {
                 &format!("Access denied: too many failed attempts; try again in {wait} s."),
                 DenyReason::Locked,
             ),
+            Verdict::Wrong if tries_left > 1 => {
+                // Another try in the same conversation, under a new challenge id.
+                let left = tries_left - 1;
+                let challenge = self.open_session(ctx, caller.uid, left)?;
+                Step {
+                    kind: Some(step::Kind::Prompt(Prompt {
+                        challenge,
+                        text: PROMPT_TEXT.into(),
+                        echo: false,
+                        info: format!(
+                            "Wrong code, {left} {} left.",
+                            if left == 1 { "try" } else { "tries" }
+                        ),
+                    })),
+                }
+            }
+            Verdict::Wrong if self.max_tries > 1 => {
+                deny("Access denied: too many wrong codes.", DenyReason::MaxTries)
+            }
             Verdict::Wrong => deny(WRONG_CODE_MESSAGE, DenyReason::WrongCode),
         }))
     }
@@ -902,6 +963,31 @@ fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
 }
 
 impl GuardService {
+    /// Decides a login by the rules in force. Also tells whether the user could answer an OTP
+    /// prompt (an active token or backup codes), which only an `otp` verdict needs.
+    async fn decide(
+        &self,
+        ctx: &LoginContext,
+    ) -> Result<(Arc<Policy>, rules::Decision, bool), Status> {
+        let policy = self.policy();
+        let request = self.rules_request(ctx, self.clock.now() as i64);
+        let p = policy.clone();
+        let (decision, can_answer) = self
+            .blocking(move |store| {
+                let facts = LoginFacts::new(store, &request.user);
+                let decision = p.evaluate(&request, &facts, false);
+                let can_answer = matches!(decision.verdict, Rule::Otp { .. })
+                    && (store.has_active(&request.user).map_err(store_status)?
+                        || !store
+                            .backup_codes(&request.user)
+                            .map_err(store_status)?
+                            .is_empty());
+                Ok((decision, can_answer))
+            })
+            .await?;
+        Ok((policy, decision, can_answer))
+    }
+
     /// The request the rules see for a login context. The host is this daemon's own name.
     fn rules_request(&self, ctx: &LoginContext, time: i64) -> rules::Request {
         let present = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
@@ -911,7 +997,7 @@ impl GuardService {
             host: self.host.clone(),
             rhost: present(&ctx.rhost),
             tty: present(&ctx.tty),
-            command: None,
+            command: present(&ctx.command),
             time,
         }
     }
@@ -1076,10 +1162,14 @@ fn validate_context(ctx: &LoginContext) -> Result<(), Status> {
         ("ruser", &ctx.ruser),
         ("tty", &ctx.tty),
         ("host", &ctx.host),
+        ("ssh_connection", &ctx.ssh_connection),
     ] {
         if value.len() > MAX_FIELD {
             return Err(Status::invalid_argument(format!("{name} is too long")));
         }
+    }
+    if ctx.command.len() > 4096 {
+        return Err(Status::invalid_argument("command is too long"));
     }
     Ok(())
 }

@@ -57,6 +57,17 @@ impl Daemon for GrpcDaemon {
         })
     }
 
+    fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
+        let mut client = self.client.clone();
+        self.call(async move {
+            client
+                .check(BeginRequest {
+                    context: Some(context),
+                })
+                .await
+        })
+    }
+
     fn answer(
         &mut self,
         challenge: String,

@@ -1,6 +1,8 @@
 use pam::constants::PamResultCode;
-use proto::v1::{step, LoginContext, Step};
+use proto::v1::{step, DenyReason, LoginContext, Step};
 use zeroize::Zeroizing;
+
+use crate::options::{FailMode, FirstPass, Options};
 
 /// The most steps one login may take; a daemon that never ends the conversation is cut off.
 const MAX_STEPS: usize = 16;
@@ -34,6 +36,10 @@ pub trait PamHandle {
     fn user(&mut self) -> Result<String, PamResultCode>;
     /// A PAM item, or None when unset.
     fn item(&self, item: Item) -> Option<String>;
+    /// PAM_AUTHTOK as set by an earlier module in the stack, if any.
+    fn authtok(&self) -> Option<Zeroizing<Vec<u8>>>;
+    /// A variable of the PAM environment (e.g. SSH_CONNECTION set by sshd).
+    fn env(&self, name: &str) -> Option<String>;
     /// Sends one message through the application's conversation function; prompts return the
     /// user's reply.
     fn converse(
@@ -69,12 +75,14 @@ impl From<tonic::Status> for DaemonError {
 }
 
 impl DaemonError {
-    /// Unreachable daemons map to PAM_AUTHINFO_UNAVAIL (the login is refused; the service may
-    /// say "authentication service cannot retrieve authentication info"); refusals to AUTH_ERR.
-    fn pam_code(&self) -> PamResultCode {
-        match self {
-            DaemonError::Refused(_) => PamResultCode::PAM_AUTH_ERR,
-            _ => PamResultCode::PAM_AUTHINFO_UNAVAIL,
+    /// Refusals are PAM_AUTH_ERR. An unreachable daemon is PAM_AUTHINFO_UNAVAIL (the login is
+    /// refused) under failmode=secure, and PAM_IGNORE (the rest of the stack decides) under
+    /// failmode=safe.
+    fn pam_code(&self, failmode: FailMode) -> PamResultCode {
+        match (self, failmode) {
+            (DaemonError::Refused(_), _) => PamResultCode::PAM_AUTH_ERR,
+            (_, FailMode::Secure) => PamResultCode::PAM_AUTHINFO_UNAVAIL,
+            (_, FailMode::Safe) => PamResultCode::PAM_IGNORE,
         }
     }
 }
@@ -87,6 +95,57 @@ pub trait Daemon {
         challenge: String,
         response: Zeroizing<Vec<u8>>,
     ) -> Result<Step, DaemonError>;
+    /// Whether the rules refuse this user on this service outright (account stage).
+    fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError>;
+}
+
+/// Who is logging in, from libpam. Err is the PAM code to return without asking guardd.
+fn login_context<H: PamHandle>(
+    pamh: &mut H,
+    host: &str,
+    options: &Options,
+) -> Result<LoginContext, PamResultCode> {
+    let user = match pamh.user() {
+        Ok(user) if !user.is_empty() => user,
+        Ok(_) => return Err(PamResultCode::PAM_USER_UNKNOWN),
+        Err(code) => return Err(code),
+    };
+    if options.ignore_unknown_user && !matches!(nix::unistd::User::from_name(&user), Ok(Some(_))) {
+        debug(
+            options,
+            &format!("user={user}: unknown to the system, ignored"),
+        );
+        return Err(PamResultCode::PAM_IGNORE);
+    }
+    Ok(LoginContext {
+        user,
+        service: pamh.item(Item::Service).unwrap_or_default(),
+        rhost: pamh.item(Item::RHost).unwrap_or_default(),
+        ruser: pamh.item(Item::RUser).unwrap_or_default(),
+        tty: pamh.item(Item::Tty).unwrap_or_default(),
+        host: host.to_owned(),
+        ssh_connection: pamh.env("SSH_CONNECTION").unwrap_or_default(),
+        command: pamh.env("SUDO_COMMAND").unwrap_or_default(),
+    })
+}
+
+fn debug(options: &Options, message: &str) {
+    if options.debug {
+        crate::log::info(message);
+    }
+}
+
+/// Logs a daemon failure (loudly when failing open) and maps it to a PAM code.
+fn daemon_failure(who: &str, e: &DaemonError, options: &Options) -> PamResultCode {
+    let code = e.pam_code(options.failmode);
+    if code == PamResultCode::PAM_IGNORE {
+        crate::log::error(&format!(
+            "{who}: {e}; failmode=safe: NOT asking for an OTP, the rest of the stack decides"
+        ));
+    } else {
+        crate::log::error(&format!("{who}: {e}"));
+    }
+    code
 }
 
 /// Runs one authentication: tells guardd who logs in, relays its prompts, and maps its verdict
@@ -96,36 +155,61 @@ pub fn authenticate<H, D>(
     pamh: &mut H,
     host: &str,
     silent: bool,
+    options: &Options,
     connect: impl FnOnce() -> Result<D, DaemonError>,
 ) -> PamResultCode
 where
     H: PamHandle,
     D: Daemon,
 {
-    let user = match pamh.user() {
-        Ok(user) if !user.is_empty() => user,
-        Ok(_) => return PamResultCode::PAM_USER_UNKNOWN,
+    let context = match login_context(pamh, host, options) {
+        Ok(c) => c,
         Err(code) => return code,
     };
-    let context = LoginContext {
-        user,
-        service: pamh.item(Item::Service).unwrap_or_default(),
-        rhost: pamh.item(Item::RHost).unwrap_or_default(),
-        ruser: pamh.item(Item::RUser).unwrap_or_default(),
-        tty: pamh.item(Item::Tty).unwrap_or_default(),
-        host: host.to_owned(),
-    };
     let who = format!("user={} service={}", context.user, context.service);
+    debug(options, &format!("{who}: asking guardd"));
     let result = connect().and_then(|mut daemon| {
         let step = daemon.begin(context)?;
-        Ok(converse(pamh, &mut daemon, step, silent))
+        Ok(converse(pamh, &mut daemon, step, silent, options))
     });
-    match result {
+    let code = match result {
         Ok(code) => code,
-        Err(e) => {
-            crate::log::error(&format!("{who}: {e}"));
-            e.pam_code()
+        Err(e) => daemon_failure(&who, &e, options),
+    };
+    debug(options, &format!("{who}: {code:?}"));
+    code
+}
+
+/// The account stage: refuses a user whom the rules deny on this service outright, so a deny
+/// rule also holds for logins that never reach the auth stack (public-key-only ssh).
+pub fn account<H, D>(
+    pamh: &mut H,
+    host: &str,
+    silent: bool,
+    options: &Options,
+    connect: impl FnOnce() -> Result<D, DaemonError>,
+) -> PamResultCode
+where
+    H: PamHandle,
+    D: Daemon,
+{
+    let context = match login_context(pamh, host, options) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let who = format!("user={} service={}", context.user, context.service);
+    match connect().and_then(|mut daemon| daemon.check(context)) {
+        Ok(Step {
+            kind: Some(step::Kind::Deny(deny)),
+        }) => {
+            show(pamh, Style::Error, &deny.message, silent);
+            PamResultCode::PAM_PERM_DENIED
         }
+        Ok(_) => PamResultCode::PAM_SUCCESS,
+        Err(e) => match daemon_failure(&who, &e, options) {
+            PamResultCode::PAM_IGNORE => PamResultCode::PAM_IGNORE,
+            _ => PamResultCode::PAM_PERM_DENIED,
+        },
     }
 }
 
@@ -135,7 +219,13 @@ fn converse<H: PamHandle, D: Daemon>(
     daemon: &mut D,
     mut step: Step,
     silent: bool,
+    options: &Options,
 ) -> PamResultCode {
+    // use_first_pass / try_first_pass: the first prompt takes PAM_AUTHTOK from an earlier module.
+    let mut stacked = match options.first_pass {
+        FirstPass::Ask => None,
+        FirstPass::Use | FirstPass::Try => pamh.authtok(),
+    };
     for _ in 0..MAX_STEPS {
         match step.kind {
             Some(step::Kind::Permit(permit)) => {
@@ -144,26 +234,35 @@ fn converse<H: PamHandle, D: Daemon>(
             }
             Some(step::Kind::Deny(deny)) => {
                 show(pamh, Style::Error, &deny.message, silent);
-                return PamResultCode::PAM_AUTH_ERR;
+                return if deny.reason == DenyReason::MaxTries as i32 {
+                    PamResultCode::PAM_MAXTRIES
+                } else {
+                    PamResultCode::PAM_AUTH_ERR
+                };
             }
             Some(step::Kind::Prompt(prompt)) => {
-                show(pamh, Style::Info, &prompt.info, silent);
-                let style = if prompt.echo {
-                    Style::EchoOn
+                let response = if let Some(token) = stacked.take() {
+                    token
+                } else if options.first_pass == FirstPass::Use {
+                    // use_first_pass never prompts: no stacked token, or it was wrong.
+                    return PamResultCode::PAM_AUTH_ERR;
                 } else {
-                    Style::EchoOff
-                };
-                let response = match pamh.converse(style, &prompt.text) {
-                    Ok(Some(response)) => response,
-                    Ok(None) => return PamResultCode::PAM_CONV_ERR,
-                    Err(code) => return code,
+                    show(pamh, Style::Info, &prompt.info, silent);
+                    let style = if prompt.echo {
+                        Style::EchoOn
+                    } else {
+                        Style::EchoOff
+                    };
+                    let text = options.prompt.as_deref().unwrap_or(&prompt.text);
+                    match pamh.converse(style, text) {
+                        Ok(Some(response)) => response,
+                        Ok(None) => return PamResultCode::PAM_CONV_ERR,
+                        Err(code) => return code,
+                    }
                 };
                 step = match daemon.answer(prompt.challenge, response) {
                     Ok(next) => next,
-                    Err(e) => {
-                        crate::log::error(&e.to_string());
-                        return e.pam_code();
-                    }
+                    Err(e) => return daemon_failure("answer", &e, options),
                 };
             }
             None => {
@@ -194,6 +293,7 @@ mod tests {
     #[derive(Default)]
     struct FakePam {
         user: Option<String>,
+        authtok: Option<&'static str>,
         answers: RefCell<VecDeque<Result<Option<&'static str>, PamResultCode>>>,
         shown: RefCell<Vec<(Style, String)>>,
     }
@@ -209,6 +309,12 @@ mod tests {
                 Item::Tty => Some("ssh".into()),
                 Item::RUser => None,
             }
+        }
+        fn authtok(&self) -> Option<Zeroizing<Vec<u8>>> {
+            self.authtok.map(|t| Zeroizing::new(t.as_bytes().to_vec()))
+        }
+        fn env(&self, name: &str) -> Option<String> {
+            (name == "SSH_CONNECTION").then(|| "192.0.2.7 5555 192.0.2.1 22".into())
         }
         fn converse(
             &self,
@@ -245,6 +351,10 @@ mod tests {
             self.answers.push((c, r.to_vec()));
             self.steps.pop_front().expect("unexpected answer")
         }
+        fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
+            self.begun.push(context);
+            self.steps.pop_front().expect("unexpected check")
+        }
     }
 
     fn prompt(challenge: &str) -> Step {
@@ -280,7 +390,29 @@ mod tests {
     }
 
     fn run(pamh: &mut FakePam, daemon: &mut FakeDaemon, silent: bool) -> PamResultCode {
-        authenticate(pamh, "srv1", silent, || Ok(daemon))
+        run_with(pamh, daemon, silent, &Options::default())
+    }
+
+    fn run_with(
+        pamh: &mut FakePam,
+        daemon: &mut FakeDaemon,
+        silent: bool,
+        options: &Options,
+    ) -> PamResultCode {
+        authenticate(pamh, "srv1", silent, options, || Ok(daemon))
+    }
+
+    fn options(args: &[&str]) -> Options {
+        Options::parse(args).0
+    }
+
+    fn deny_with(reason: DenyReason) -> Step {
+        Step {
+            kind: Some(step::Kind::Deny(Deny {
+                message: "no".into(),
+                reason: reason as i32,
+            })),
+        }
     }
 
     #[test]
@@ -327,10 +459,11 @@ mod tests {
     #[test]
     fn unreachable_daemon_is_authinfo_unavail_and_refusal_is_auth_err() {
         let mut p = pam(vec![]);
-        let code = authenticate(&mut p, "h", false, || {
-            Err::<&mut FakeDaemon, _>(DaemonError::Unreachable("down".into()))
-        });
+        let down = || Err::<&mut FakeDaemon, _>(DaemonError::Unreachable("down".into()));
+        let code = authenticate(&mut p, "h", false, &Options::default(), down);
         assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let code = authenticate(&mut p, "h", false, &options(&["failmode=safe"]), down);
+        assert_eq!(code, PamResultCode::PAM_IGNORE);
         let mut d = FakeDaemon {
             steps: vec![Err(DaemonError::from(tonic::Status::permission_denied(
                 "no",
@@ -398,9 +531,118 @@ mod tests {
     #[test]
     fn missing_user_is_user_unknown_and_never_contacts_the_daemon() {
         let mut p = FakePam::default();
-        let code = authenticate(&mut p, "h", false, || -> Result<&mut FakeDaemon, _> {
-            panic!("must not connect")
-        });
+        let code = authenticate(
+            &mut p,
+            "h",
+            false,
+            &Options::default(),
+            || -> Result<&mut FakeDaemon, _> { panic!("must not connect") },
+        );
         assert_eq!(code, PamResultCode::PAM_USER_UNKNOWN);
+    }
+
+    #[test]
+    fn sends_ssh_connection_and_overrides_the_prompt_text() {
+        let mut p = pam(vec![Ok(Some("1"))]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c")), Ok(permit())].into(),
+            ..FakeDaemon::default()
+        };
+        let o = options(&["prompt=Token: "]);
+        assert_eq!(
+            run_with(&mut p, &mut d, false, &o),
+            PamResultCode::PAM_SUCCESS
+        );
+        assert_eq!(d.begun[0].ssh_connection, "192.0.2.7 5555 192.0.2.1 22");
+        assert_eq!(p.shown.borrow()[0], (Style::EchoOff, "Token: ".to_string()));
+    }
+
+    #[test]
+    fn wrong_codes_reprompt_with_the_daemon_info_then_maxtries() {
+        let mut p = pam(vec![Ok(Some("1")), Ok(Some("2"))]);
+        let mut retry = prompt("c2");
+        if let Some(step::Kind::Prompt(pr)) = &mut retry.kind {
+            pr.info = "Wrong code, 1 try left.".into();
+        }
+        let mut d = FakeDaemon {
+            steps: vec![
+                Ok(prompt("c1")),
+                Ok(retry),
+                Ok(deny_with(DenyReason::MaxTries)),
+            ]
+            .into(),
+            ..FakeDaemon::default()
+        };
+        assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_MAXTRIES);
+        assert_eq!(d.answers.len(), 2);
+        assert!(p
+            .shown
+            .borrow()
+            .iter()
+            .any(|(s, t)| *s == Style::Info && t == "Wrong code, 1 try left."));
+    }
+
+    #[test]
+    fn first_pass_options_take_the_stacked_token() {
+        // use_first_pass: the stacked token answers; a retry is not prompted.
+        let mut p = FakePam {
+            authtok: Some("654321"),
+            ..pam(vec![])
+        };
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c1")), Ok(prompt("c2"))].into(),
+            ..FakeDaemon::default()
+        };
+        let code = run_with(&mut p, &mut d, false, &options(&["use_first_pass"]));
+        assert_eq!(code, PamResultCode::PAM_AUTH_ERR);
+        assert_eq!(d.answers, vec![("c1".to_string(), b"654321".to_vec())]);
+        assert!(p.shown.borrow().is_empty(), "use_first_pass never prompts");
+        // try_first_pass: the stacked token first, then the user.
+        let mut p = FakePam {
+            authtok: Some("654321"),
+            ..pam(vec![Ok(Some("111111"))])
+        };
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c1")), Ok(prompt("c2")), Ok(permit())].into(),
+            ..FakeDaemon::default()
+        };
+        let code = run_with(&mut p, &mut d, false, &options(&["try_first_pass"]));
+        assert_eq!(code, PamResultCode::PAM_SUCCESS);
+        assert_eq!(d.answers[1], ("c2".to_string(), b"111111".to_vec()));
+        // use_first_pass without a stacked token fails without prompting.
+        let mut p = pam(vec![]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c1"))].into(),
+            ..FakeDaemon::default()
+        };
+        let code = run_with(&mut p, &mut d, false, &options(&["use_first_pass"]));
+        assert_eq!(code, PamResultCode::PAM_AUTH_ERR);
+    }
+
+    #[test]
+    fn account_stage_refuses_only_rule_denials() {
+        let mut p = pam(vec![]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(deny("not from there"))].into(),
+            ..FakeDaemon::default()
+        };
+        let code = account(&mut p, "h", false, &Options::default(), || Ok(&mut d));
+        assert_eq!(code, PamResultCode::PAM_PERM_DENIED);
+        assert!(p.shown.borrow().iter().any(|(_, t)| t == "not from there"));
+        let mut d = FakeDaemon {
+            steps: vec![Ok(permit())].into(),
+            ..FakeDaemon::default()
+        };
+        let code = account(&mut p, "h", false, &Options::default(), || Ok(&mut d));
+        assert_eq!(code, PamResultCode::PAM_SUCCESS);
+        let down = || Err::<&mut FakeDaemon, _>(DaemonError::TimedOut(Default::default()));
+        assert_eq!(
+            account(&mut p, "h", false, &Options::default(), down),
+            PamResultCode::PAM_PERM_DENIED
+        );
+        assert_eq!(
+            account(&mut p, "h", false, &options(&["failmode=safe"]), down),
+            PamResultCode::PAM_IGNORE
+        );
     }
 }

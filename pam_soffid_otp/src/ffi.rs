@@ -1,8 +1,9 @@
 //! The six `pam_sm_*` entry points. pam-bindings' `pam_hooks!` generates the `extern "C"`
-//! functions and wraps each in `catch_unwind`; this file only adapts the handle, so it needs no
-//! `unsafe` of its own.
+//! functions and wraps each in `catch_unwind`; this file adapts the handle, and holds the
+//! module's only `unsafe` (a `pam_getenv` call pam-bindings does not wrap).
 
-use std::ffi::CStr;
+use std::ffi::{c_char, CStr, CString};
+use std::sync::Once;
 
 use pam::constants::{PamFlag, PamResultCode, PAM_SILENT};
 use pam::constants::{PAM_ERROR_MSG, PAM_PROMPT_ECHO_OFF, PAM_PROMPT_ECHO_ON, PAM_TEXT_INFO};
@@ -17,20 +18,50 @@ use crate::options::Options;
 struct PamSoffidOtp;
 pam::pam_hooks!(PamSoffidOtp);
 
+extern "C" {
+    /// Linux-PAM: the value of `name` in the PAM environment, or NULL.
+    fn pam_getenv(pamh: *mut RawHandle, name: *const c_char) -> *const c_char;
+}
+
+/// What every entry point needs: options (warnings logged), this host's name, PAM_SILENT.
+fn setup(args: &[&CStr], flags: PamFlag) -> (Options, String, bool) {
+    install_panic_hook();
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let (options, warnings) = Options::parse(&args);
+    for w in warnings {
+        crate::log::error(&w);
+    }
+    let host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    (options, host, flags & PAM_SILENT != 0)
+}
+
+/// A panic inside the module is caught at the FFI edge (pam-bindings returns PAM_ABORT);
+/// its message goes to syslog, not to the host's stderr (the user's terminal under sudo).
+fn install_panic_hook() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            crate::log::error(&format!("panic: {info}"));
+        }));
+    });
+}
+
 impl PamHooks for PamSoffidOtp {
     fn sm_authenticate(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
-        let args: Vec<String> = args
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect();
-        let (options, warnings) = Options::parse(&args);
-        for w in warnings {
-            crate::log::error(&w);
-        }
-        let host = nix::unistd::gethostname()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        core::authenticate(&mut Handle(pamh), &host, flags & PAM_SILENT != 0, || {
+        let (options, host, silent) = setup(&args, flags);
+        core::authenticate(&mut Handle(pamh), &host, silent, &options, || {
+            GrpcDaemon::connect(&options.socket, options.timeout)
+        })
+    }
+
+    fn acct_mgmt(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
+        let (options, host, silent) = setup(&args, flags);
+        core::account(&mut Handle(pamh), &host, silent, &options, || {
             GrpcDaemon::connect(&options.socket, options.timeout)
         })
     }
@@ -61,6 +92,26 @@ impl PamHandle for Handle<'_> {
             Item::RUser => h.get_item::<pam::items::RUser>().ok()?.map(|v| text(&v)),
             Item::Tty => h.get_item::<pam::items::Tty>().ok()?.map(|v| text(&v)),
         }
+    }
+
+    fn authtok(&self) -> Option<Zeroizing<Vec<u8>>> {
+        let token = self.0.get_item::<pam::items::AuthTok>().ok()??;
+        Some(Zeroizing::new(token.as_bytes().to_vec())).filter(|t| !t.is_empty())
+    }
+
+    fn env(&self, name: &str) -> Option<String> {
+        let name = CString::new(name).ok()?;
+        let pamh: *const RawHandle = &*self.0;
+        // SAFETY: `pamh` is the live handle libpam passed to this entry point (borrowed for the
+        // call through `self.0`), and `name` is a NUL-terminated string that outlives the call.
+        // pam_getenv returns NULL or a pointer into the handle's environment, valid until the
+        // environment changes; we copy it out before returning and before any other PAM call.
+        let value = unsafe { pam_getenv(pamh.cast_mut(), name.as_ptr()) };
+        if value.is_null() {
+            return None;
+        }
+        // SAFETY: non-NULL, NUL-terminated, owned by libpam and unchanged during this copy.
+        Some(text(unsafe { CStr::from_ptr(value) }))
     }
 
     fn converse(

@@ -282,9 +282,10 @@ impl Daemon {
 
     fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("guardd.toml");
+        // One try per login, so each wrong answer is one visible deny (tries have their own test).
         std::fs::write(
             &path,
-            "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\n",
+            "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\nmax_tries = 1\n",
         )
         .unwrap();
         path
@@ -456,6 +457,7 @@ impl InProcess {
         config.socket = dir.path().join("guardd.sock");
         config.database = dir.path().join("guardd.db");
         config.key_file = dir.path().join("guardd.key");
+        config.max_tries = 1;
         if config.policy.is_none() {
             config.policy = Some(write_rules(dir.path(), STRICT_RULES));
         }
