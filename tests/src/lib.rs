@@ -212,6 +212,8 @@ pub struct Daemon {
     pub dir: tempfile::TempDir,
     pub guard: Guard,
     child: Option<Child>,
+    /// Extra guardd.toml lines.
+    config: String,
 }
 
 impl std::ops::Deref for Daemon {
@@ -229,6 +231,11 @@ impl Daemon {
 
     /// Starts guardd with these rules (in `rules.toml` of its scratch dir).
     pub fn with_rules(rules: &str) -> Daemon {
+        Daemon::with_config(rules, "max_tries = 1\n")
+    }
+
+    /// Starts guardd with these rules and these extra lines of guardd.toml.
+    pub fn with_config(rules: &str, config: &str) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("soffid-otp-test")
             .tempdir()
@@ -244,7 +251,9 @@ impl Daemon {
             guard: Guard::new(socket),
             child: None,
             dir,
+            config: String::new(),
         };
+        daemon.config = config.to_owned();
         write_rules(daemon.dir.path(), rules);
         daemon.spawn();
         daemon
@@ -282,10 +291,13 @@ impl Daemon {
 
     fn write_config(&self) -> PathBuf {
         let path = self.dir.path().join("guardd.toml");
-        // One try per login, so each wrong answer is one visible deny (tries have their own test).
+        // Tests about tokens use one try per login, so each wrong answer is one visible deny.
         std::fs::write(
             &path,
-            "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\nmax_tries = 1\n",
+            format!(
+                "admin_group = \"soffid-otp-test-admins\"\nissuer = \"test\"\n{}",
+                self.config
+            ),
         )
         .unwrap();
         path

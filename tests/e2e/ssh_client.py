@@ -1,0 +1,58 @@
+#!/usr/bin/python3
+"""One ssh login for the end-to-end tests: publickey (if a key is given), then
+keyboard-interactive answering every prompt with the next code from --codes, then `id -un`.
+Prints one JSON line: {"ok": bool, "prompts": [...], "output": str, "error": str}."""
+import argparse
+import json
+import socket
+
+import paramiko
+
+p = argparse.ArgumentParser()
+p.add_argument("--port", type=int, required=True)
+p.add_argument("--user", required=True)
+p.add_argument("--key")
+p.add_argument("--codes", default="")
+p.add_argument("--timeout", type=float, default=20)
+a = p.parse_args()
+
+codes = [c for c in a.codes.split(",") if c]
+prompts = []
+
+
+def handler(title, instructions, fields):
+    answers = []
+    for text, _echo in fields:
+        prompts.append(text)
+        answers.append(codes.pop(0) if codes else "")
+    return answers
+
+
+result = {"ok": False, "prompts": prompts, "output": "", "error": ""}
+sock = socket.create_connection(("127.0.0.1", a.port), timeout=a.timeout)
+t = paramiko.Transport(sock)
+try:
+    t.banner_timeout = a.timeout
+    t.auth_timeout = a.timeout
+    t.start_client(timeout=a.timeout)
+    if a.key:
+        key = paramiko.Ed25519Key.from_private_key_file(a.key)
+        t.auth_publickey(a.user, key)
+    if not t.is_authenticated():
+        t.auth_interactive(a.user, handler)
+    chan = t.open_session(timeout=a.timeout)
+    chan.settimeout(a.timeout)
+    chan.exec_command("id -un")
+    out = b""
+    while True:
+        data = chan.recv(4096)
+        if not data:
+            break
+        out += data
+    result["ok"] = chan.recv_exit_status() == 0
+    result["output"] = out.decode().strip()
+except Exception as e:  # noqa: BLE001 - report any failure as data
+    result["error"] = f"{type(e).__name__}: {e}"
+finally:
+    t.close()
+print(json.dumps(result))

@@ -1,0 +1,478 @@
+//! Layer 4: a real OpenSSH server and real sudo, each with its own PAM service stacking the
+//! built module, against a real guardd. Runs as root (CI); every user, /etc file and process
+//! it creates is removed again, also when a test fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{artefact, is_root, Daemon};
+
+/// Rules for the end-to-end tests: an OTP on ssh for everyone, on sudo for enrolled users.
+const RULES: &str = r#"
+version = 1
+default = "deny"
+
+[[rule]]
+id = "ssh-otp"
+effect = "otp"
+unenrolled = "deny"
+match = { service = ["sshd-otp-*"], user = ["otpe2e*"] }
+
+[[rule]]
+id = "ssh-open-for-nokey"
+effect = "otp"
+unenrolled = "permit"
+match = { service = ["sshd-open-*"] }
+
+[[rule]]
+id = "sudo-otp-if-enrolled"
+effect = "otp"
+unenrolled = "permit"
+match = { service = ["sudo-otp-*"] }
+"#;
+
+fn skip() -> bool {
+    if !is_root() || !Path::new("/usr/sbin/sshd").exists() {
+        eprintln!("skipped: needs root and openssh-server (bash tests/run.sh installs it)");
+        return true;
+    }
+    false
+}
+
+fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+    out
+}
+
+/// A local user for the test, removed with its home on drop.
+struct User {
+    name: String,
+}
+
+impl User {
+    fn create() -> User {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("otpe2e{}x{n}", std::process::id() % 100_000);
+        let _ = Command::new("userdel").args(["-r", &name]).output();
+        run(Command::new("useradd").args(["-m", "-s", "/bin/sh", &name]));
+        // Not locked ("!"), but no password can ever match.
+        run(Command::new("usermod").args(["-p", "*", &name]));
+        User { name }
+    }
+
+    fn home(&self) -> PathBuf {
+        PathBuf::from("/home").join(&self.name)
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .output();
+        let _ = Command::new("userdel").args(["-r", &self.name]).output();
+    }
+}
+
+/// A file under /etc, removed on drop.
+struct EtcFile(PathBuf);
+
+impl EtcFile {
+    fn write(path: &str, text: &str, mode: u32) -> EtcFile {
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
+        EtcFile(PathBuf::from(path))
+    }
+}
+
+impl Drop for EtcFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// An sshd on 127.0.0.1 whose PAM service is `service` (the name it is started under).
+struct Sshd {
+    child: Child,
+    port: u16,
+    _pam: EtcFile,
+}
+
+impl Sshd {
+    fn start(dir: &Path, service: &str, user: &str, methods: &str, module_args: &str) -> Sshd {
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let module = artefact("libpam_soffid_otp.so");
+        let pam = EtcFile::write(
+            &format!("/etc/pam.d/{service}"),
+            &format!(
+                "auth required {m} {module_args}\naccount required {m} {module_args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
+                m = module.display()
+            ),
+            0o644,
+        );
+        let host_key = dir.join(format!("{service}-hostkey"));
+        if !host_key.exists() {
+            run(Command::new("ssh-keygen")
+                .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                .arg(&host_key));
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let config = dir.join(format!("{service}.conf"));
+        std::fs::write(
+            &config,
+            format!(
+                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nPidFile {}\nUsePAM yes\n\
+                 KbdInteractiveAuthentication yes\nPasswordAuthentication no\n\
+                 PubkeyAuthentication yes\nAuthenticationMethods {methods}\nAllowUsers {user}\n\
+                 UseDNS no\nStrictModes yes\nLogLevel VERBOSE\n",
+                host_key.display(),
+                dir.join(format!("{service}.pid")).display()
+            ),
+        )
+        .unwrap();
+        // sshd names its PAM service after argv[0]: start it through a symlink.
+        let link = dir.join(service);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink("/usr/sbin/sshd", &link).unwrap();
+        let log = std::fs::File::create(dir.join(format!("{service}.log"))).unwrap();
+        let child = Command::new(&link)
+            .args(["-D", "-e", "-f"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "sshd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Sshd {
+            child,
+            port,
+            _pam: pam,
+        }
+    }
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Debug)]
+struct Login {
+    ok: bool,
+    prompts: Vec<String>,
+    output: String,
+    #[allow(dead_code)] // read through Debug when an assertion fails
+    error: String,
+    took: Duration,
+}
+
+/// One login with paramiko: the key (if any), then these codes at the keyboard-interactive prompts.
+fn ssh(port: u16, user: &str, key: Option<&Path>, codes: &[&str]) -> Login {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/ssh_client.py");
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(script).args([
+        "--port",
+        &port.to_string(),
+        "--user",
+        user,
+        "--codes",
+        &codes.join(","),
+    ]);
+    if let Some(key) = key {
+        cmd.arg("--key").arg(key);
+    }
+    let started = Instant::now();
+    let out = cmd.output().unwrap();
+    let took = started.elapsed();
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("client failed: {out:?}"));
+    Login {
+        ok: v["ok"].as_bool().unwrap(),
+        prompts: v["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap().to_owned())
+            .collect(),
+        output: v["output"].as_str().unwrap().to_owned(),
+        error: v["error"].as_str().unwrap().to_owned(),
+        took,
+    }
+}
+
+/// A key pair for `user`, installed in ~/.ssh/authorized_keys; returns the private key path.
+fn install_key(dir: &Path, user: &User) -> PathBuf {
+    let key = dir.join("id_ed25519");
+    run(Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key));
+    let ssh = user.home().join(".ssh");
+    std::fs::create_dir_all(&ssh).unwrap();
+    std::fs::copy(key.with_extension("pub"), ssh.join("authorized_keys")).unwrap();
+    run(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{0}:{0}", user.name))
+        .arg(&ssh));
+    run(Command::new("chmod").arg("700").arg(&ssh));
+    run(Command::new("chmod")
+        .arg("600")
+        .arg(ssh.join("authorized_keys")));
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_with_key_and_otp_through_a_real_sshd() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::with_config(RULES, "max_tries = 3\n");
+    let user = User::create();
+    let dir = tempfile::tempdir().unwrap();
+    let key = install_key(dir.path(), &user);
+    let args = format!("socket={} timeout=2", d.socket.display());
+    let service = format!("sshd-otp-{}", user.name);
+    let sshd = Sshd::start(
+        dir.path(),
+        &service,
+        &user.name,
+        "publickey,keyboard-interactive",
+        &args,
+    );
+
+    // No token yet: unenrolled = deny refuses the login, with no OTP prompt.
+    let refused = ssh(sshd.port, &user.name, Some(&key), &[]);
+    assert!(!refused.ok, "{refused:?}");
+
+    let secret = d.enroll_active(&user.name).await;
+    let code = secret.code_at(0);
+    d.remember(&code);
+    let login = ssh(sshd.port, &user.name, Some(&key), &[&code]);
+    assert!(
+        login.ok,
+        "{login:?}\n{}\n{}",
+        d.log(),
+        std::fs::read_to_string(dir.path().join(format!("{service}.log"))).unwrap_or_default()
+    );
+    assert_eq!(login.output, user.name);
+    assert_eq!(
+        login.prompts,
+        ["Verification code: "],
+        "exactly one OTP prompt"
+    );
+
+    // The same code again: refused (replay), after three prompts in one connection.
+    let wrong = secret.wrong_code();
+    d.remember(&wrong);
+    let replay = ssh(sshd.port, &user.name, Some(&key), &[&code, &wrong, &wrong]);
+    assert!(!replay.ok, "{replay:?}");
+    assert_eq!(replay.prompts.len(), 3, "{replay:?}");
+
+    // Without the key, the OTP alone is not enough (publickey,keyboard-interactive).
+    let next = secret.code_at(30);
+    d.remember(&next);
+    let no_key = ssh(sshd.port, &user.name, None, &[&next]);
+    assert!(!no_key.ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_or_missing_daemon_fails_logins_and_sshd_keeps_serving() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::with_config(RULES, "max_tries = 3\n");
+    let user = User::create();
+    let dir = tempfile::tempdir().unwrap();
+    let key = install_key(dir.path(), &user);
+    let secret = d.enroll_active(&user.name).await;
+    let service = format!("sshd-otp-{}", user.name);
+    let sshd = Sshd::start(
+        dir.path(),
+        &service,
+        &user.name,
+        "publickey,keyboard-interactive",
+        &format!("socket={} timeout=1", d.socket.display()),
+    );
+    nix::sys::signal::kill(d.pid(), nix::sys::signal::SIGSTOP).unwrap();
+    let stalled = ssh(sshd.port, &user.name, Some(&key), &["000000"]);
+    nix::sys::signal::kill(d.pid(), nix::sys::signal::SIGCONT).unwrap();
+    assert!(!stalled.ok, "{stalled:?}");
+    assert!(stalled.took < Duration::from_secs(15), "{stalled:?}");
+    // sshd still serves, and the next login works.
+    let code = secret.code_at(0);
+    d.remember(&code);
+    let login = ssh(sshd.port, &user.name, Some(&key), &[&code]);
+    assert!(login.ok, "{login:?}");
+
+    // Daemon absent: failmode=secure refuses; failmode=safe steps aside (PAM_IGNORE) and the
+    // rest of the auth stack (nothing else here: pam_permit is not in it) decides.
+    drop(sshd);
+    let absent = dir.path().join("absent.sock");
+    let secure = Sshd::start(
+        dir.path(),
+        &format!("sshd-otp-s{}", user.name),
+        &user.name,
+        "publickey,keyboard-interactive",
+        &format!("socket={} timeout=1", absent.display()),
+    );
+    let refused = ssh(secure.port, &user.name, Some(&key), &["000000"]);
+    assert!(!refused.ok && refused.prompts.is_empty(), "{refused:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unenrolled_users_pass_without_a_prompt_where_the_rules_say_so() {
+    if skip() {
+        return;
+    }
+    let d = Daemon::with_config(RULES, "max_tries = 3\n");
+    let user = User::create();
+    let dir = tempfile::tempdir().unwrap();
+    let key = install_key(dir.path(), &user);
+    let sshd = Sshd::start(
+        dir.path(),
+        &format!("sshd-open-{}", user.name),
+        &user.name,
+        "publickey,keyboard-interactive",
+        &format!("socket={} timeout=2", d.socket.display()),
+    );
+    let login = ssh(sshd.port, &user.name, Some(&key), &[]);
+    assert!(login.ok, "{login:?}");
+    assert!(login.prompts.is_empty(), "{login:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sudo_asks_enrolled_users_for_a_code() {
+    if skip() || !Path::new("/usr/bin/sudo").exists() {
+        return;
+    }
+    let d = Daemon::with_config(RULES, "max_tries = 1\n");
+    let user = User::create();
+    let service = format!("sudo-otp-{}", user.name);
+    let module = artefact("libpam_soffid_otp.so");
+    let _pam = EtcFile::write(
+        &format!("/etc/pam.d/{service}"),
+        &format!(
+            "auth required {} socket={} timeout=2\naccount required pam_permit.so\nsession required pam_permit.so\n",
+            module.display(),
+            d.socket.display()
+        ),
+        0o644,
+    );
+    let dropin = format!("/etc/sudoers.d/{service}");
+    let _sudoers = EtcFile::write(
+        &dropin,
+        &format!(
+            "Defaults:{u} pam_service={service}, timestamp_timeout=0, passwd_tries=1\n{u} ALL=(root) /usr/bin/id\n",
+            u = user.name
+        ),
+        0o440,
+    );
+    run(Command::new("visudo").args(["-cf", &dropin]));
+    let sudo = |input: &str| {
+        let mut child = Command::new("runuser")
+            .args(["-u", &user.name, "--", "sudo", "-S", "/usr/bin/id", "-un"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+        child.wait_with_output().unwrap()
+    };
+    // Not enrolled: the rule lets them through without a code.
+    let open = sudo("");
+    assert_eq!(
+        String::from_utf8_lossy(&open.stdout).trim(),
+        "root",
+        "{open:?}"
+    );
+
+    let secret = d.enroll_active(&user.name).await;
+    let wrong = secret.wrong_code();
+    d.remember(&wrong);
+    let refused = sudo(&format!("{wrong}\n"));
+    assert!(!refused.status.success(), "{refused:?}");
+    let code = secret.code_at(0);
+    d.remember(&code);
+    let ok = sudo(&format!("{code}\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&ok.stdout).trim(),
+        "root",
+        "{ok:?}\n{}",
+        d.log()
+    );
+    assert!(String::from_utf8_lossy(&ok.stderr).contains("Verification code"));
+}
+
+/// Not a test of behaviour: the median time of a whole ssh login with OTP against the same
+/// login where pam_permit stands in for the module. `cargo test -- --ignored ssh_login_timing`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark; run with --ignored"]
+async fn ssh_login_timing() {
+    if skip() {
+        return;
+    }
+    let runs = 21;
+    let d = Daemon::with_config(RULES, "max_tries = 1\n");
+    let user = User::create();
+    let dir = tempfile::tempdir().unwrap();
+    let key = install_key(dir.path(), &user);
+    let mut secrets = Vec::new();
+    for _ in 0..runs {
+        secrets.push(d.enroll_active(&user.name).await);
+    }
+    let otp = Sshd::start(
+        dir.path(),
+        &format!("sshd-otp-{}", user.name),
+        &user.name,
+        "publickey,keyboard-interactive",
+        &format!("socket={} timeout=5", d.socket.display()),
+    );
+    let base_service = format!("sshd-base-{}", user.name);
+    let base = Sshd::start(
+        dir.path(),
+        &base_service,
+        &user.name,
+        "publickey,keyboard-interactive",
+        "",
+    );
+    std::fs::write(
+        format!("/etc/pam.d/{base_service}"),
+        "auth required pam_permit.so\naccount required pam_permit.so\nsession required pam_permit.so\n",
+    )
+    .unwrap();
+    let (mut with, mut without) = (Vec::new(), Vec::new());
+    for s in &secrets {
+        let code = s.code_at(0);
+        d.remember(&code);
+        let a = ssh(otp.port, &user.name, Some(&key), &[&code]);
+        assert!(a.ok, "{a:?}");
+        with.push(a.took);
+        let b = ssh(base.port, &user.name, Some(&key), &[]);
+        assert!(b.ok, "{b:?}");
+        without.push(b.took);
+    }
+    with.sort();
+    without.sort();
+    let (m, b) = (with[runs / 2], without[runs / 2]);
+    println!(
+        "ssh login (paramiko, loopback, key + keyboard-interactive), median of {runs}: with OTP {:.1} ms, pam_permit {:.1} ms, ratio {:.2}",
+        m.as_secs_f64() * 1e3,
+        b.as_secs_f64() * 1e3,
+        m.as_secs_f64() / b.as_secs_f64()
+    );
+}
