@@ -9,6 +9,8 @@ import socket
 import paramiko
 
 p = argparse.ArgumentParser()
+p.add_argument("--host", default="127.0.0.1")
+p.add_argument("--source", help="local address to connect from")
 p.add_argument("--port", type=int, required=True)
 p.add_argument("--user", required=True)
 p.add_argument("--key")
@@ -29,7 +31,8 @@ def handler(title, instructions, fields):
 
 
 result = {"ok": False, "prompts": prompts, "output": "", "error": ""}
-sock = socket.create_connection(("127.0.0.1", a.port), timeout=a.timeout)
+source = (a.source, 0) if a.source else None
+sock = socket.create_connection((a.host, a.port), timeout=a.timeout, source_address=source)
 t = paramiko.Transport(sock)
 try:
     t.banner_timeout = a.timeout

@@ -428,7 +428,11 @@ impl PamServices {
     }
 
     /// Runs `pamtester <service> <user> authenticate` under pam_wrapper, feeding `input`.
+    /// One at a time per test process: pam_wrapper hands each process a /tmp/pam.X folder from a
+    /// small pool, and concurrent start-ups can race for it ("no default config other").
     pub fn pamtester(&self, service: &str, user: &str, input: &str) -> Output {
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let mut child = Command::new("pamtester")
             .args(["-v", service, user, "authenticate"])
             .env("LD_PRELOAD", "libpam_wrapper.so")

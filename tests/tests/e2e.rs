@@ -103,6 +103,19 @@ struct Sshd {
 
 impl Sshd {
     fn start(dir: &Path, service: &str, user: &str, methods: &str, module_args: &str) -> Sshd {
+        Sshd::start_in(None, "127.0.0.1", dir, service, user, methods, module_args)
+    }
+
+    /// Starts sshd listening on `address`, inside network namespace `netns` if given.
+    fn start_in(
+        netns: Option<&str>,
+        address: &str,
+        dir: &Path,
+        service: &str,
+        user: &str,
+        methods: &str,
+        module_args: &str,
+    ) -> Sshd {
         std::fs::create_dir_all("/run/sshd").unwrap();
         let module = artefact("libpam_soffid_otp.so");
         let pam = EtcFile::write(
@@ -128,7 +141,7 @@ impl Sshd {
         std::fs::write(
             &config,
             format!(
-                "ListenAddress 127.0.0.1\nPort {port}\nHostKey {}\nPidFile {}\nUsePAM yes\n\
+                "ListenAddress {address}\nPort {port}\nHostKey {}\nPidFile {}\nUsePAM yes\n\
                  KbdInteractiveAuthentication yes\nPasswordAuthentication no\n\
                  PubkeyAuthentication yes\nAuthenticationMethods {methods}\nAllowUsers {user}\n\
                  UseDNS no\nStrictModes yes\nLogLevel VERBOSE\n",
@@ -142,7 +155,15 @@ impl Sshd {
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink("/usr/sbin/sshd", &link).unwrap();
         let log = std::fs::File::create(dir.join(format!("{service}.log"))).unwrap();
-        let child = Command::new(&link)
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&link);
+                c
+            }
+            None => Command::new(&link),
+        };
+        let child = cmd
             .args(["-D", "-e", "-f"])
             .arg(&config)
             .stdin(Stdio::null())
@@ -151,7 +172,7 @@ impl Sshd {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::net::TcpStream::connect((address, port)).is_err() {
             assert!(Instant::now() < deadline, "sshd did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -170,6 +191,72 @@ impl Drop for Sshd {
     }
 }
 
+/// A network namespace holding one "server" at 10.201.N.2, reached from the host over a veth
+/// pair whose host end has two addresses: .1 (any network) and .3 (the admin network).
+struct Netns {
+    name: String,
+    net: u8,
+}
+
+impl Netns {
+    fn create(tag: &str, net: u8) -> Netns {
+        let name = format!("otp-{tag}-{}", std::process::id() % 10_000);
+        let (host_if, ns_if) = (format!("oh{tag}{net}"), format!("on{tag}{net}"));
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let _ = Command::new("ip").args(["link", "del", &host_if]).output();
+        let ip = |args: &[&str]| run(Command::new("ip").args(args));
+        ip(&["netns", "add", &name]);
+        let ns = Netns {
+            name: name.clone(),
+            net,
+        };
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
+        ]);
+        ip(&["link", "set", &ns_if, "netns", &name]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.201.{net}.1/24"),
+            "dev",
+            &host_if,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.201.{net}.3/24"),
+            "dev",
+            &host_if,
+        ]);
+        ip(&["link", "set", &host_if, "up"]);
+        ip(&[
+            "-n",
+            &name,
+            "addr",
+            "add",
+            &format!("10.201.{net}.2/24"),
+            "dev",
+            &ns_if,
+        ]);
+        ip(&["-n", &name, "link", "set", &ns_if, "up"]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    fn server(&self) -> String {
+        format!("10.201.{}.2", self.net)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting the namespace removes both ends of the veth pair.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
 #[derive(Debug)]
 struct Login {
     ok: bool,
@@ -182,16 +269,33 @@ struct Login {
 
 /// One login with paramiko: the key (if any), then these codes at the keyboard-interactive prompts.
 fn ssh(port: u16, user: &str, key: Option<&Path>, codes: &[&str]) -> Login {
+    ssh_to("127.0.0.1", None, port, user, key, codes)
+}
+
+/// One login to `server`, from the local address `source` if given.
+fn ssh_to(
+    server: &str,
+    source: Option<&str>,
+    port: u16,
+    user: &str,
+    key: Option<&Path>,
+    codes: &[&str],
+) -> Login {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/ssh_client.py");
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(script).args([
-        "--port",
-        &port.to_string(),
-        "--user",
-        user,
-        "--codes",
-        &codes.join(","),
-    ]);
+    cmd.arg(script)
+        .args([
+            "--host",
+            server,
+            "--port",
+            &port.to_string(),
+            "--user",
+            user,
+        ])
+        .args(["--codes", &codes.join(",")]);
+    if let Some(source) = source {
+        cmd.args(["--source", source]);
+    }
     if let Some(key) = key {
         cmd.arg("--key").arg(key);
     }
@@ -474,5 +578,102 @@ async fn ssh_login_timing() {
         m.as_secs_f64() * 1e3,
         b.as_secs_f64() * 1e3,
         m.as_secs_f64() / b.as_secs_f64()
+    );
+}
+
+/// Two "servers" in their own network namespaces, each with its own sshd and guardd (own host
+/// name), sharing one rules file: the prod server asks for an OTP, the other does not; and a
+/// source-address rule lets the user in only from the admin address, also for public-key-only
+/// logins (the account stage).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_one_rules_file_host_and_source_rules() {
+    if skip() {
+        return;
+    }
+    let user = User::create();
+    let base = 1 + (std::process::id() % 120) as u8 * 2;
+    let (prod_ns, web_ns) = (Netns::create("p", base), Netns::create("w", base + 1));
+    let rules = format!(
+        r#"
+version = 1
+default = "permit"
+
+[sets]
+admin_net = ["10.201.{p}.3/32", "10.201.{w}.3/32"]
+
+[[rule]]
+id = "only-from-admin-net"
+effect = "deny"
+message = "only from the admin network"
+match = {{ user = ["{u}"], service = ["sshd-*"] }}
+except = {{ rhost = ["@admin_net"] }}
+
+[[rule]]
+id = "prod-ssh-otp"
+effect = "otp"
+unenrolled = "deny"
+match = {{ service = ["sshd-*"], host = ["db-*.prod.example.com"] }}
+"#,
+        p = base,
+        w = base + 1,
+        u = user.name
+    );
+    let prod = Daemon::with_config(&rules, "max_tries = 1\nhost = \"db-1.prod.example.com\"\n");
+    let web = Daemon::with_config(&rules, "max_tries = 1\nhost = \"web-1.example.com\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let key = install_key(dir.path(), &user);
+    let secret = prod.enroll_active(&user.name).await;
+    let prod_sshd = Sshd::start_in(
+        Some(&prod_ns.name),
+        &prod_ns.server(),
+        dir.path(),
+        &format!("sshd-p{}", user.name),
+        &user.name,
+        "publickey,keyboard-interactive",
+        &format!("socket={} timeout=2", prod.socket.display()),
+    );
+    let web_sshd = Sshd::start_in(
+        Some(&web_ns.name),
+        &web_ns.server(),
+        dir.path(),
+        &format!("sshd-w{}", user.name),
+        &user.name,
+        "publickey",
+        &format!("socket={} timeout=2", web.socket.display()),
+    );
+    let admin = |ns: &Netns| format!("10.201.{}.3", ns.net);
+    let other = |ns: &Netns| format!("10.201.{}.1", ns.net);
+    let login = |ns: &Netns, from: String, port: u16, codes: &[&str]| {
+        ssh_to(
+            &ns.server(),
+            Some(&from),
+            port,
+            &user.name,
+            Some(&key),
+            codes,
+        )
+    };
+
+    // prod, from the admin address: an OTP is asked and works.
+    let code = secret.code_at(0);
+    prod.remember(&code);
+    let a = login(&prod_ns, admin(&prod_ns), prod_sshd.port, &[&code]);
+    assert!(a.ok && a.prompts.len() == 1, "{a:?}\n{}", prod.log());
+    assert!(prod
+        .log()
+        .contains(&format!("rhost=\"{}\"", admin(&prod_ns))));
+    // prod, from elsewhere: refused by the source rule before any code.
+    let b = login(&prod_ns, other(&prod_ns), prod_sshd.port, &[]);
+    assert!(!b.ok && b.prompts.is_empty(), "{b:?}");
+    // web (public key only): no OTP from the admin address; the source rule still holds
+    // through the account stage, for a login that never reaches the auth stack.
+    let c = login(&web_ns, admin(&web_ns), web_sshd.port, &[]);
+    assert!(c.ok && c.prompts.is_empty(), "{c:?}\n{}", web.log());
+    let d = login(&web_ns, other(&web_ns), web_sshd.port, &[]);
+    assert!(!d.ok, "{d:?}");
+    let log = web.log();
+    assert!(
+        log.contains("action=\"check\"") && log.contains("only-from-admin-net"),
+        "{log}"
     );
 }
