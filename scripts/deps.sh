@@ -4,7 +4,7 @@
 set -euo pipefail
 
 build_pkgs=(libpam0g-dev pkg-config oathtool pamtester libpam-wrapper)
-test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2)
+test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd)
 
 case "${1:-build}" in
   build) pkgs=("${build_pkgs[@]}") ;;
