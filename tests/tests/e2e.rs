@@ -103,7 +103,16 @@ struct Sshd {
 
 impl Sshd {
     fn start(dir: &Path, service: &str, user: &str, methods: &str, module_args: &str) -> Sshd {
-        Sshd::start_in(None, "127.0.0.1", dir, service, user, methods, module_args)
+        Sshd::start_in(
+            None,
+            "127.0.0.1",
+            dir,
+            service,
+            user,
+            methods,
+            module_args,
+            "",
+        )
     }
 
     /// Starts sshd listening on `address`, inside network namespace `netns` if given.
@@ -115,13 +124,14 @@ impl Sshd {
         user: &str,
         methods: &str,
         module_args: &str,
+        extra_auth: &str,
     ) -> Sshd {
         std::fs::create_dir_all("/run/sshd").unwrap();
         let module = artefact("libpam_soffid_otp.so");
         let pam = EtcFile::write(
             &format!("/etc/pam.d/{service}"),
             &format!(
-                "auth required {m} {module_args}\naccount required {m} {module_args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
+                "auth required {m} {module_args}\n{extra_auth}account required {m} {module_args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
                 m = module.display()
             ),
             0o644,
@@ -318,6 +328,37 @@ fn ssh_to(
     }
 }
 
+/// One login with the OpenSSH client; SSH_ASKPASS answers every prompt with `code`.
+fn openssh(dir: &Path, port: u16, user: &str, key: &Path, code: &str) -> std::process::Output {
+    let askpass = dir.join("askpass.sh");
+    std::fs::write(&askpass, format!("#!/bin/sh\necho {code}\n")).unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let known = dir.join("known_hosts");
+    Command::new("ssh")
+        .args(["-F", "none", "-T", "-p", &port.to_string(), "-i"])
+        .arg(key)
+        .args(["-o", "BatchMode=no", "-o", "StrictHostKeyChecking=no"])
+        .arg("-o")
+        .arg(format!("UserKnownHostsFile={}", known.display()))
+        .args([
+            "-o",
+            "PreferredAuthentications=publickey,keyboard-interactive",
+        ])
+        .args(["-o", "NumberOfPasswordPrompts=1", "-o", "ConnectTimeout=10"])
+        .arg(format!("{user}@127.0.0.1"))
+        .args(["id", "-un"])
+        .env("SSH_ASKPASS", &askpass)
+        .env("SSH_ASKPASS_REQUIRE", "force")
+        .env("DISPLAY", ":0")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// A key pair for `user`, installed in ~/.ssh/authorized_keys; returns the private key path.
 fn install_key(dir: &Path, user: &User) -> PathBuf {
     let key = dir.join("id_ed25519");
@@ -385,10 +426,17 @@ async fn ssh_with_key_and_otp_through_a_real_sshd() {
     assert!(!replay.ok, "{replay:?}");
     assert_eq!(replay.prompts.len(), 3, "{replay:?}");
 
-    // Without the key, the OTP alone is not enough (publickey,keyboard-interactive).
+    // The OpenSSH client, answering the prompt through SSH_ASKPASS.
     let next = secret.code_at(30);
     d.remember(&next);
-    let no_key = ssh(sshd.port, &user.name, None, &[&next]);
+    let out = openssh(dir.path(), sshd.port, &user.name, &key, &next);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), user.name);
+    let out = openssh(dir.path(), sshd.port, &user.name, &key, &wrong);
+    assert_eq!(out.status.code(), Some(255), "{out:?}");
+
+    // Without the key, the OTP alone is not enough (publickey,keyboard-interactive).
+    let no_key = ssh(sshd.port, &user.name, None, &[&secret.code_at(0)]);
     assert!(!no_key.ok);
 }
 
@@ -434,6 +482,21 @@ async fn a_stopped_or_missing_daemon_fails_logins_and_sshd_keeps_serving() {
     );
     let refused = ssh(secure.port, &user.name, Some(&key), &["000000"]);
     assert!(!refused.ok && refused.prompts.is_empty(), "{refused:?}");
+    drop(secure);
+    // failmode=safe in a stack where another module (here pam_permit) also authenticates, with
+    // keyboard-interactive alone: the module steps aside and the login passes without a code.
+    let safe = Sshd::start_in(
+        None,
+        "127.0.0.1",
+        dir.path(),
+        &format!("sshd-otp-f{}", user.name),
+        &user.name,
+        "keyboard-interactive",
+        &format!("socket={} timeout=1 failmode=safe", absent.display()),
+        "auth required pam_permit.so\n",
+    );
+    let open = ssh(safe.port, &user.name, None, &[]);
+    assert!(open.ok && open.prompts.is_empty(), "{open:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -631,6 +694,7 @@ match = {{ service = ["sshd-*"], host = ["db-*.prod.example.com"] }}
         &user.name,
         "publickey,keyboard-interactive",
         &format!("socket={} timeout=2", prod.socket.display()),
+        "",
     );
     let web_sshd = Sshd::start_in(
         Some(&web_ns.name),
@@ -640,6 +704,7 @@ match = {{ service = ["sshd-*"], host = ["db-*.prod.example.com"] }}
         &user.name,
         "publickey",
         &format!("socket={} timeout=2", web.socket.display()),
+        "",
     );
     let admin = |ns: &Netns| format!("10.201.{}.3", ns.net);
     let other = |ns: &Netns| format!("10.201.{}.1", ns.net);
