@@ -115,7 +115,9 @@ impl Sshd {
         )
     }
 
-    /// Starts sshd listening on `address`, inside network namespace `netns` if given.
+    /// Starts sshd listening on `address`, inside network namespace `netns` if given, with
+    /// `extra_auth` lines after the module in the auth stack.
+    #[allow(clippy::too_many_arguments)] // a test fixture: each is one sshd/PAM knob
     fn start_in(
         netns: Option<&str>,
         address: &str,
