@@ -36,6 +36,76 @@ pub fn write_rules(dir: &Path, rules: &str) -> PathBuf {
     path
 }
 
+/// Runs a command that must succeed.
+pub fn run(cmd: &mut Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {out:?}");
+    out
+}
+
+/// A local user for the test, removed with its home on drop.
+pub struct User {
+    pub name: String,
+}
+
+impl User {
+    pub fn create() -> User {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let name = format!("otpe2e{}x{n}", std::process::id() % 100_000);
+        let _ = Command::new("userdel").args(["-r", &name]).output();
+        run(Command::new("useradd").args(["-m", "-s", "/bin/sh", &name]));
+        // Not locked ("!"), but no password can ever match.
+        run(Command::new("usermod").args(["-p", "*", &name]));
+        User { name }
+    }
+
+    pub fn home(&self) -> PathBuf {
+        PathBuf::from("/home").join(&self.name)
+    }
+}
+
+impl Drop for User {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-u", &self.name])
+            .output();
+        let _ = Command::new("userdel").args(["-r", &self.name]).output();
+    }
+}
+
+/// A file under /etc, removed on drop (or, when it existed, put back as it was).
+pub struct EtcFile {
+    path: PathBuf,
+    previous: Option<Vec<u8>>,
+}
+
+impl EtcFile {
+    pub fn write(path: &str, text: &str, mode: u32) -> EtcFile {
+        let previous = std::fs::read(path).ok();
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
+        EtcFile {
+            path: PathBuf::from(path),
+            previous,
+        }
+    }
+}
+
+impl Drop for EtcFile {
+    fn drop(&mut self) {
+        match &self.previous {
+            Some(text) => {
+                let _ = std::fs::write(&self.path, text);
+            }
+            None => {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
 /// The cargo output folder holding the built binaries and the module (`target/debug`).
 pub fn build_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{artefact, is_root, Daemon};
+use harness::{artefact, is_root, run, Daemon, EtcFile, User};
 
 /// Rules for the end-to-end tests: an OTP on ssh for everyone, on sudo for enrolled users.
 const RULES: &str = r#"
@@ -38,60 +38,6 @@ fn skip() -> bool {
         return true;
     }
     false
-}
-
-fn run(cmd: &mut Command) -> std::process::Output {
-    let out = cmd.output().unwrap();
-    assert!(out.status.success(), "{cmd:?}: {out:?}");
-    out
-}
-
-/// A local user for the test, removed with its home on drop.
-struct User {
-    name: String,
-}
-
-impl User {
-    fn create() -> User {
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let name = format!("otpe2e{}x{n}", std::process::id() % 100_000);
-        let _ = Command::new("userdel").args(["-r", &name]).output();
-        run(Command::new("useradd").args(["-m", "-s", "/bin/sh", &name]));
-        // Not locked ("!"), but no password can ever match.
-        run(Command::new("usermod").args(["-p", "*", &name]));
-        User { name }
-    }
-
-    fn home(&self) -> PathBuf {
-        PathBuf::from("/home").join(&self.name)
-    }
-}
-
-impl Drop for User {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-KILL", "-u", &self.name])
-            .output();
-        let _ = Command::new("userdel").args(["-r", &self.name]).output();
-    }
-}
-
-/// A file under /etc, removed on drop.
-struct EtcFile(PathBuf);
-
-impl EtcFile {
-    fn write(path: &str, text: &str, mode: u32) -> EtcFile {
-        std::fs::write(path, text).unwrap();
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-        EtcFile(PathBuf::from(path))
-    }
-}
-
-impl Drop for EtcFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
 }
 
 /// An sshd on 127.0.0.1 whose PAM service is `service` (the name it is started under).
