@@ -10,9 +10,9 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{
-    BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest, ExplainReply, ExplainRequest,
-    ListRequest, LoginContext, ReloadRequest, ResyncRequest, SetEnabledRequest, Token,
-    UnlockRequest,
+    step, AnswerRequest, BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest,
+    ExplainReply, ExplainRequest, ListRequest, LoginContext, RecoverRequest, ReloadRequest,
+    ResyncRequest, SetEnabledRequest, Step, Token, UnlockRequest,
 };
 use qrcode::render::unicode::Dense1x2;
 use qrcode::QrCode;
@@ -102,6 +102,12 @@ enum Command {
     },
     /// Re-read the rules file (a broken file is refused; the rules in force stay)
     Reload,
+    /// Set a forgotten password after proving an OTP (your own; root: --user NAME)
+    Recover {
+        /// Whose password (root only) [default: yours]
+        #[arg(long)]
+        user: Option<String>,
+    },
 }
 
 /// A failure worth one line on stderr and exit status 1.
@@ -157,7 +163,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     // Read a code from stdin before connecting, so a slow typist does not hold a connection.
     let code = match &cli.command {
         Command::Confirm { code, .. } => Some(match code.as_deref() {
-            Some("-") | None => read_code()?,
+            Some("-") | None => read_secret("Code shown by the app: ")?,
             Some(c) => Zeroizing::new(c.as_bytes().to_vec()),
         }),
         _ => None,
@@ -320,6 +326,15 @@ async fn execute(
                 print_explain(&reply);
             }
         }
+        Command::Recover { user } => {
+            let first = client
+                .recover(RecoverRequest {
+                    user: user.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            converse(client, first).await?;
+        }
         Command::Reload => {
             let reply = client.reload(ReloadRequest {}).await?.into_inner();
             for w in &reply.warnings {
@@ -342,6 +357,36 @@ async fn execute(
         }
     }
     Ok(())
+}
+
+/// Relays a guardd conversation on the terminal: each prompt is read without echo (from stdin
+/// when it is not a terminal), until guardd permits or denies.
+async fn converse(client: &mut GuardClient<Channel>, mut step: Step) -> Result<(), CliError> {
+    loop {
+        match step.kind {
+            Some(step::Kind::Prompt(p)) => {
+                if !p.info.is_empty() {
+                    eprintln!("{}", p.info);
+                }
+                let answer = read_secret(&p.text)?;
+                step = client
+                    .answer(AnswerRequest {
+                        challenge: p.challenge,
+                        response: answer.to_vec(),
+                    })
+                    .await?
+                    .into_inner();
+            }
+            Some(step::Kind::Permit(p)) => {
+                if !p.message.is_empty() {
+                    println!("{}", p.message);
+                }
+                return Ok(());
+            }
+            Some(step::Kind::Deny(d)) => return Err(CliError::Refused(d.message)),
+            None => return Err(CliError::Refused("guardd sent an empty step".into())),
+        }
+    }
 }
 
 async fn set_enabled(
@@ -429,17 +474,25 @@ fn format_time(secs: i64) -> String {
     }
 }
 
-/// Reads one line from stdin (without echo on a terminal would need a tty; codes are short-lived).
-fn read_code() -> Result<Zeroizing<Vec<u8>>, CliError> {
-    if std::io::stdin().is_terminal() {
-        eprint!("Code shown by the app: ");
-    }
-    let mut line = Zeroizing::new(String::new());
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .map_err(|e| CliError::Local(format!("cannot read the code from stdin: {e}")))?;
-    Ok(Zeroizing::new(line.trim().as_bytes().to_vec()))
+/// Reads one secret answer after `prompt` (on stderr): without echo from a terminal, else one
+/// line of stdin (scripts, tests). The line break is not part of the answer.
+fn read_secret(prompt: &str) -> Result<Zeroizing<Vec<u8>>, CliError> {
+    eprint!("{prompt}");
+    let answer = if std::io::stdin().is_terminal() {
+        Zeroizing::new(
+            rpassword::read_password()
+                .map_err(|e| CliError::Local(format!("cannot read the answer: {e}")))?,
+        )
+    } else {
+        let mut line = Zeroizing::new(String::new());
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| CliError::Local(format!("cannot read the answer from stdin: {e}")))?;
+        eprintln!();
+        Zeroizing::new(line.trim_end_matches(['\n', '\r']).to_owned())
+    };
+    Ok(Zeroizing::new(answer.as_bytes().to_vec()))
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@ pub mod logging;
 pub mod otp;
 /// The rules: XACML-style permit / otp / deny decisions with explanations.
 pub mod policy;
+/// Password recovery: setting a new password with the system's chpasswd.
+pub mod recovery;
 /// Secrets at rest: XChaCha20-Poly1305 under a key file.
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.

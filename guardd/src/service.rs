@@ -6,10 +6,11 @@ use proto::v1::guard_server::Guard;
 use proto::v1::{
     step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
-    ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt,
-    ReloadReply, ReloadRequest, ResyncRequest, RuleLine, SetEnabledRequest, Step, Token,
-    TokenReply, UnlockReply, UnlockRequest,
+    ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt, PromptKind,
+    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, RuleLine, SetEnabledRequest, Step,
+    Token, TokenReply, UnlockReply, UnlockRequest,
 };
+use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -72,6 +73,17 @@ struct Session {
     expires: Instant,
     /// Answers still allowed in this conversation, this one included.
     tries_left: u32,
+    flow: Flow,
+}
+
+/// Which conversation a session belongs to, and where in it.
+enum Flow {
+    /// A login: the answer is an OTP.
+    Login,
+    /// Password recovery: the OTP, then the new password, then its confirmation.
+    RecoverCode,
+    RecoverNew,
+    RecoverConfirm(Zeroizing<String>),
 }
 
 /// The `Guard` gRPC service. Until the policy engine lands the decision is fixed: a user with an
@@ -209,6 +221,7 @@ impl GuardService {
         context: LoginContext,
         caller_uid: u32,
         tries_left: u32,
+        flow: Flow,
     ) -> Result<String, Status> {
         let challenge =
             otp::random_hex(16).map_err(|_| Status::internal("the system random source failed"))?;
@@ -229,6 +242,7 @@ impl GuardService {
                 caller_uid,
                 expires: now + SESSION_TTL,
                 tries_left,
+                flow,
             },
         );
         Ok(challenge)
@@ -301,15 +315,9 @@ impl Guard for GuardService {
             }
             Rule::Otp { .. } if can_answer => {
                 event("prompt", "otp required");
-                let challenge = self.open_session(ctx.clone(), caller.uid, self.max_tries)?;
-                Step {
-                    kind: Some(step::Kind::Prompt(Prompt {
-                        challenge,
-                        text: PROMPT_TEXT.into(),
-                        echo: false,
-                        info: String::new(),
-                    })),
-                }
+                let challenge =
+                    self.open_session(ctx.clone(), caller.uid, self.max_tries, Flow::Login)?;
+                prompt(challenge, PROMPT_TEXT, String::new(), PromptKind::Code)
             }
             Rule::Otp {
                 unenrolled: Unenrolled::Permit,
@@ -327,6 +335,90 @@ impl Guard for GuardService {
             }
         };
         Ok(Response::new(step))
+    }
+
+    async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<Step>, Status> {
+        let caller = Caller::of(&req)?;
+        let requested = req.into_inner().user;
+        let own = requested.is_empty();
+        let user = if own {
+            tokio::task::spawn_blocking(move || caller.name())
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(|| Status::permission_denied("your uid has no user name"))?
+        } else {
+            requested
+        };
+        validate_name("user", &user)?;
+        // Root (help desk, console) may recover anyone; everyone else only themselves.
+        self.authorize(
+            caller,
+            Action::Login,
+            Some(user.clone()),
+            "recover",
+            |_, _| Ok(false),
+        )
+        .await?;
+        let ctx = LoginContext {
+            user: user.clone(),
+            service: "recovery".into(),
+            ..LoginContext::default()
+        };
+        let (policy, decision, _) = self.decide(&ctx).await?;
+        // Recovery always needs an OTP: the rules may only forbid it. Unknown users and users
+        // without a device take the same path (both look-ups always run).
+        let u = user.clone();
+        let has_device = self
+            .blocking(move |store| {
+                let known = matches!(nix::unistd::User::from_name(&u), Ok(Some(_)));
+                let device = store.has_active(&u).map_err(store_status)?
+                    || !store.backup_codes(&u).map_err(store_status)?.is_empty();
+                Ok(known && device)
+            })
+            .await?;
+        let rule = decision.rule_label();
+        let event = |outcome, reason: &str| {
+            audit::record(
+                &Event {
+                    action: "recover",
+                    user: &user,
+                    service: "recovery",
+                    outcome,
+                    reason,
+                    rule: &rule,
+                    policy: policy.digest(),
+                    ..Event::default()
+                }
+                .caller(&caller),
+            )
+        };
+        if let Rule::Deny { message } = &decision.verdict {
+            event("deny", "rules deny recovery");
+            return Ok(Response::new(deny(
+                message
+                    .as_deref()
+                    .unwrap_or("Password recovery is not allowed for this account."),
+                DenyReason::Policy,
+            )));
+        }
+        if !has_device {
+            event("deny", "no otp device");
+            let message = if own {
+                "No OTP device is configured for your account; contact your administrator."
+            } else {
+                "No OTP device is configured for this account (or there is no such user); nothing was changed."
+            };
+            return Ok(Response::new(deny(message, DenyReason::NotEnrolled)));
+        }
+        event("prompt", "otp required for recovery");
+        let challenge = self.open_session(ctx, caller.uid, self.max_tries, Flow::RecoverCode)?;
+        Ok(Response::new(prompt(
+            challenge,
+            PROMPT_TEXT,
+            String::new(),
+            PromptKind::Code,
+        )))
     }
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
@@ -509,6 +601,16 @@ impl Guard for GuardService {
             return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
         };
         let tries_left = session.tries_left;
+        let flow = match session.flow {
+            Flow::Login => Flow::Login,
+            Flow::RecoverCode => Flow::RecoverCode,
+            other => {
+                return self
+                    .recover_password(caller, session.context, other, response)
+                    .await
+                    .map(Response::new)
+            }
+        };
         let ctx = session.context;
         let user = ctx.user.clone();
         let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
@@ -538,6 +640,15 @@ impl Guard for GuardService {
             .caller(&caller),
         );
         Ok(Response::new(match verdict {
+            Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
+                let challenge = self.open_session(ctx, caller.uid, 1, Flow::RecoverNew)?;
+                prompt(
+                    challenge,
+                    "New password: ",
+                    String::new(),
+                    PromptKind::NewPassword,
+                )
+            }
             Verdict::Otp(_) | Verdict::Backup => Step {
                 kind: Some(step::Kind::Permit(Permit::default())),
             },
@@ -548,18 +659,13 @@ impl Guard for GuardService {
             Verdict::Wrong if tries_left > 1 => {
                 // Another try in the same conversation, under a new challenge id.
                 let left = tries_left - 1;
-                let challenge = self.open_session(ctx, caller.uid, left)?;
-                Step {
-                    kind: Some(step::Kind::Prompt(Prompt {
-                        challenge,
-                        text: PROMPT_TEXT.into(),
-                        echo: false,
-                        info: format!(
-                            "Wrong code, {left} {} left.",
-                            if left == 1 { "try" } else { "tries" }
-                        ),
-                    })),
-                }
+                let challenge = self.open_session(ctx, caller.uid, left, flow)?;
+                prompt(
+                    challenge,
+                    PROMPT_TEXT,
+                    wrong_code_info(left),
+                    PromptKind::Code,
+                )
             }
             Verdict::Wrong if self.max_tries > 1 => {
                 deny("Access denied: too many wrong codes.", DenyReason::MaxTries)
@@ -988,6 +1094,83 @@ impl GuardService {
         Ok((policy, decision, can_answer))
     }
 
+    /// The password stages of recovery, after the OTP was verified.
+    async fn recover_password(
+        &self,
+        caller: Caller,
+        ctx: LoginContext,
+        flow: Flow,
+        response: Zeroizing<Vec<u8>>,
+    ) -> Result<Step, Status> {
+        let audit = |outcome, reason: &str| {
+            audit::record(
+                &Event {
+                    action: "recover",
+                    user: &ctx.user,
+                    service: "recovery",
+                    outcome,
+                    reason,
+                    ..Event::default()
+                }
+                .caller(&caller),
+            )
+        };
+        let typed = match crate::recovery::new_password(&response) {
+            Ok(p) => p,
+            Err(e) => {
+                audit("deny", "unusable new password");
+                return Ok(deny(
+                    &format!("{e}; nothing was changed."),
+                    DenyReason::Policy,
+                ));
+            }
+        };
+        match flow {
+            Flow::RecoverNew => {
+                let challenge =
+                    self.open_session(ctx.clone(), caller.uid, 1, Flow::RecoverConfirm(typed))?;
+                Ok(prompt(
+                    challenge,
+                    "Retype new password: ",
+                    String::new(),
+                    PromptKind::ConfirmPassword,
+                ))
+            }
+            Flow::RecoverConfirm(first) => {
+                if !bool::from(first.as_bytes().ct_eq(typed.as_bytes())) {
+                    audit("deny", "confirmation did not match");
+                    return Ok(deny(
+                        "The passwords do not match; nothing was changed.",
+                        DenyReason::Policy,
+                    ));
+                }
+                let user = ctx.user.clone();
+                let result = self
+                    .blocking(move |_| Ok(crate::recovery::set_password(&user, &first)))
+                    .await?;
+                match result {
+                    Ok(()) => {
+                        audit("ok", "password changed");
+                        Ok(Step {
+                            kind: Some(step::Kind::Permit(Permit {
+                                message: format!("The password of {} was changed.", ctx.user),
+                            })),
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(user = ctx.user, "password not changed: {e}");
+                        audit("deny", "the system refused the password");
+                        Ok(deny(
+                            &format!("{e}; nothing was changed."),
+                            DenyReason::Policy,
+                        ))
+                    }
+                }
+            }
+            Flow::Login | Flow::RecoverCode => Err(Status::internal("unexpected recovery stage")),
+        }
+    }
+
     /// The request the rules see for a login context. The host is this daemon's own name.
     fn rules_request(&self, ctx: &LoginContext, time: i64) -> rules::Request {
         let present = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
@@ -1122,6 +1305,25 @@ fn token_kind(
             period,
         },
     ))
+}
+
+fn prompt(challenge: String, text: &str, info: String, kind: PromptKind) -> Step {
+    Step {
+        kind: Some(step::Kind::Prompt(Prompt {
+            challenge,
+            text: text.into(),
+            echo: false,
+            info,
+            kind: kind.into(),
+        })),
+    }
+}
+
+fn wrong_code_info(left: u32) -> String {
+    format!(
+        "Wrong code, {left} {} left.",
+        if left == 1 { "try" } else { "tries" }
+    )
 }
 
 fn deny(message: &str, reason: DenyReason) -> Step {

@@ -364,6 +364,7 @@ mod tests {
                 text: "Verification code: ".into(),
                 echo: false,
                 info: String::new(),
+                kind: 0,
             })),
         }
     }

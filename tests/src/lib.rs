@@ -50,9 +50,14 @@ pub struct User {
 
 impl User {
     pub fn create() -> User {
+        User::create_named("otpe2e")
+    }
+
+    /// A user whose name starts with `prefix`, unique to this process and call.
+    pub fn create_named(prefix: &str) -> User {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let name = format!("otpe2e{}x{n}", std::process::id() % 100_000);
+        let name = format!("{prefix}{}x{n}", std::process::id() % 100_000);
         let _ = Command::new("userdel").args(["-r", &name]).output();
         run(Command::new("useradd").args(["-m", "-s", "/bin/sh", &name]));
         // Not locked ("!"), but no password can ever match.
@@ -84,8 +89,7 @@ impl EtcFile {
     pub fn write(path: &str, text: &str, mode: u32) -> EtcFile {
         let previous = std::fs::read(path).ok();
         std::fs::write(path, text).unwrap();
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .unwrap();
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
         EtcFile {
             path: PathBuf::from(path),
             previous,
