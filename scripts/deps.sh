@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Installs the Debian packages soffid-otp needs to build and to test. Idempotent; needs root
-# (or sudo) only when something is missing. Usage: scripts/deps.sh build|test
+# (or sudo) only when something is missing. Usage: scripts/deps.sh build|deb|test
 set -euo pipefail
 
 build_pkgs=(libpam0g-dev pkg-config oathtool pamtester libpam-wrapper)
 test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd)
 
+deb_pkgs=(help2man lintian dpkg-dev)
+
 case "${1:-build}" in
   build) pkgs=("${build_pkgs[@]}") ;;
-  test) pkgs=("${build_pkgs[@]}" "${test_pkgs[@]}") ;;
-  *) echo "usage: $0 build|test" >&2; exit 2 ;;
+  deb) pkgs=("${build_pkgs[@]}" "${deb_pkgs[@]}") ;;
+  test) pkgs=("${build_pkgs[@]}" "${test_pkgs[@]}" "${deb_pkgs[@]}") ;;
+  *) echo "usage: $0 build|deb|test" >&2; exit 2 ;;
 esac
 
 missing=()

@@ -102,6 +102,9 @@ enum Command {
     },
     /// Re-read the rules file (a broken file is refused; the rules in force stay)
     Reload,
+    /// Print a shell completion script (bash, zsh, fish, ...)
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
     /// Set a forgotten password after proving an OTP (your own; root: --user NAME)
     Recover {
         /// Whose password (root only) [default: yours]
@@ -148,6 +151,16 @@ pub fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
+    if let Command::Completions { shell } = cli.command {
+        use clap::CommandFactory;
+        clap_complete::generate(
+            shell,
+            &mut Cli::command(),
+            "guardctl",
+            &mut std::io::stdout(),
+        );
+        return Ok(());
+    }
     let socket = match cli.socket {
         Some(s) => s,
         None => {
@@ -326,6 +339,8 @@ async fn execute(
                 print_explain(&reply);
             }
         }
+        // Printed before connecting: completions need no daemon.
+        Command::Completions { .. } => {}
         Command::Recover { user } => {
             let first = client
                 .recover(RecoverRequest {

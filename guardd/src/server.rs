@@ -82,6 +82,23 @@ async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Creates the state directories, the key file and the database (migrated) if missing, never
+/// overwriting: what the package's postinst runs.
+pub fn init(config: &Config) -> Result<(), ServerError> {
+    open_store(config).map(drop)
+}
+
+/// The store at the configured paths, with their private directories made if missing.
+fn open_store(config: &Config) -> Result<SqliteStore, ServerError> {
+    if let Some(dir) = config.database.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    if let Some(dir) = config.key_file.parent() {
+        ensure_dir(dir, 0o700)?;
+    }
+    Ok(SqliteStore::open(&config.database, &config.key_file)?)
+}
+
 /// Opens the store, serves the `Guard` service on the configured socket until `shutdown`
 /// resolves, then removes the socket.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
@@ -104,18 +121,14 @@ pub async fn run_with_clock(
         file = policy.file(),
         "rules loaded"
     );
-    if let Some(dir) = config.database.parent() {
-        ensure_dir(dir, 0o700)?;
-    }
-    if let Some(dir) = config.key_file.parent() {
-        ensure_dir(dir, 0o700)?;
-    }
-    let store = SqliteStore::open(&config.database, &config.key_file)?;
+    let store = open_store(&config)?;
     // SIGHUP re-reads the rules, as `guardctl reload` does.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
     let service = Arc::new(GuardService::new(Arc::new(store), &config, policy, clock));
     let listener = bind(&config.socket).await?;
+    // systemd (Type=notify): the socket accepts connections from now on.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let reloader = service.clone();
     let hup = tokio::spawn(async move {
         while hangups.recv().await.is_some() {

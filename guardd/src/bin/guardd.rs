@@ -31,6 +31,9 @@ struct Args {
     /// Validate a rules file and exit: 0 when valid, 1 with file:line:column otherwise
     #[arg(long, value_name = "FILE")]
     check_policy: Option<PathBuf>,
+    /// Create the key file and the database if missing (never overwriting), then exit
+    #[arg(long)]
+    init: bool,
 }
 
 fn main() -> ExitCode {
@@ -76,6 +79,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(policy) = args.policy {
         config.policy = Some(policy);
+    }
+    if args.init {
+        guardd::server::init(&config)?;
+        return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
