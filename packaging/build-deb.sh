@@ -9,15 +9,16 @@ bash scripts/deps.sh deb
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
 
 cargo build --release --workspace
-mkdir -p target/man target/completions
+out=target/release/deb-assets
+mkdir -p "$out"
 help2man -N -s 8 -n "soffid-otp second-factor daemon" target/release/guardd \
-  | gzip -9n > target/man/guardd.8.gz
+  | gzip -9n > "$out/guardd.8.gz"
 help2man -N -s 1 -n "manage soffid-otp tokens, rules and password recovery" target/release/guardctl \
-  | gzip -9n > target/man/guardctl.1.gz
-gzip -9n < packaging/man/pam_soffid_otp.8 > target/man/pam_soffid_otp.8.gz
-gzip -9n < packaging/man/rules.toml.5 > target/man/rules.toml.5.gz
-target/release/guardctl completions bash > target/completions/guardctl
-target/release/guardctl completions zsh > target/completions/_guardctl
+  | gzip -9n > "$out/guardctl.1.gz"
+gzip -9n < packaging/man/pam_soffid_otp.8 > "$out/pam_soffid_otp.8.gz"
+gzip -9n < packaging/man/rules.toml.5 > "$out/rules.toml.5.gz"
+target/release/guardctl completions bash > "$out/guardctl"
+target/release/guardctl completions zsh > "$out/_guardctl"
 
 args=(-p guardd --no-build --no-strip -o target/debian/)
 [ -n "${DEB_VERSION:-}" ] && args+=(--deb-version "$DEB_VERSION")
