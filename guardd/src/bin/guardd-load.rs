@@ -1,0 +1,277 @@
+//! guardd-load: drives a real guardd (the binary beside this one) on a scratch socket with N
+//! enrolled users (HOTP tokens, so every success has a fresh counter) from C concurrent clients
+//! for T seconds, and reports throughput, latency percentiles and guardd's peak RSS.
+//!
+//!     cargo build --release -p guardd && \
+//!     cargo run --release -p guardd --bin guardd-load -- --users 1000 --clients 32 --seconds 10
+//!
+//! `--mode ok` (right codes), `wrong` (a wrong-code storm: the back-off must stay cheap) or
+//! `mixed` (one client in ten sends wrong codes for its own users). The last line is
+//! machine-readable.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Parser, ValueEnum};
+use guardd::otp::{self, Kind, OtpParams};
+use guardd::store::{NewToken, SqliteStore};
+use proto::v1::guard_client::GuardClient;
+use proto::v1::{step, AnswerRequest, BeginRequest, LoginContext};
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Mode {
+    Ok,
+    Wrong,
+    Mixed,
+}
+
+#[derive(Parser)]
+#[command(about = "Load test a real guardd")]
+struct Args {
+    /// Enrolled users (one HOTP token each)
+    #[arg(long, default_value_t = 1000)]
+    users: usize,
+    /// Concurrent clients, each on its own connection
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds of load
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, value_enum, default_value_t = Mode::Ok)]
+    mode: Mode,
+    /// The guardd binary [default: the one beside guardd-load]
+    #[arg(long)]
+    guardd: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.clients == 0 || args.users < args.clients {
+        bail!("need at least one client and at least as many users as clients");
+    }
+    let guardd = match args.guardd.clone() {
+        Some(p) => p,
+        None => std::env::current_exe()?
+            .parent()
+            .context("no parent directory")?
+            .join("guardd"),
+    };
+    let dir = tempfile::tempdir()?;
+    let (socket, db, key) = (
+        dir.path().join("guardd.sock"),
+        dir.path().join("guardd.db"),
+        dir.path().join("guardd.key"),
+    );
+    std::fs::write(
+        dir.path().join("rules.toml"),
+        "version = 1\ndefault = \"deny\"\n[[rule]]\nid = \"all\"\neffect = \"otp\"\n",
+    )?;
+    std::fs::write(dir.path().join("guardd.toml"), "max_tries = 1\n")?;
+
+    let t = Instant::now();
+    let secrets: Vec<Vec<u8>> = (0..args.users)
+        .map(|_| otp::new_secret().map(|s| s.to_vec()))
+        .collect::<Result<_, _>>()?;
+    let names: Vec<String> = (0..args.users).map(|i| format!("load{i}")).collect();
+    {
+        let store = SqliteStore::open(&db, &key)?;
+        let tokens: Vec<NewToken> = names
+            .iter()
+            .zip(&secrets)
+            .map(|(user, secret)| NewToken {
+                user,
+                label: "load",
+                kind: Kind::Hotp,
+                params: OtpParams::default(),
+                secret,
+            })
+            .collect();
+        store.add_active_many(&tokens, 0)?;
+    }
+    eprintln!("enrolled {} users in {:?}", args.users, t.elapsed());
+
+    let started = Instant::now();
+    let mut child = Command::new(&guardd)
+        .arg("--config")
+        .arg(dir.path().join("guardd.toml"))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--database")
+        .arg(&db)
+        .arg("--key-file")
+        .arg(&key)
+        .arg("--policy")
+        .arg(dir.path().join("rules.toml"))
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", guardd.display()))?;
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if started.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            bail!("guardd did not start");
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let startup = started.elapsed();
+
+    let runtime = tokio::runtime::Runtime::new()?;
+    let (latencies, errors, wrong_sent) =
+        runtime.block_on(drive(&args, &socket, secrets, names))?;
+    let rss = peak_rss_kib(child.id());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::SIGTERM,
+    );
+    let _ = child.wait();
+
+    let mut l = latencies;
+    l.sort_unstable();
+    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)));
+    let us = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros());
+    let per_s = l.len() as f64 / args.seconds as f64;
+    println!(
+        "{} logins in {} s from {} clients over {} users (mode {}): {:.0}/s ({} with wrong codes)",
+        l.len(),
+        args.seconds,
+        args.clients,
+        args.users,
+        match args.mode {
+            Mode::Ok => "ok",
+            Mode::Wrong => "wrong",
+            Mode::Mixed => "mixed",
+        },
+        per_s,
+        wrong_sent
+    );
+    println!(
+        "latency p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; guardd start-up {} ms; peak RSS {} KiB",
+        us(pct(0.5)),
+        us(pct(0.9)),
+        us(pct(0.99)),
+        us(l.last()),
+        startup.as_millis(),
+        rss
+    );
+    println!(
+        "verifications_per_s={per_s:.0} p50_us={} p99_us={} max_us={} guardd_peak_rss_kib={rss} startup_ms={} errors={errors}",
+        us(pct(0.5)),
+        us(pct(0.99)),
+        us(l.last()),
+        startup.as_millis()
+    );
+    Ok(())
+}
+
+/// Runs the clients; returns every login's latency, the number of errors, and of wrong sends.
+async fn drive(
+    args: &Args,
+    socket: &std::path::Path,
+    secrets: Vec<Vec<u8>>,
+    names: Vec<String>,
+) -> anyhow::Result<(Vec<Duration>, u64, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(args.seconds);
+    let (secrets, names) = (Arc::new(secrets), Arc::new(names));
+    let mut tasks = Vec::new();
+    for c in 0..args.clients {
+        let mut client = GuardClient::new(proto::connect(socket, Duration::from_secs(10)).await?);
+        let (secrets, names) = (secrets.clone(), names.clone());
+        let (users, clients) = (args.users, args.clients);
+        let wrong = match args.mode {
+            Mode::Ok => false,
+            Mode::Wrong => true,
+            Mode::Mixed => c % 10 == 0,
+        };
+        tasks.push(tokio::spawn(async move {
+            // This client's users: c, c + C, c + 2C, ...; their next HOTP counters.
+            let mine: Vec<usize> = (c..users).step_by(clients).collect();
+            let mut next = vec![1u64; mine.len()];
+            let (mut lat, mut errors, mut sent_wrong) = (Vec::new(), 0u64, 0u64);
+            let mut k = 0;
+            while Instant::now() < deadline {
+                let slot = k % mine.len();
+                let user = mine[slot];
+                k += 1;
+                let code = if wrong {
+                    sent_wrong += 1;
+                    "000000".to_owned()
+                } else {
+                    match otp::code_for(
+                        &secrets[user],
+                        Kind::Hotp,
+                        OtpParams::default(),
+                        next[slot],
+                    ) {
+                        Ok(code) => code,
+                        Err(_) => {
+                            errors += 1;
+                            continue;
+                        }
+                    }
+                };
+                let t = Instant::now();
+                let permitted = login(&mut client, &names[user], &code).await;
+                lat.push(t.elapsed());
+                match (permitted, wrong) {
+                    (Ok(true), false) => next[slot] += 1,
+                    (Ok(false), true) => {}
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors, sent_wrong)
+        }));
+    }
+    let (mut all, mut errors, mut wrong) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (l, e, w) = t.await?;
+        all.extend(l);
+        errors += e;
+        wrong += w;
+    }
+    Ok((all, errors, wrong))
+}
+
+async fn login(
+    client: &mut GuardClient<tonic::transport::Channel>,
+    user: &str,
+    code: &str,
+) -> Result<bool, tonic::Status> {
+    let step = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: user.into(),
+                service: "load".into(),
+                ..LoginContext::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let Some(step::Kind::Prompt(p)) = step.kind else {
+        return Ok(false);
+    };
+    let done = client
+        .answer(AnswerRequest {
+            challenge: p.challenge,
+            response: code.as_bytes().to_vec(),
+        })
+        .await?
+        .into_inner();
+    Ok(matches!(done.kind, Some(step::Kind::Permit(_))))
+}
+
+/// guardd's peak resident set (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
