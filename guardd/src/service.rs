@@ -1221,17 +1221,25 @@ fn check_answer(
     backoff: &Backoff,
 ) -> Result<Verdict, StoreError> {
     let now_i = now as i64;
-    if let Some(wait) = store.lockout(user)?.remaining(now_i) {
+    let lockout = store.lockout(user)?;
+    if let Some(wait) = lockout.remaining(now_i) {
         return Ok(Verdict::Locked(wait));
     }
+    // A success resets the failure count; with none recorded there is nothing to write.
+    let reset = |store: &dyn Store| {
+        if lockout.failures > 0 {
+            store.clear_failures(user)?;
+        }
+        Ok::<_, StoreError>(())
+    };
     if let Some(id) = consume_code(store, user, TokenState::Active, response, now, windows)? {
-        store.clear_failures(user)?;
+        reset(store)?;
         return Ok(Verdict::Otp(id));
     }
     if let Some(code) = backup::normalize(response) {
         for (id, hash) in store.backup_codes(user)? {
             if backup::matches(&code, &hash) && store.use_backup_code(id)? {
-                store.clear_failures(user)?;
+                reset(store)?;
                 return Ok(Verdict::Backup);
             }
         }

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -48,6 +48,8 @@ pub enum StoreError {
     Busy,
     #[error("token database error: {0}")]
     Sqlite(rusqlite::Error),
+    #[error("{0}")]
+    Batch(String),
     #[error("the token database holds an invalid row for token {0}")]
     Corrupt(String),
 }
@@ -214,6 +216,40 @@ const KEY_CHECK: &[u8] = b"soffid-otp key check";
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     sealer: Sealer,
+    /// Accepts waiting for the next group commit.
+    accepts: Mutex<Vec<Arc<Accept>>>,
+}
+
+/// One queued compare-and-set of a token's counter, and its result once committed.
+struct Accept {
+    id: String,
+    from: TokenState,
+    counter: i64,
+    drift: i64,
+    now: i64,
+    done: Mutex<Option<Result<bool, BatchError>>>,
+}
+
+/// A group commit's failure, shared by every accept in the batch.
+#[derive(Clone)]
+struct BatchError {
+    busy: bool,
+    message: String,
+}
+
+impl From<BatchError> for StoreError {
+    fn from(e: BatchError) -> Self {
+        if e.busy {
+            StoreError::Busy
+        } else {
+            StoreError::Batch(e.message)
+        }
+    }
+}
+
+/// Locks `m`, reusing it after a panic elsewhere (the data are plain values, never half-written).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SqliteStore {
@@ -281,6 +317,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             sealer,
+            accepts: Mutex::new(Vec::new()),
         })
     }
 
@@ -322,7 +359,7 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
         // half-written: a poisoned lock is safe to reuse.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
     }
 }
 
@@ -465,12 +502,61 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let counter = i64::try_from(counter).map_err(|_| StoreError::Corrupt(id.into()))?;
-        let changed = self.conn().execute(
-            "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
-             WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
-            params![counter, drift, now, id, from.as_str()],
-        )?;
-        Ok(changed == 1)
+        let slot = Arc::new(Accept {
+            id: id.to_owned(),
+            from,
+            counter,
+            drift,
+            now,
+            done: Mutex::new(None),
+        });
+        lock(&self.accepts).push(slot.clone());
+        // Group commit: whoever holds the connection next commits every accept queued so far in
+        // one transaction (one fsync). If an earlier holder already committed ours, we are done.
+        let mut conn = self.conn();
+        let committed = lock(&slot.done).take();
+        if let Some(result) = committed {
+            return result.map_err(StoreError::from);
+        }
+        let batch = std::mem::take(&mut *lock(&self.accepts));
+        let outcome = (|| -> Result<Vec<bool>, rusqlite::Error> {
+            let tx = conn.transaction()?;
+            let mut changed = Vec::with_capacity(batch.len());
+            for a in &batch {
+                changed.push(
+                    tx.execute(
+                        "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
+                         WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
+                        params![a.counter, a.drift, a.now, a.id, a.from.as_str()],
+                    )? == 1,
+                );
+            }
+            tx.commit()?;
+            Ok(changed)
+        })();
+        match outcome {
+            Ok(changed) => {
+                for (a, c) in batch.iter().zip(changed) {
+                    *lock(&a.done) = Some(Ok(c));
+                }
+            }
+            Err(e) => {
+                let e = StoreError::from(e);
+                let shared = BatchError {
+                    busy: matches!(e, StoreError::Busy),
+                    message: e.to_string(),
+                };
+                for a in &batch {
+                    *lock(&a.done) = Some(Err(shared.clone()));
+                }
+            }
+        }
+        drop(conn);
+        let result = lock(&slot.done).take();
+        match result {
+            Some(r) => r.map_err(StoreError::from),
+            None => Err(StoreError::Batch("the accept was not committed".into())),
+        }
     }
 
     fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
@@ -651,6 +737,29 @@ mod tests {
         assert_eq!((info.state.as_str(), info.last_used), ("active", Some(3)));
         let secret = &s.secrets("ann", TokenState::Active).unwrap()[0];
         assert_eq!((secret.counter.last, secret.counter.drift), (Some(101), -1));
+    }
+
+    #[test]
+    fn group_commit_accepts_one_step_once_among_concurrent_callers() {
+        let (_d, s) = temp_store();
+        let a = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        let b = s.add_pending(new_token("bob", &[2; 20]), 1).unwrap();
+        assert!(s.accept(&a.id, TokenState::Pending, 10, 0, 1).unwrap());
+        assert!(s.accept(&b.id, TokenState::Pending, 10, 0, 1).unwrap());
+        let (wins_a, wins_b) = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..64)
+                .map(|i| {
+                    let (id, s) = (if i % 2 == 0 { &a.id } else { &b.id }, &s);
+                    scope
+                        .spawn(move || (i % 2, s.accept(id, TokenState::Active, 11, 0, 2).unwrap()))
+                })
+                .collect();
+            let results: Vec<(usize, bool)> =
+                handles.into_iter().map(|h| h.join().unwrap()).collect();
+            let count = |k| results.iter().filter(|(t, won)| *t == k && *won).count();
+            (count(0), count(1))
+        });
+        assert_eq!((wins_a, wins_b), (1, 1));
     }
 
     #[test]
