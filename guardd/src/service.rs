@@ -263,20 +263,7 @@ impl GuardService {
 #[tonic::async_trait]
 impl Guard for GuardService {
     async fn begin(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let caller = Caller::of(&req)?;
-        let ctx = req
-            .into_inner()
-            .context
-            .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
-        validate_context(&ctx)?;
-        self.authorize(
-            caller,
-            Action::Login,
-            Some(ctx.user.clone()),
-            "begin",
-            |_, _| Ok(false),
-        )
-        .await?;
+        let (caller, ctx) = self.login_request(req, "begin").await?;
         let (policy, decision, can_answer) = self.decide(&ctx).await?;
         let rule = decision.rule_label();
         let event = |outcome, reason: &str| {
@@ -422,20 +409,7 @@ impl Guard for GuardService {
     }
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let caller = Caller::of(&req)?;
-        let ctx = req
-            .into_inner()
-            .context
-            .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
-        validate_context(&ctx)?;
-        self.authorize(
-            caller,
-            Action::Login,
-            Some(ctx.user.clone()),
-            "check",
-            |_, _| Ok(false),
-        )
-        .await?;
+        let (caller, ctx) = self.login_request(req, "check").await?;
         let (policy, decision, _) = self.decide(&ctx).await?;
         let Rule::Deny { message } = &decision.verdict else {
             return Ok(Response::new(Step {
@@ -1069,6 +1043,30 @@ fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
 }
 
 impl GuardService {
+    /// The caller and the validated login context of a Begin or Check, if the caller may act
+    /// for that user (root, or the user themself).
+    async fn login_request(
+        &self,
+        req: Request<BeginRequest>,
+        action: &'static str,
+    ) -> Result<(Caller, LoginContext), Status> {
+        let caller = Caller::of(&req)?;
+        let ctx = req
+            .into_inner()
+            .context
+            .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
+        validate_context(&ctx)?;
+        self.authorize(
+            caller,
+            Action::Login,
+            Some(ctx.user.clone()),
+            action,
+            |_, _| Ok(false),
+        )
+        .await?;
+        Ok((caller, ctx))
+    }
+
     /// Decides a login by the rules in force. Also tells whether the user could answer an OTP
     /// prompt (an active token or backup codes), which only an `otp` verdict needs.
     async fn decide(

@@ -7,41 +7,7 @@ use std::time::{Duration, Instant};
 use harness::{artefact, is_deny, is_permit, write_rules, Daemon, PamServices};
 use proto::v1::{step, Step};
 
-const SOFFID: &str = r#"
-version = 1
-algorithm = "first-applicable"
-default = "permit"
-timezone = "UTC"
-
-[sets]
-admin_net  = ["10.20.0.0/16"]
-prod_hosts = ["db-*.prod.example.com", "pay-*"]
-
-[[rule]]
-id = "root-only-from-admin-net"
-effect = "deny"
-message = "root login is only allowed from the admin network"
-match  = { user = ["root"], service = ["sshd"] }
-except = { rhost = ["@admin_net"] }
-
-[[rule]]
-id = "recovery-needs-otp"
-effect = "otp"
-unenrolled = "deny"
-match = { service = ["recovery"] }
-
-[[rule]]
-id = "prod-ssh-otp"
-effect = "otp"
-unenrolled = "deny"
-match = { service = ["sshd"], host = ["@prod_hosts"] }
-
-[[rule]]
-id = "sudo-otp-if-enrolled"
-effect = "otp"
-unenrolled = "permit"
-match = { service = ["sudo"] }
-"#;
+const SOFFID: &str = include_str!("../../packaging/examples/soffid-rules.toml");
 
 fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {
     Command::new(artefact("guardctl"))
