@@ -86,8 +86,8 @@ enum Flow {
     RecoverConfirm(Zeroizing<String>),
 }
 
-/// The `Guard` gRPC service. Until the policy engine lands the decision is fixed: a user with an
-/// active token (or backup codes) must give a code; anyone else is denied (fail closed).
+/// The `Guard` gRPC service: every login is decided by the rules in force (permit, deny, or an
+/// OTP prompt), codes are verified against the store, and every call is audited.
 pub struct GuardService {
     store: Arc<dyn Store>,
     /// The rules in force; replaced whole by a reload, never left half-loaded.
