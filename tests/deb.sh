@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" -eq 0 ] || { echo "deb.sh: skipped (needs root)"; exit 0; }
 
 fail() { echo "deb.sh: FAILED: $*" >&2; exit 1; }
+if [ -e /usr/sbin/guardd ] && ! dpkg -S /usr/sbin/guardd >/dev/null 2>&1; then
+  # scripts/install.sh put guardd here by hand: installing and purging the package would take
+  # over and then delete that installation.
+  echo "deb.sh: skipped: /usr/sbin/guardd was installed by scripts/install.sh, not by the package"
+  exit 0
+fi
 user=otpdeb$$
 scratch=$(mktemp -d)
 pid=""
