@@ -846,13 +846,9 @@ impl Guard for GuardService {
             token_id,
             enabled,
         } = req.into_inner();
-        validate_name("user", &user)?;
         validate_name("token id", &token_id)?;
         let action = if enabled { "enable" } else { "disable" };
-        self.authorize(caller, Action::Admin, Some(user.clone()), action, |_, _| {
-            Ok(false)
-        })
-        .await?;
+        self.admin_only(caller, &user, action).await?;
         let (from, to) = if enabled {
             (TokenState::Disabled, TokenState::Active)
         } else {
@@ -889,16 +885,8 @@ impl Guard for GuardService {
             second,
         } = req.into_inner();
         let (first, second) = (Zeroizing::new(first), Zeroizing::new(second));
-        validate_name("user", &user)?;
         validate_name("token id", &token_id)?;
-        self.authorize(
-            caller,
-            Action::Admin,
-            Some(user.clone()),
-            "resync",
-            |_, _| Ok(false),
-        )
-        .await?;
+        self.admin_only(caller, &user, "resync").await?;
         let (u, id, now) = (user.clone(), token_id.clone(), self.clock.now());
         let result = self
             .blocking(move |store| {
@@ -940,15 +928,7 @@ impl Guard for GuardService {
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockReply>, Status> {
         let caller = Caller::of(&req)?;
         let user = req.into_inner().user;
-        validate_name("user", &user)?;
-        self.authorize(
-            caller,
-            Action::Admin,
-            Some(user.clone()),
-            "unlock",
-            |_, _| Ok(false),
-        )
-        .await?;
+        self.admin_only(caller, &user, "unlock").await?;
         let u = user.clone();
         let was_locked = self
             .blocking(move |store| store.clear_failures(&u).map_err(store_status))
@@ -963,15 +943,7 @@ impl Guard for GuardService {
     ) -> Result<Response<BackupCodesReply>, Status> {
         let caller = Caller::of(&req)?;
         let user = req.into_inner().user;
-        validate_name("user", &user)?;
-        self.authorize(
-            caller,
-            Action::Admin,
-            Some(user.clone()),
-            "backup-codes",
-            |_, _| Ok(false),
-        )
-        .await?;
+        self.admin_only(caller, &user, "backup-codes").await?;
         let (u, now) = (user.clone(), self.clock.now());
         let codes = self
             .blocking(move |store| {
@@ -1047,6 +1019,25 @@ fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
 }
 
 impl GuardService {
+    /// Checks the user name and that the caller may administer (root or the admin group; no
+    /// self-service): the preamble of disable/enable, resync, unlock and backup codes.
+    async fn admin_only(
+        &self,
+        caller: Caller,
+        user: &str,
+        action: &'static str,
+    ) -> Result<(), Status> {
+        validate_name("user", user)?;
+        self.authorize(
+            caller,
+            Action::Admin,
+            Some(user.to_owned()),
+            action,
+            |_, _| Ok(false),
+        )
+        .await
+    }
+
     /// The caller and the validated login context of a Begin or Check, if the caller may act
     /// for that user (root, or the user themself).
     async fn login_request(

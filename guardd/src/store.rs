@@ -332,17 +332,36 @@ impl SqliteStore {
         let tx = conn.transaction()?;
         let mut ids = Vec::with_capacity(tokens.len());
         for token in tokens {
-            let id = crate::otp::random_hex(8).map_err(|_| SealError::Random)?;
+            let id = self.insert_token(&tx, token, TokenState::Active, now)?;
+            ids.push(id);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Inserts `token` in `state` under a fresh id (its sealed secret bound to that id) and
+    /// returns the id. 48 random bits: short enough to type in `guardctl delete`; a collision is
+    /// retried.
+    fn insert_token(
+        &self,
+        conn: &Connection,
+        token: &NewToken<'_>,
+        state: TokenState,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        loop {
+            let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
             let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
-            tx.execute(
-                "INSERT INTO tokens
+            let inserted = conn.execute(
+                "INSERT OR IGNORE INTO tokens
                  (id, user, label, kind, state, secret, algorithm, digits, period, created)
-                 VALUES (?1, ?2, ?3, ?4, 'active', ?5, ?6, ?7, ?8, ?9)",
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     id,
                     token.user,
                     token.label,
                     token.kind.as_str(),
+                    state.as_str(),
                     sealed,
                     token.params.algorithm.as_str(),
                     token.params.digits,
@@ -350,10 +369,10 @@ impl SqliteStore {
                     now
                 ],
             )?;
-            ids.push(id);
+            if inserted == 1 {
+                return Ok(id);
+            }
         }
-        tx.commit()?;
-        Ok(ids)
     }
 
     fn conn(&self) -> MutexGuard<'_, Connection> {
@@ -404,39 +423,16 @@ fn row_params(id: &str, alg: &str, digits: i64, period: i64) -> Result<OtpParams
 
 impl Store for SqliteStore {
     fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError> {
-        let conn = self.conn();
-        loop {
-            // 48 bits: short enough to type in `guardctl delete`; a collision is retried.
-            let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
-            let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
-            let inserted = conn.execute(
-                "INSERT OR IGNORE INTO tokens
-                 (id, user, label, kind, state, secret, algorithm, digits, period, created)
-                 VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    id,
-                    token.user,
-                    token.label,
-                    token.kind.as_str(),
-                    sealed,
-                    token.params.algorithm.as_str(),
-                    token.params.digits,
-                    token.params.period as i64,
-                    now
-                ],
-            )?;
-            if inserted == 1 {
-                return Ok(TokenInfo {
-                    id,
-                    user: token.user.into(),
-                    label: token.label.into(),
-                    kind: token.kind.as_str().into(),
-                    state: TokenState::Pending.as_str().into(),
-                    created: now,
-                    last_used: None,
-                });
-            }
-        }
+        let id = self.insert_token(&self.conn(), &token, TokenState::Pending, now)?;
+        Ok(TokenInfo {
+            id,
+            user: token.user.into(),
+            label: token.label.into(),
+            kind: token.kind.as_str().into(),
+            state: TokenState::Pending.as_str().into(),
+            created: now,
+            last_used: None,
+        })
     }
 
     fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
