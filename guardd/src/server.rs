@@ -10,6 +10,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::Config;
 use crate::service::{Clock, GuardService};
+use crate::store::StoreThread;
 use crate::store::{SqliteStore, StoreError};
 
 /// Longest time one RPC may take inside the daemon.
@@ -125,7 +126,8 @@ pub async fn run_with_clock(
     // SIGHUP re-reads the rules, as `guardctl reload` does.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
-    let service = Arc::new(GuardService::new(Arc::new(store), &config, policy, clock));
+    let store = StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
+    let service = Arc::new(GuardService::new(store, &config, policy, clock));
     let listener = bind(&config.socket).await?;
     // systemd (Type=notify): the socket accepts connections from now on.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);

@@ -1,3 +1,4 @@
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -23,7 +24,7 @@ use crate::otp::{self, HashAlg, Kind, OtpParams, Windows};
 use crate::policy::{
     self as rules, Facts, LookupError, Outcome, Policy, PolicyError, Unenrolled, Verdict as Rule,
 };
-use crate::store::{NewToken, Store, StoreError, TokenInfo, TokenState};
+use crate::store::{NewToken, Store, StoreError, StoreThread, TokenInfo, TokenState};
 
 /// How long a user has to type the code after the prompt appears.
 const SESSION_TTL: Duration = Duration::from_secs(300);
@@ -89,7 +90,8 @@ enum Flow {
 /// The `Guard` gRPC service: every login is decided by the rules in force (permit, deny, or an
 /// OTP prompt), codes are verified against the store, and every call is audited.
 pub struct GuardService {
-    store: Arc<dyn Store>,
+    /// Every store call runs on this one thread; see `StoreThread`.
+    store: StoreThread,
     /// The rules in force; replaced whole by a reload, never left half-loaded.
     policy: RwLock<Arc<Policy>>,
     /// Where reloads read the rules from.
@@ -106,6 +108,14 @@ pub struct GuardService {
     clock: Clock,
 }
 
+/// What the store thread made of an answer.
+enum Checked {
+    Done(Verdict),
+    /// It may be a backup code: compare it with these (id, hash) pairs off the store thread,
+    /// since Argon2 takes milliseconds that every other login would wait for.
+    Backup(Zeroizing<String>, Vec<(i64, String)>),
+}
+
 /// The outcome of checking one answer.
 enum Verdict {
     /// Refused unchecked: the user must wait this many seconds.
@@ -119,7 +129,7 @@ enum Verdict {
 }
 
 impl GuardService {
-    pub fn new(store: Arc<dyn Store>, config: &Config, policy: Policy, clock: Clock) -> Self {
+    pub fn new(store: StoreThread, config: &Config, policy: Policy, clock: Clock) -> Self {
         GuardService {
             store,
             policy: RwLock::new(Arc::new(policy)),
@@ -169,15 +179,12 @@ impl GuardService {
         }
     }
 
-    /// Runs blocking work (SQLite, NSS look-ups) off the async threads.
-    async fn blocking<T: Send + 'static>(
+    /// Runs `f` on the store thread, in the next group commit.
+    async fn store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || f(store.as_ref()))
-            .await
-            .map_err(|_| Status::internal("internal error; see the guardd log"))?
+        self.store.run(f).await
     }
 
     /// Checks the caller against the access table; refusals are audited.
@@ -195,15 +202,19 @@ impl GuardService {
         }
         let group = self.admin_group.clone();
         let u = user.clone();
-        let result = self
-            .blocking(move |store| {
-                let own = match &u {
-                    Some(u) if caller.is_user(u) => self_service(store, u).map_err(store_status)?,
-                    _ => false,
-                };
-                authorize(&caller, action, u.as_deref(), &group, own)
-            })
-            .await;
+        let result = async {
+            // Whether the user may do this to their own tokens; it only counts if the caller
+            // turns out to be that user.
+            let own = match u.clone() {
+                Some(u) => {
+                    self.store(move |store| Ok(self_service(store, &u)?))
+                        .await?
+                }
+                None => false,
+            };
+            system(move || authorize(&caller, action, u.as_deref(), &group, own)).await
+        }
+        .await;
         if let Err(status) = &result {
             audit::record(
                 &Event {
@@ -333,11 +344,12 @@ impl Guard for GuardService {
         let requested = req.into_inner().user;
         let own = requested.is_empty();
         let user = if own {
-            tokio::task::spawn_blocking(move || caller.name())
-                .await
-                .ok()
-                .flatten()
-                .ok_or_else(|| Status::permission_denied("your uid has no user name"))?
+            system(move || {
+                caller
+                    .name()
+                    .ok_or_else(|| Status::permission_denied("your uid has no user name"))
+            })
+            .await?
         } else {
             requested
         };
@@ -360,14 +372,13 @@ impl Guard for GuardService {
         // Recovery always needs an OTP: the rules may only forbid it. Unknown users and users
         // without a device take the same path (both look-ups always run).
         let u = user.clone();
-        let has_device = self
-            .blocking(move |store| {
-                let known = matches!(nix::unistd::User::from_name(&u), Ok(Some(_)));
-                let device = store.has_active(&u).map_err(store_status)?
-                    || !store.backup_codes(&u).map_err(store_status)?.is_empty();
-                Ok(known && device)
-            })
+        let known =
+            system(move || Ok(matches!(nix::unistd::User::from_name(&u), Ok(Some(_))))).await?;
+        let u = user.clone();
+        let device = self
+            .store(move |store| Ok(store.has_active(&u)? || !store.backup_codes(&u)?.is_empty()))
             .await?;
+        let has_device = known && device;
         let rule = decision.rule_label();
         let event = |outcome, reason: &str| {
             audit::record(
@@ -472,74 +483,75 @@ impl Guard for GuardService {
             request.host = ctx.host.clone();
         }
         let policy = self.policy();
-        let reply = self
-            .blocking(move |store| {
-                let facts = LoginFacts::new(store, &request.user);
-                let d = policy.evaluate(&request, &facts, true);
-                let yes_no = |r: Result<bool, LookupError>| match r {
-                    Ok(true) => "yes".to_owned(),
-                    Ok(false) => "no".to_owned(),
-                    Err(LookupError(e)) => format!("unknown ({e})"),
-                };
-                let groups = match facts.groups() {
-                    Ok(g) => format!("[{}]", g.join(",")),
-                    Err(LookupError(e)) => format!("unknown ({e})"),
-                };
-                let when = jiff::Timestamp::from_second(request.time)
-                    .map(|t| t.to_string())
-                    .unwrap_or_default();
-                let request_line = format!(
-                    "user={} groups={groups} service={} rhost={} host={} tty={} enrolled={} time={when}",
-                    request.user,
-                    request.service,
-                    request.rhost.as_deref().unwrap_or("local"),
-                    request.host,
-                    request.tty.as_deref().unwrap_or("(none)"),
-                    yes_no(facts.enrolled()),
-                );
-                let decision = match (&d.verdict, &d.indeterminate) {
-                    (_, Some(cause)) => format!("Deny: Indeterminate ({cause})"),
-                    (Rule::Permit, _) => format!("Permit without OTP ({})", d.rule_label()),
-                    (Rule::Deny { message }, _) => format!(
-                        "Deny ({}){}",
-                        d.rule_label(),
-                        message.as_ref().map(|m| format!(": {m}")).unwrap_or_default()
-                    ),
-                    (Rule::Otp { unenrolled }, _) => format!(
-                        "OTP required ({}; unenrolled={})",
-                        d.rule_label(),
-                        match unenrolled {
-                            Unenrolled::Deny => "deny",
-                            Unenrolled::Permit => "permit",
-                        }
-                    ),
-                };
-                Ok(ExplainReply {
-                    request: request_line,
-                    policy: policy.summary(),
-                    rules: d
-                        .trace
-                        .iter()
-                        .enumerate()
-                        .map(|(i, t)| RuleLine {
-                            index: i as u32 + 1,
-                            id: t.id.clone(),
-                            line: t.line as u32,
-                            outcome: match &t.outcome {
-                                Outcome::NotApplicable => "NotApplicable",
-                                Outcome::Applicable => "Applicable",
-                                Outcome::Indeterminate(_) => "Indeterminate",
-                            }
-                            .into(),
-                            why: t.why.clone(),
-                            decides: t.decides,
-                        })
-                        .collect(),
-                    decision,
+        // An explanation shows the groups and the enrolment whether or not a rule asks.
+        let mut facts = self.facts(&request.user).await?;
+        let user = request.user.clone();
+        facts.groups = Some(system(move || Ok(user_groups(&user))).await?);
+        let d = policy.evaluate(&request, &facts, true);
+        let yes_no = |r: Result<bool, LookupError>| match r {
+            Ok(true) => "yes".to_owned(),
+            Ok(false) => "no".to_owned(),
+            Err(LookupError(e)) => format!("unknown ({e})"),
+        };
+        let groups = match facts.groups() {
+            Ok(g) => format!("[{}]", g.join(",")),
+            Err(LookupError(e)) => format!("unknown ({e})"),
+        };
+        let when = jiff::Timestamp::from_second(request.time)
+            .map(|t| t.to_string())
+            .unwrap_or_default();
+        let request_line = format!(
+            "user={} groups={groups} service={} rhost={} host={} tty={} enrolled={} time={when}",
+            request.user,
+            request.service,
+            request.rhost.as_deref().unwrap_or("local"),
+            request.host,
+            request.tty.as_deref().unwrap_or("(none)"),
+            yes_no(facts.enrolled()),
+        );
+        let decision = match (&d.verdict, &d.indeterminate) {
+            (_, Some(cause)) => format!("Deny: Indeterminate ({cause})"),
+            (Rule::Permit, _) => format!("Permit without OTP ({})", d.rule_label()),
+            (Rule::Deny { message }, _) => format!(
+                "Deny ({}){}",
+                d.rule_label(),
+                message
+                    .as_ref()
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
+            ),
+            (Rule::Otp { unenrolled }, _) => format!(
+                "OTP required ({}; unenrolled={})",
+                d.rule_label(),
+                match unenrolled {
+                    Unenrolled::Deny => "deny",
+                    Unenrolled::Permit => "permit",
+                }
+            ),
+        };
+        Ok(Response::new(ExplainReply {
+            request: request_line,
+            policy: policy.summary(),
+            rules: d
+                .trace
+                .iter()
+                .enumerate()
+                .map(|(i, t)| RuleLine {
+                    index: i as u32 + 1,
+                    id: t.id.clone(),
+                    line: t.line as u32,
+                    outcome: match &t.outcome {
+                        Outcome::NotApplicable => "NotApplicable",
+                        Outcome::Applicable => "Applicable",
+                        Outcome::Indeterminate(_) => "Indeterminate",
+                    }
+                    .into(),
+                    why: t.why.clone(),
+                    decides: t.decides,
                 })
-            })
-            .await?;
-        Ok(Response::new(reply))
+                .collect(),
+            decision,
+        }))
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
@@ -590,13 +602,7 @@ impl Guard for GuardService {
             }
         };
         let ctx = session.context;
-        let user = ctx.user.clone();
-        let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
-        let verdict = self
-            .blocking(move |store| {
-                check_answer(store, &user, &response, now, windows, &backoff).map_err(store_status)
-            })
-            .await?;
+        let verdict = self.check_answer(&ctx.user, response).await?;
         let (outcome, reason, token) = match &verdict {
             Verdict::Otp(id) => ("permit", "otp verified", id.as_str()),
             Verdict::Backup => ("permit", "backup code used", ""),
@@ -677,23 +683,22 @@ impl Guard for GuardService {
         .await?;
         let issuer = self.issuer.clone();
         let now = self.clock.now();
+        let u = user.clone();
+        system(move || require_system_user(&u)).await?;
         let (info, uri) = self
-            .blocking(move |store| {
-                require_system_user(&user)?;
+            .store(move |store| {
                 let secret = otp::new_secret()
                     .map_err(|_| Status::internal("the system random source failed"))?;
-                let info = store
-                    .add_pending(
-                        NewToken {
-                            user: &user,
-                            label: &label,
-                            kind,
-                            params,
-                            secret: &secret,
-                        },
-                        now as i64,
-                    )
-                    .map_err(store_status)?;
+                let info = store.add_pending(
+                    NewToken {
+                        user: &user,
+                        label: &label,
+                        kind,
+                        params,
+                        secret: &secret,
+                    },
+                    now as i64,
+                )?;
                 let uri = otp::otpauth_uri(&issuer, &user, &secret, kind, params);
                 Ok((info, uri))
             })
@@ -734,15 +739,11 @@ impl Guard for GuardService {
         let (windows, now) = (self.windows, self.clock.now());
         let u = user.clone();
         let confirmed = self
-            .blocking(move |store| {
-                let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)
-                    .map_err(store_status)?;
+            .store(move |store| {
+                let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)?;
                 match id {
-                    Some(id) => Ok(Ok(store.get(&u, &id).map_err(store_status)?)),
-                    None => Ok(Err(store
-                        .secrets(&u, TokenState::Pending)
-                        .map_err(store_status)?
-                        .is_empty())),
+                    Some(id) => Ok(Ok(store.get(&u, &id)?)),
+                    None => Ok(Err(store.secrets(&u, TokenState::Pending)?.is_empty())),
                 }
             })
             .await?;
@@ -785,7 +786,7 @@ impl Guard for GuardService {
             .await?;
         let who = user.clone().unwrap_or_else(|| "*".into());
         let tokens = self
-            .blocking(move |store| store.list(user.as_deref()).map_err(store_status))
+            .store(move |store| Ok(store.list(user.as_deref())?))
             .await?;
         admin_audit(&caller, "list", &who, true, "");
         Ok(Response::new(ListReply {
@@ -809,9 +810,7 @@ impl Guard for GuardService {
         )
         .await?;
         let (u, id) = (user.clone(), token_id.clone());
-        let deleted = self
-            .blocking(move |store| store.delete(&u, &id).map_err(store_status))
-            .await?;
+        let deleted = self.store(move |store| Ok(store.delete(&u, &id)?)).await?;
         audit::record(
             &Event {
                 action: "delete",
@@ -856,9 +855,9 @@ impl Guard for GuardService {
         };
         let (u, id) = (user.clone(), token_id.clone());
         let token = self
-            .blocking(move |store| {
-                if store.set_state(&u, &id, from, to).map_err(store_status)? {
-                    store.get(&u, &id).map_err(store_status)
+            .store(move |store| {
+                if store.set_state(&u, &id, from, to)? {
+                    Ok(store.get(&u, &id)?)
                 } else {
                     Ok(None)
                 }
@@ -889,10 +888,8 @@ impl Guard for GuardService {
         self.admin_only(caller, &user, "resync").await?;
         let (u, id, now) = (user.clone(), token_id.clone(), self.clock.now());
         let result = self
-            .blocking(move |store| {
-                let tokens = store
-                    .secrets(&u, TokenState::Active)
-                    .map_err(store_status)?;
+            .store(move |store| {
+                let tokens = store.secrets(&u, TokenState::Active)?;
                 let Some(token) = tokens.into_iter().find(|t| t.id == id) else {
                     return Err(Status::not_found(format!(
                         "{u} has no active token {id}; see `guardctl list {u}`"
@@ -910,13 +907,10 @@ impl Guard for GuardService {
                             "the two codes are not consecutive codes of token {id} within {RESYNC_WINDOW} counters"
                         ))
                     })?;
-                if !store
-                    .accept(&id, TokenState::Active, counter, 0, now as i64)
-                    .map_err(store_status)?
-                {
+                if !store.accept(&id, TokenState::Active, counter, 0, now as i64)? {
                     return Err(Status::aborted("the token changed meanwhile; try again"));
                 }
-                store.get(&u, &id).map_err(store_status)
+                Ok(store.get(&u, &id)?)
             })
             .await;
         admin_audit(&caller, "resync", &user, result.is_ok(), &token_id);
@@ -931,7 +925,7 @@ impl Guard for GuardService {
         self.admin_only(caller, &user, "unlock").await?;
         let u = user.clone();
         let was_locked = self
-            .blocking(move |store| store.clear_failures(&u).map_err(store_status))
+            .store(move |store| Ok(store.clear_failures(&u)?))
             .await?;
         admin_audit(&caller, "unlock", &user, true, "");
         Ok(Response::new(UnlockReply { was_locked }))
@@ -945,16 +939,14 @@ impl Guard for GuardService {
         let user = req.into_inner().user;
         self.admin_only(caller, &user, "backup-codes").await?;
         let (u, now) = (user.clone(), self.clock.now());
-        let codes = self
-            .blocking(move |store| {
-                require_system_user(&u)?;
-                let (codes, hashes) =
-                    backup::generate().map_err(|e| Status::internal(e.to_string()))?;
-                store
-                    .replace_backup_codes(&u, &hashes, now as i64)
-                    .map_err(store_status)?;
-                Ok(codes)
-            })
+        // Hashing ten codes with Argon2 takes a while: not on the store thread.
+        let (codes, hashes) = system(move || {
+            require_system_user(&u)?;
+            backup::generate().map_err(|e| Status::internal(e.to_string()))
+        })
+        .await?;
+        let u = user.clone();
+        self.store(move |store| Ok(store.replace_backup_codes(&u, &hashes, now as i64)?))
             .await?;
         admin_audit(&caller, "backup-codes", &user, true, "");
         Ok(Response::new(BackupCodesReply {
@@ -963,40 +955,41 @@ impl Guard for GuardService {
     }
 }
 
-/// The look-ups a decision may need, each done at most once per request and only when a rule
-/// asks: the user's groups through NSS, and whether the user has an active token.
-struct LoginFacts<'a> {
-    store: &'a dyn Store,
-    user: &'a str,
-    groups: std::cell::OnceCell<Result<Vec<String>, LookupError>>,
-    enrolled: std::cell::OnceCell<Result<bool, LookupError>>,
+/// The facts a decision may need, gathered before it is made (the rules themselves never
+/// block): from the store whether the user has an active token, and through NSS the user's
+/// groups, looked up only once a rule asks for them.
+struct LoginFacts {
+    enrolled: bool,
+    /// An active token or backup codes: the user can answer a prompt.
+    can_answer: bool,
+    groups: Option<Result<Vec<String>, LookupError>>,
+    /// Set when a rule asked for groups not looked up yet.
+    wanted_groups: Cell<bool>,
 }
 
-impl<'a> LoginFacts<'a> {
-    fn new(store: &'a dyn Store, user: &'a str) -> Self {
-        LoginFacts {
-            store,
-            user,
-            groups: Default::default(),
-            enrolled: Default::default(),
-        }
-    }
-}
-
-impl Facts for LoginFacts<'_> {
+impl Facts for LoginFacts {
     fn groups(&self) -> Result<Vec<String>, LookupError> {
-        self.groups.get_or_init(|| user_groups(self.user)).clone()
+        match &self.groups {
+            Some(groups) => groups.clone(),
+            None => {
+                self.wanted_groups.set(true);
+                Err(LookupError("groups not looked up yet".into()))
+            }
+        }
     }
 
     fn enrolled(&self) -> Result<bool, LookupError> {
-        self.enrolled
-            .get_or_init(|| {
-                self.store
-                    .has_active(self.user)
-                    .map_err(|e| LookupError(e.to_string()))
-            })
-            .clone()
+        Ok(self.enrolled)
     }
+}
+
+/// Runs blocking system work (NSS look-ups, chpasswd, Argon2) on tokio's blocking threads.
+async fn system<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Status::internal("internal error; see the guardd log"))?
 }
 
 /// Primary and supplementary group names of `user` (none for an unknown user).
@@ -1070,21 +1063,72 @@ impl GuardService {
     ) -> Result<(Arc<Policy>, rules::Decision, bool), Status> {
         let policy = self.policy();
         let request = self.rules_request(ctx, self.clock.now() as i64);
-        let p = policy.clone();
-        let (decision, can_answer) = self
-            .blocking(move |store| {
-                let facts = LoginFacts::new(store, &request.user);
-                let decision = p.evaluate(&request, &facts, false);
-                let can_answer = matches!(decision.verdict, Rule::Otp { .. })
-                    && (store.has_active(&request.user).map_err(store_status)?
-                        || !store
-                            .backup_codes(&request.user)
-                            .map_err(store_status)?
-                            .is_empty());
-                Ok((decision, can_answer))
+        let mut facts = self.facts(&ctx.user).await?;
+        let mut decision = policy.evaluate(&request, &facts, false);
+        if facts.wanted_groups.get() {
+            // A rule asked for the groups: look them up (NSS may be slow) and decide again.
+            let user = ctx.user.clone();
+            facts.groups = Some(system(move || Ok(user_groups(&user))).await?);
+            decision = policy.evaluate(&request, &facts, false);
+        }
+        Ok((policy, decision, facts.can_answer))
+    }
+
+    /// What the store knows about `user` for a decision, read in one call.
+    async fn facts(&self, user: &str) -> Result<LoginFacts, Status> {
+        let u = user.to_owned();
+        let (enrolled, can_answer) = self
+            .store(move |store| {
+                let active = store.has_active(&u)?;
+                Ok((active, active || !store.backup_codes(&u)?.is_empty()))
             })
             .await?;
-        Ok((policy, decision, can_answer))
+        Ok(LoginFacts {
+            enrolled,
+            can_answer,
+            groups: None,
+            wanted_groups: Cell::new(false),
+        })
+    }
+
+    /// Checks one answer for `user` (see `check_code`); a backup code is compared on a blocking
+    /// thread and then used up, unless a lockout began meanwhile.
+    async fn check_answer(
+        &self,
+        user: &str,
+        response: Zeroizing<Vec<u8>>,
+    ) -> Result<Verdict, Status> {
+        let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
+        let u = user.to_owned();
+        let checked = self
+            .store(move |store| Ok(check_code(store, &u, &response, now, windows, &backoff)?))
+            .await?;
+        let (code, hashes) = match checked {
+            Checked::Done(verdict) => return Ok(verdict),
+            Checked::Backup(code, hashes) => (code, hashes),
+        };
+        let matched = system(move || {
+            Ok(hashes
+                .into_iter()
+                .find(|(_, hash)| backup::matches(&code, hash))
+                .map(|(id, _)| id))
+        })
+        .await?;
+        let u = user.to_owned();
+        self.store(move |store| {
+            if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                return Ok(Verdict::Locked(wait));
+            }
+            if let Some(id) = matched {
+                if store.use_backup_code(id)? {
+                    store.clear_failures(&u)?;
+                    return Ok(Verdict::Backup);
+                }
+            }
+            store.record_failure(&u, &backoff, now as i64)?;
+            Ok(Verdict::Wrong)
+        })
+        .await
     }
 
     /// The password stages of recovery, after the OTP was verified.
@@ -1138,9 +1182,8 @@ impl GuardService {
                     ));
                 }
                 let user = ctx.user.clone();
-                let result = self
-                    .blocking(move |_| Ok(crate::recovery::set_password(&user, &first)))
-                    .await?;
+                let result =
+                    system(move || Ok(crate::recovery::set_password(&user, &first))).await?;
                 match result {
                     Ok(()) => {
                         audit("ok", "password changed");
@@ -1203,42 +1246,36 @@ fn require_system_user(user: &str) -> Result<(), Status> {
     }
 }
 
-/// Checks one answer: refused unchecked while the user is locked out; else a token code, else a
-/// backup code; a miss counts as a failure. Every acceptance is one atomic store update.
-fn check_answer(
+/// The store thread's part of checking an answer: refused unchecked while the user is locked
+/// out; else a token code; else, if it looks like one, a backup code to compare; else a failure,
+/// counted. An accepted code is used up in the same batch that answers.
+fn check_code(
     store: &dyn Store,
     user: &str,
     response: &[u8],
     now: u64,
     windows: Windows,
     backoff: &Backoff,
-) -> Result<Verdict, StoreError> {
-    let now_i = now as i64;
+) -> Result<Checked, StoreError> {
     let lockout = store.lockout(user)?;
-    if let Some(wait) = lockout.remaining(now_i) {
-        return Ok(Verdict::Locked(wait));
+    if let Some(wait) = lockout.remaining(now as i64) {
+        return Ok(Checked::Done(Verdict::Locked(wait)));
     }
-    // A success resets the failure count; with none recorded there is nothing to write.
-    let reset = |store: &dyn Store| {
+    if let Some(id) = consume_code(store, user, TokenState::Active, response, now, windows)? {
+        // A success resets the failure count; with none recorded there is nothing to write.
         if lockout.failures > 0 {
             store.clear_failures(user)?;
         }
-        Ok::<_, StoreError>(())
-    };
-    if let Some(id) = consume_code(store, user, TokenState::Active, response, now, windows)? {
-        reset(store)?;
-        return Ok(Verdict::Otp(id));
+        return Ok(Checked::Done(Verdict::Otp(id)));
     }
     if let Some(code) = backup::normalize(response) {
-        for (id, hash) in store.backup_codes(user)? {
-            if backup::matches(&code, &hash) && store.use_backup_code(id)? {
-                reset(store)?;
-                return Ok(Verdict::Backup);
-            }
+        let hashes = store.backup_codes(user)?;
+        if !hashes.is_empty() {
+            return Ok(Checked::Backup(code, hashes));
         }
     }
-    store.record_failure(user, backoff, now_i)?;
-    Ok(Verdict::Wrong)
+    store.record_failure(user, backoff, now as i64)?;
+    Ok(Checked::Done(Verdict::Wrong))
 }
 
 /// Verifies `code` against `user`'s tokens in `state` and, on a match, records the step or
@@ -1348,12 +1385,14 @@ fn token_message(t: TokenInfo) -> Token {
     }
 }
 
-/// Maps a store failure to a status without leaking internals beyond one clear line.
-fn store_status(e: StoreError) -> Status {
-    tracing::error!("{e}");
-    match e {
-        StoreError::Busy => Status::unavailable(e.to_string()),
-        _ => Status::internal("the token database failed; see the guardd log"),
+/// A store failure as a status: one clear line, the details only in the log.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Status {
+        tracing::error!("{e}");
+        match e {
+            StoreError::Busy => Status::unavailable(e.to_string()),
+            _ => Status::internal("the token database failed; see the guardd log"),
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -12,6 +12,9 @@ use zeroize::Zeroizing;
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, HashAlg, Kind, OtpParams};
 use crate::seal::{SealError, Sealer};
+
+mod thread;
+pub use thread::StoreThread;
 
 /// How long a writer waits for a lock held by another process (a backup, an sqlite3 shell)
 /// before giving up; well under the PAM module's default 5 s timeout, so the login gets a clear
@@ -166,6 +169,16 @@ pub trait Store: Send + Sync {
     /// Uses up backup code `id`; true only for the one caller that removed it.
     fn use_backup_code(&self, id: i64) -> Result<bool, StoreError>;
 
+    /// Opens the transaction that holds the calls of one batch, so their writes reach the disk
+    /// together (see [`StoreThread`]). Until `end_batch`, only the calling thread may use the store.
+    fn begin_batch(&self) -> Result<(), StoreError>;
+    /// Commits the batch (`keep`) or undoes all of it.
+    fn end_batch(&self, keep: bool) -> Result<(), StoreError>;
+    /// Marks where one call inside a batch starts, so that its writes can be undone alone.
+    fn begin_call(&self) -> Result<(), StoreError>;
+    /// Keeps (`keep`) or undoes the writes made since `begin_call`.
+    fn end_call(&self, keep: bool) -> Result<(), StoreError>;
+
     /// The token `id` if it belongs to `user`.
     fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {
         Ok(self.list(Some(user))?.into_iter().find(|t| t.id == id))
@@ -213,43 +226,10 @@ const KEY_CHECK: &[u8] = b"soffid-otp key check";
 
 /// The embedded store: one SQLite file (WAL, synchronous=FULL, so an accepted code is on disk
 /// before the answer leaves the daemon) behind one connection; SQLite has one writer anyway.
+/// The daemon drives it from one [`StoreThread`], which groups commits.
 pub struct SqliteStore {
     conn: Mutex<Connection>,
     sealer: Sealer,
-    /// Accepts waiting for the next group commit.
-    accepts: Mutex<Vec<Arc<Accept>>>,
-}
-
-/// One queued compare-and-set of a token's counter, and its result once committed.
-struct Accept {
-    id: String,
-    from: TokenState,
-    counter: i64,
-    drift: i64,
-    now: i64,
-    done: Mutex<Option<Result<bool, BatchError>>>,
-}
-
-/// A group commit's failure, shared by every accept in the batch.
-#[derive(Clone)]
-struct BatchError {
-    busy: bool,
-    message: String,
-}
-
-impl From<BatchError> for StoreError {
-    fn from(e: BatchError) -> Self {
-        if e.busy {
-            StoreError::Busy
-        } else {
-            StoreError::Batch(e.message)
-        }
-    }
-}
-
-/// Locks `m`, reusing it after a panic elsewhere (the data are plain values, never half-written).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SqliteStore {
@@ -317,7 +297,6 @@ impl SqliteStore {
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             sealer,
-            accepts: Mutex::new(Vec::new()),
         })
     }
 
@@ -329,7 +308,7 @@ impl SqliteStore {
         now: i64,
     ) -> Result<Vec<String>, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let mut ids = Vec::with_capacity(tokens.len());
         for token in tokens {
             let id = self.insert_token(&tx, token, TokenState::Active, now)?;
@@ -352,11 +331,13 @@ impl SqliteStore {
         loop {
             let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
             let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
-            let inserted = conn.execute(
-                "INSERT OR IGNORE INTO tokens
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO tokens
                  (id, user, label, kind, state, secret, algorithm, digits, period, created)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
+                )?
+                .execute(params![
                     id,
                     token.user,
                     token.label,
@@ -367,8 +348,7 @@ impl SqliteStore {
                     token.params.digits,
                     token.params.period as i64,
                     now
-                ],
-            )?;
+                ])?;
             if inserted == 1 {
                 return Ok(id);
             }
@@ -378,7 +358,7 @@ impl SqliteStore {
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
         // half-written: a poisoned lock is safe to reuse.
-        lock(&self.conn)
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -437,7 +417,7 @@ impl Store for SqliteStore {
 
     fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare(
+        let mut stmt = conn.prepare_cached(
             "SELECT id, kind, secret, algorithm, digits, period, last, drift FROM tokens
              WHERE user = ?1 AND state = ?2 ORDER BY created DESC, id",
         )?;
@@ -480,13 +460,8 @@ impl Store for SqliteStore {
     fn has_active(&self, user: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT 1 FROM tokens WHERE user = ?1 AND state = 'active' LIMIT 1",
-                [user],
-                |_| Ok(()),
-            )
-            .optional()?
-            .is_some())
+            .prepare_cached("SELECT 1 FROM tokens WHERE user = ?1 AND state = 'active' LIMIT 1")?
+            .exists([user])?)
     }
 
     fn accept(
@@ -498,61 +473,14 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<bool, StoreError> {
         let counter = i64::try_from(counter).map_err(|_| StoreError::Corrupt(id.into()))?;
-        let slot = Arc::new(Accept {
-            id: id.to_owned(),
-            from,
-            counter,
-            drift,
-            now,
-            done: Mutex::new(None),
-        });
-        lock(&self.accepts).push(slot.clone());
-        // Group commit: whoever holds the connection next commits every accept queued so far in
-        // one transaction (one fsync). If an earlier holder already committed ours, we are done.
-        let mut conn = self.conn();
-        let committed = lock(&slot.done).take();
-        if let Some(result) = committed {
-            return result.map_err(StoreError::from);
-        }
-        let batch = std::mem::take(&mut *lock(&self.accepts));
-        let outcome = (|| -> Result<Vec<bool>, rusqlite::Error> {
-            let tx = conn.transaction()?;
-            let mut changed = Vec::with_capacity(batch.len());
-            for a in &batch {
-                changed.push(
-                    tx.execute(
-                        "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
-                         WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
-                        params![a.counter, a.drift, a.now, a.id, a.from.as_str()],
-                    )? == 1,
-                );
-            }
-            tx.commit()?;
-            Ok(changed)
-        })();
-        match outcome {
-            Ok(changed) => {
-                for (a, c) in batch.iter().zip(changed) {
-                    *lock(&a.done) = Some(Ok(c));
-                }
-            }
-            Err(e) => {
-                let e = StoreError::from(e);
-                let shared = BatchError {
-                    busy: matches!(e, StoreError::Busy),
-                    message: e.to_string(),
-                };
-                for a in &batch {
-                    *lock(&a.done) = Some(Err(shared.clone()));
-                }
-            }
-        }
-        drop(conn);
-        let result = lock(&slot.done).take();
-        match result {
-            Some(r) => r.map_err(StoreError::from),
-            None => Err(StoreError::Batch("the accept was not committed".into())),
-        }
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
+                 WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
+            )?
+            .execute(params![counter, drift, now, id, from.as_str()])?
+            == 1)
     }
 
     fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
@@ -598,16 +526,13 @@ impl Store for SqliteStore {
     fn lockout(&self, user: &str) -> Result<Lockout, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT failures, until FROM lockouts WHERE user = ?1",
-                [user],
-                |r| {
-                    Ok(Lockout {
-                        failures: r.get(0)?,
-                        until: r.get(1)?,
-                    })
-                },
-            )
+            .prepare_cached("SELECT failures, until FROM lockouts WHERE user = ?1")?
+            .query_row([user], |r| {
+                Ok(Lockout {
+                    failures: r.get(0)?,
+                    until: r.get(1)?,
+                })
+            })
             .optional()?
             .unwrap_or_default())
     }
@@ -619,7 +544,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<Lockout, StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         let failures: u32 = tx.query_row(
             "INSERT INTO lockouts (user, failures, until) VALUES (?1, 1, 0)
              ON CONFLICT(user) DO UPDATE SET failures = failures + 1
@@ -652,7 +577,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.savepoint()?;
         tx.execute("DELETE FROM backup_codes WHERE user = ?1", [user])?;
         for hash in hashes {
             tx.execute(
@@ -666,7 +591,7 @@ impl Store for SqliteStore {
 
     fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT id, hash FROM backup_codes WHERE user = ?1")?;
+        let mut stmt = conn.prepare_cached("SELECT id, hash FROM backup_codes WHERE user = ?1")?;
         let rows = stmt.query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -676,6 +601,38 @@ impl Store for SqliteStore {
             .conn()
             .execute("DELETE FROM backup_codes WHERE id = ?1", [id])?
             == 1)
+    }
+
+    fn begin_batch(&self) -> Result<(), StoreError> {
+        // Deferred: reads need no lock in WAL mode, so while another process holds the write
+        // lock, logins that only read (a permit, a prompt) still go through; the first write
+        // waits for the lock (the busy timeout), and only the calls that write get "busy".
+        Ok(self.conn().execute_batch("BEGIN")?)
+    }
+
+    fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
+        let conn = self.conn();
+        if keep {
+            if let Err(e) = conn.execute_batch("COMMIT") {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e.into());
+            }
+            Ok(())
+        } else {
+            Ok(conn.execute_batch("ROLLBACK")?)
+        }
+    }
+
+    fn begin_call(&self) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch("SAVEPOINT call")?)
+    }
+
+    fn end_call(&self, keep: bool) -> Result<(), StoreError> {
+        Ok(self.conn().execute_batch(if keep {
+            "RELEASE call"
+        } else {
+            "ROLLBACK TO call; RELEASE call"
+        })?)
     }
 }
 
@@ -736,7 +693,7 @@ mod tests {
     }
 
     #[test]
-    fn group_commit_accepts_one_step_once_among_concurrent_callers() {
+    fn concurrent_accepts_record_one_step_once() {
         let (_d, s) = temp_store();
         let a = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
         let b = s.add_pending(new_token("bob", &[2; 20]), 1).unwrap();

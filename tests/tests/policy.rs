@@ -245,3 +245,22 @@ match = { service = ["sudo"] }
     let out = pam.pamtester("sudo", "daemon", &format!("{code}\n"));
     assert!(out.status.success(), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_rules_look_the_groups_up_when_a_rule_asks() {
+    // The daemon decides first without NSS and looks the groups up only when a rule needs them;
+    // either way the rules must see the user's real groups.
+    let d = Daemon::with_rules(
+        "version = 1\ndefault = \"permit\"\n\
+         [[rule]]\nid = \"root-first\"\neffect = \"permit\"\nmatch = { user = [\"root\"] }\n\
+         [[rule]]\nid = \"no-daemons\"\neffect = \"deny\"\nmessage = \"daemon accounts may not log in\"\n\
+         match = { group = [\"daemon\"] }\n",
+    );
+    assert_eq!(
+        deny_text(&begin(&d, "daemon", "sshd", "").await),
+        "daemon accounts may not log in"
+    );
+    assert!(is_permit(&begin(&d, "bin", "sshd", "").await));
+    assert!(is_permit(&begin(&d, "root", "sshd", "").await));
+    assert!(is_permit(&begin(&d, "no-such-user-here", "sshd", "").await));
+}

@@ -407,3 +407,55 @@ async fn a_locked_database_gives_unavailable_and_loses_nothing() {
         "the code was not used up"
     );
 }
+
+/// Forty wrong answers for one user arrive at once: the back-off check and the failure it
+/// counts are one step, so only the free failures are checked and every later one is refused
+/// unchecked, however the answers interleave.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_wrong_answers_gets_no_more_checks_than_the_free_failures() {
+    let d = Daemon::start();
+    let secret = d.enroll_active("daemon").await;
+    let wrong = secret.wrong_code();
+    let mut challenges = Vec::new();
+    for _ in 0..40 {
+        let step = d
+            .client()
+            .await
+            .begin(BeginRequest {
+                context: Some(LoginContext {
+                    user: "daemon".into(),
+                    ..LoginContext::default()
+                }),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(step::Kind::Prompt(p)) = step.kind else {
+            panic!("expected a prompt")
+        };
+        challenges.push(p.challenge);
+    }
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(challenges.len()));
+    let mut tasks = Vec::new();
+    for challenge in challenges {
+        let (mut client, wrong, barrier) = (d.client().await, wrong.clone(), barrier.clone());
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            client
+                .answer(AnswerRequest {
+                    challenge,
+                    response: wrong.into_bytes(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }));
+    }
+    let mut checked = 0;
+    for t in tasks {
+        let step = t.await.unwrap();
+        let locked = matches!(&step.kind, Some(step::Kind::Deny(d)) if d.reason == proto::v1::DenyReason::Locked as i32);
+        checked += usize::from(!locked);
+    }
+    assert_eq!(checked, 5, "{}", d.log());
+}

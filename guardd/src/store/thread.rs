@@ -1,0 +1,297 @@
+//! The store's own thread. Every call to the store runs on it, one after another, so a check and
+//! the write it leads to (a lockout and the failure it counts, a code and its replay guard) are
+//! never interleaved with another login's. The calls that queue up while one batch runs form the
+//! next batch: one transaction and one commit (one fsync) for all of them, each call undone alone
+//! if it fails, and no caller hears back before its writes are on disk.
+//!
+//! Against a pool of blocking threads sharing one connection this saves the hand-offs: a login
+//! storm wakes one thread per batch instead of one per call, and nobody queues on a mutex.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::oneshot;
+
+use super::{Store, StoreError};
+
+/// Calls per batch at most: bounds what one commit adds to the first caller's wait.
+const MAX_BATCH: usize = 256;
+
+/// The handle the service keeps: queue a call with [`StoreThread::run`].
+pub struct StoreThread {
+    calls: Option<mpsc::Sender<Box<dyn Call>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StoreThread {
+    /// Moves `store` onto a new thread that serves calls until the handle is dropped.
+    pub fn start(store: impl Store + 'static) -> std::io::Result<StoreThread> {
+        let (calls, queue) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("guardd-store".into())
+            .spawn(move || serve(&store, &queue))?;
+        Ok(StoreThread {
+            calls: Some(calls),
+            thread: Some(thread),
+        })
+    }
+
+    /// Runs `f` on the store thread inside the next batch and returns its result once the batch
+    /// is committed. If `f` fails (or panics) its writes are undone and the rest of the batch
+    /// stands; if the commit fails, every call in the batch gets that error.
+    pub async fn run<T, E>(
+        &self,
+        f: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
+    ) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let call = Box::new(Pending {
+            f: Some(f),
+            result: None,
+            reply,
+        });
+        let stopped = || {
+            E::from(StoreError::Batch(
+                "the store thread stopped; restart guardd".into(),
+            ))
+        };
+        match &self.calls {
+            Some(calls) if calls.send(call).is_ok() => {
+                answer.await.unwrap_or_else(|_| Err(stopped()))
+            }
+            _ => Err(stopped()),
+        }
+    }
+}
+
+impl Drop for StoreThread {
+    /// Lets the thread finish the calls already queued, then waits for it.
+    fn drop(&mut self) {
+        drop(self.calls.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One queued call, its types erased.
+trait Call: Send {
+    /// Runs the call; true when it succeeded and its writes are to be kept.
+    fn run(&mut self, store: &dyn Store) -> bool;
+    /// Sends the caller its result, or `failed` when the batch was not committed.
+    fn reply(self: Box<Self>, failed: Option<&BatchError>);
+}
+
+struct Pending<F, T, E> {
+    f: Option<F>,
+    result: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Call for Pending<F, T, E>
+where
+    F: FnOnce(&dyn Store) -> Result<T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, store: &dyn Store) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let result = f(store);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn reply(self: Box<Self>, failed: Option<&BatchError>) {
+        let result = match (failed, self.result) {
+            (Some(e), _) => Err(E::from(e.to_error())),
+            (None, Some(result)) => result,
+            (None, None) => Err(E::from(StoreError::Batch(
+                "internal error in the store; see the guardd log".into(),
+            ))),
+        };
+        // The caller may have gone (its client hung up); the writes stand all the same.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// A batch's failure, given to every call in it.
+struct BatchError {
+    busy: bool,
+    message: String,
+}
+
+impl BatchError {
+    fn of(e: StoreError) -> Self {
+        BatchError {
+            busy: matches!(e, StoreError::Busy),
+            message: e.to_string(),
+        }
+    }
+
+    fn to_error(&self) -> StoreError {
+        if self.busy {
+            StoreError::Busy
+        } else {
+            StoreError::Batch(self.message.clone())
+        }
+    }
+}
+
+fn serve(store: &dyn Store, queue: &mpsc::Receiver<Box<dyn Call>>) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        let failed = run_batch(store, &mut batch).err().map(|e| {
+            tracing::error!(calls = batch.len(), "store batch not committed: {e}");
+            BatchError::of(e)
+        });
+        for call in batch {
+            call.reply(failed.as_ref());
+        }
+    }
+}
+
+/// Runs `batch` in one transaction, each call under its own savepoint, and commits it.
+fn run_batch(store: &dyn Store, batch: &mut [Box<dyn Call>]) -> Result<(), StoreError> {
+    store.begin_batch()?;
+    for call in batch.iter_mut() {
+        let ran = store.begin_call().and_then(|()| {
+            let ok = catch_unwind(AssertUnwindSafe(|| call.run(store))).unwrap_or_else(|_| {
+                tracing::error!("a store call panicked; its writes were undone");
+                false
+            });
+            store.end_call(ok)
+        });
+        if let Err(e) = ran {
+            let _ = store.end_batch(false);
+            return Err(e);
+        }
+    }
+    store.end_batch(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otp::{Kind, OtpParams};
+    use crate::store::{NewToken, SqliteStore, TokenState};
+
+    fn open(dir: &tempfile::TempDir) -> SqliteStore {
+        SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap()
+    }
+
+    fn token(store: &SqliteStore, user: &str) -> String {
+        let new = NewToken {
+            user,
+            label: "phone",
+            kind: Kind::Hotp,
+            params: OtpParams::default(),
+            secret: &[3; 20],
+        };
+        store.add_active_many(&[new], 1).unwrap().remove(0)
+    }
+
+    fn call<T: Send + 'static>(
+        f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> (Box<dyn Call>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            f: Some(f),
+            result: None,
+            reply,
+        };
+        (Box::new(pending), answer)
+    }
+
+    #[test]
+    fn a_failed_or_panicking_call_is_undone_alone_and_the_batch_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let (ann, bob, cy) = (
+            token(&store, "ann"),
+            token(&store, "bob"),
+            token(&store, "cy"),
+        );
+        let accept = |id: String| move |s: &dyn Store| s.accept(&id, TokenState::Active, 5, 0, 2);
+        let (a, ra) = call(accept(ann));
+        let b_id = bob.clone();
+        let (b, mut rb) = call(move |s: &dyn Store| {
+            s.accept(&b_id, TokenState::Active, 5, 0, 2)?;
+            Err::<bool, _>(StoreError::Batch("refused after writing".into()))
+        });
+        let c_id = cy.clone();
+        let (c, mut rc) = call(move |s: &dyn Store| -> Result<bool, StoreError> {
+            s.accept(&c_id, TokenState::Active, 5, 0, 2)?;
+            panic!("a bug in a call");
+        });
+        let mut batch = vec![a, b, c];
+        run_batch(&store, &mut batch).unwrap();
+        for call in batch {
+            call.reply(None);
+        }
+        assert!(ra.blocking_recv().unwrap().unwrap());
+        assert!(matches!(rb.try_recv().unwrap(), Err(StoreError::Batch(_))));
+        assert!(rc.try_recv().unwrap().is_err());
+        // Read back through a second connection: only ann's write reached the disk.
+        drop(store);
+        let store = open(&dir);
+        let last = |user: &str| {
+            store.secrets(user, TokenState::Active).unwrap()[0]
+                .counter
+                .last
+        };
+        assert_eq!(
+            (last("ann"), last("bob"), last("cy")),
+            (Some(5), None, None)
+        );
+    }
+
+    #[test]
+    fn concurrent_callers_accept_one_step_once_and_all_hear_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let (a, b) = (token(&store, "ann"), token(&store, "bob"));
+        let thread = std::sync::Arc::new(StoreThread::start(store).unwrap());
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let wins = runtime.block_on(async {
+            let tasks: Vec<_> = (0..64)
+                .map(|i| {
+                    let (id, thread) = (
+                        if i % 2 == 0 { a.clone() } else { b.clone() },
+                        thread.clone(),
+                    );
+                    tokio::spawn(async move {
+                        let won = thread
+                            .run(move |s| s.accept(&id, TokenState::Active, 11, 0, 2))
+                            .await
+                            .unwrap();
+                        (i % 2, won)
+                    })
+                })
+                .collect();
+            let mut wins = [0, 0];
+            for t in tasks {
+                let (k, won) = t.await.unwrap();
+                wins[k] += usize::from(won);
+            }
+            wins
+        });
+        assert_eq!(wins, [1, 1]);
+        // The thread survives a panicking call and keeps serving.
+        runtime.block_on(async {
+            let r: Result<(), StoreError> = thread.run(|_| panic!("a bug")).await;
+            assert!(r.is_err());
+            assert!(thread.run(|s| s.has_active("ann")).await.unwrap());
+        });
+    }
+}
