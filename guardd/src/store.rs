@@ -355,6 +355,13 @@ impl SqliteStore {
         }
     }
 
+    /// Runs one statement without parameters, parsed once and cached (the batch statements run
+    /// several times per login).
+    fn run(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn().prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
         // half-written: a poisoned lock is safe to reuse.
@@ -607,32 +614,27 @@ impl Store for SqliteStore {
         // Deferred: reads need no lock in WAL mode, so while another process holds the write
         // lock, logins that only read (a permit, a prompt) still go through; the first write
         // waits for the lock (the busy timeout), and only the calls that write get "busy".
-        Ok(self.conn().execute_batch("BEGIN")?)
+        self.run("BEGIN")
     }
 
     fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
-        let conn = self.conn();
-        if keep {
-            if let Err(e) = conn.execute_batch("COMMIT") {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e.into());
-            }
-            Ok(())
-        } else {
-            Ok(conn.execute_batch("ROLLBACK")?)
+        if !keep {
+            return self.run("ROLLBACK");
         }
+        self.run("COMMIT").inspect_err(|_| {
+            let _ = self.run("ROLLBACK");
+        })
     }
 
     fn begin_call(&self) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch("SAVEPOINT call")?)
+        self.run("SAVEPOINT call")
     }
 
     fn end_call(&self, keep: bool) -> Result<(), StoreError> {
-        Ok(self.conn().execute_batch(if keep {
-            "RELEASE call"
-        } else {
-            "ROLLBACK TO call; RELEASE call"
-        })?)
+        if !keep {
+            self.run("ROLLBACK TO call")?;
+        }
+        self.run("RELEASE call")
     }
 }
 

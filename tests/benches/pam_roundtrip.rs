@@ -1,22 +1,60 @@
 //! One whole `pam_authenticate` through pam_soffid_otp (pamtester → libpam → module → guardd →
-//! SQLite → verify) against a baseline stack of `pam_permit.so` alone, both under pam_wrapper,
-//! interleaved run by run. Reports medians and their ratio.
+//! SQLite → verify) against a stack of `pam_permit.so` alone, interleaved run by run, each run a
+//! whole pamtester process. Reports medians, and each variant's cost over the baseline.
 //!
 //!     cargo build --release --workspace
 //!     cargo bench -p soffid-otp-tests --bench pam_roundtrip          # BENCH_RUNS=200 by default
 //!
+//! Variants, under pam_wrapper (service files in a temp folder):
+//! - `pam_permit only`: the baseline.
+//! - `module, guardd absent`: `failmode=safe` then pam_permit; what loading the module and
+//!   failing to connect cost (dlopen, runtime, connect attempt, syslog line).
+//! - `module, rules permit`: one Begin answered with a permit, no prompt, nothing written.
+//! - `module, OTP login`: Begin, the prompt, Answer, the code verified and committed (fsync).
+//!
+//! and, as root, the same baseline and OTP login through service files in /etc/pam.d and the
+//! system's libpam without pam_wrapper.
+//!
 //! Every login needs a fresh TOTP step (each is accepted once), so guardd runs in-process with a
 //! clock that the benchmark moves forward 30 s before each login.
 
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guardd::config::Config;
 use guardd::service::Clock;
-use harness::{PamServices, Secret};
+use harness::{artefact, is_root, EtcFile, PamServices, Secret};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{ConfirmRequest, EnrollRequest};
+
+/// Services named `*-nootp` are permitted without an OTP; every other login needs one.
+const RULES: &str = r#"
+version = 1
+default = "deny"
+
+[[rule]]
+id = "bench-no-otp"
+effect = "permit"
+match = { service = ["*-nootp"] }
+
+[[rule]]
+id = "everyone-otp"
+effect = "otp"
+"#;
+
+const USER: &str = "daemon";
+
+/// One way to run pam_authenticate, and its timings.
+struct Variant {
+    name: &'static str,
+    service: &'static str,
+    otp: bool,
+    /// Through /etc/pam.d and the plain system libpam, not pam_wrapper.
+    system: bool,
+    times: Vec<Duration>,
+}
 
 fn main() {
     let runs: usize = std::env::var("BENCH_RUNS")
@@ -29,7 +67,7 @@ fn main() {
         socket: socket.clone(),
         database: dir.path().join("guardd.db"),
         key_file: dir.path().join("guardd.key"),
-        policy: Some(harness::write_rules(dir.path(), harness::STRICT_RULES)),
+        policy: Some(harness::write_rules(dir.path(), RULES)),
         ..Config::default()
     };
 
@@ -50,67 +88,156 @@ fn main() {
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         std::thread::sleep(Duration::from_millis(10));
     }
+    let secret = runtime.block_on(enroll(&socket, &vtime));
 
-    let user = "daemon";
-    let secret = runtime.block_on(async {
-        let mut client = GuardClient::new(
-            proto::connect(&socket, Duration::from_secs(5))
-                .await
-                .unwrap(),
-        );
-        let uri = client
-            .enroll(EnrollRequest {
-                user: user.into(),
-                label: "bench".into(),
-                ..EnrollRequest::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .uri;
-        let secret = Secret::from_uri(&uri);
-        let code = secret.code_at_time(vtime.load(Ordering::SeqCst));
-        client
-            .confirm(ConfirmRequest {
-                user: user.into(),
-                code: code.into_bytes(),
-            })
-            .await
-            .unwrap();
-        secret
+    let module = artefact("libpam_soffid_otp.so");
+    let line = |args: &str| format!("auth required {} {args}\n", module.display());
+    let absent = dir.path().join("absent.sock");
+    let args = format!("socket={} timeout=5", socket.display());
+    let services = PamServices::new("bench-permit", "auth required pam_permit.so\n");
+    let files = [
+        ("bench-otp", line(&args)),
+        ("bench-nootp", line(&args)),
+        (
+            "bench-absent",
+            format!(
+                "auth sufficient {} socket={} failmode=safe\nauth required pam_permit.so\n",
+                module.display(),
+                absent.display()
+            ),
+        ),
+    ];
+    for (name, text) in &files {
+        std::fs::write(services.dir.path().join(name), text).unwrap();
+    }
+    let mut variants = vec![
+        Variant::new("pam_permit only", "bench-permit", false, false),
+        Variant::new("module, guardd absent", "bench-absent", false, false),
+        Variant::new("module, rules permit", "bench-nootp", false, false),
+        Variant::new("module, OTP login", "bench-otp", true, false),
+    ];
+    // The /etc/pam.d variants need root to write there.
+    let _etc = is_root().then(|| {
+        variants.push(Variant::new(
+            "pam_permit only",
+            "soffid-otp-bench-permit",
+            false,
+            true,
+        ));
+        variants.push(Variant::new(
+            "module, OTP login",
+            "soffid-otp-bench-otp",
+            true,
+            true,
+        ));
+        [
+            EtcFile::write(
+                "/etc/pam.d/soffid-otp-bench-permit",
+                "auth required pam_permit.so\n",
+                0o644,
+            ),
+            EtcFile::write("/etc/pam.d/soffid-otp-bench-otp", &line(&args), 0o644),
+        ]
     });
 
-    let otp = PamServices::new(
-        "bench-otp",
-        &PamServices::module_line(&format!("socket={} timeout=5", socket.display())),
-    );
-    let baseline = PamServices::new("bench-permit", "auth required pam_permit.so\n");
-
-    let (mut with_module, mut without) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        let now = vtime.fetch_add(30, Ordering::SeqCst) + 30;
-        let input = format!("{}\n", secret.code_at_time(now));
-        let t = Instant::now();
-        let out = otp.pamtester("bench-otp", user, &input);
-        with_module.push(t.elapsed());
-        assert!(out.status.success(), "login failed: {out:?}");
-        let t = Instant::now();
-        let out = baseline.pamtester("bench-permit", user, &input);
-        without.push(t.elapsed());
-        assert!(out.status.success());
+        for v in &mut variants {
+            let input = if v.otp {
+                let now = vtime.fetch_add(30, Ordering::SeqCst) + 30;
+                format!("{}\n", secret.code_at_time(now))
+            } else {
+                String::new()
+            };
+            let t = Instant::now();
+            let out = if v.system {
+                system_pamtester(v.service, &input)
+            } else {
+                services.pamtester(v.service, USER, &input)
+            };
+            v.times.push(t.elapsed());
+            assert!(out.status.success(), "{}: {out:?}", v.name);
+        }
     }
     let _ = stop.send(());
     let _ = runtime.block_on(server);
 
-    let (m, b) = (median(&mut with_module), median(&mut without));
-    println!("pam_authenticate under pam_wrapper, {runs} interleaved runs each (whole pamtester process):");
-    println!("  pam_permit only      median {:>8.3} ms", ms(b));
-    println!("  pam_soffid_otp       median {:>8.3} ms", ms(m));
-    println!(
-        "  module cost          median {:>8.3} ms  (ratio {:.2}x)",
-        ms(m) - ms(b),
-        ms(m) / ms(b)
+    println!("pam_authenticate, {runs} interleaved runs of each (a whole pamtester process each):");
+    for (system, title) in [(false, "pam_wrapper"), (true, "/etc/pam.d, system libpam")] {
+        let mut mine: Vec<&mut Variant> =
+            variants.iter_mut().filter(|v| v.system == system).collect();
+        if mine.is_empty() {
+            println!("  {title}: skipped (needs root)");
+            continue;
+        }
+        println!("  {title}:");
+        let base = median(&mut mine[0].times);
+        for v in mine {
+            let m = median(&mut v.times);
+            println!(
+                "    {:<24} median {:>7.3} ms   over baseline {:>+7.3} ms (ratio {:.2}x)",
+                v.name,
+                ms(m),
+                ms(m) - ms(base),
+                ms(m) / ms(base)
+            );
+        }
+    }
+}
+
+impl Variant {
+    fn new(name: &'static str, service: &'static str, otp: bool, system: bool) -> Variant {
+        Variant {
+            name,
+            service,
+            otp,
+            system,
+            times: Vec::new(),
+        }
+    }
+}
+
+/// Enrols and confirms a TOTP token for `USER`.
+async fn enroll(socket: &std::path::Path, vtime: &AtomicU64) -> Secret {
+    let mut client = GuardClient::new(
+        proto::connect(socket, Duration::from_secs(5))
+            .await
+            .unwrap(),
     );
+    let uri = client
+        .enroll(EnrollRequest {
+            user: USER.into(),
+            label: "bench".into(),
+            ..EnrollRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .uri;
+    let secret = Secret::from_uri(&uri);
+    let code = secret.code_at_time(vtime.load(Ordering::SeqCst));
+    client
+        .confirm(ConfirmRequest {
+            user: USER.into(),
+            code: code.into_bytes(),
+        })
+        .await
+        .unwrap();
+    secret
+}
+
+/// `pamtester <service> USER authenticate` with the system's libpam and /etc/pam.d.
+fn system_pamtester(service: &str, input: &str) -> Output {
+    let mut child = Command::new("pamtester")
+        .args([service, USER, "authenticate"])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pamtester (apt-get install pamtester)");
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    child.wait_with_output().unwrap()
 }
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -6,7 +6,10 @@
 //!     cargo run --release -p guardd --bin guardd-load -- --users 1000 --clients 32 --seconds 10
 //!
 //! `--mode ok` (right codes), `wrong` (a wrong-code storm: the back-off must stay cheap) or
-//! `mixed` (one client in ten sends wrong codes for its own users). The last line is
+//! `mixed` (one client in ten sends wrong codes for its own users). Before the logins, the same
+//! clients run `--baseline-seconds` of the cheapest call that still crosses the socket, gRPC, the
+//! caller check, the store thread and the rules (a Begin for a user without a token, answered
+//! with a deny), so the figures come with a baseline from the same run. The last line is
 //! machine-readable.
 
 use std::path::PathBuf;
@@ -42,6 +45,9 @@ struct Args {
     seconds: u64,
     #[arg(long, value_enum, default_value_t = Mode::Ok)]
     mode: Mode,
+    /// Seconds of baseline calls before the logins (0: none)
+    #[arg(long, default_value_t = 3)]
+    baseline_seconds: u64,
     /// The guardd binary [default: the one beside guardd-load]
     #[arg(long)]
     guardd: Option<PathBuf>,
@@ -120,8 +126,25 @@ fn main() -> anyhow::Result<()> {
     let startup = started.elapsed();
 
     let runtime = tokio::runtime::Runtime::new()?;
-    let (latencies, errors, wrong_sent) =
-        runtime.block_on(drive(&args, &socket, secrets, names))?;
+    let baseline = match args.baseline_seconds {
+        0 => None,
+        s => {
+            let cpu = cpu_us(child.id());
+            let (l, e, _) =
+                runtime.block_on(drive(&args, &socket, Work::Baseline, s, &secrets, &names))?;
+            Some((l, e, cpu_us(child.id()) - cpu))
+        }
+    };
+    let cpu = cpu_us(child.id());
+    let (latencies, errors, wrong_sent) = runtime.block_on(drive(
+        &args,
+        &socket,
+        Work::Logins(args.mode),
+        args.seconds,
+        &secrets,
+        &names,
+    ))?;
+    let cpu = cpu_us(child.id()) - cpu;
     let rss = peak_rss_kib(child.id());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
@@ -129,14 +152,13 @@ fn main() -> anyhow::Result<()> {
     );
     let _ = child.wait();
 
-    let mut l = latencies;
-    l.sort_unstable();
-    let pct = |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1)));
-    let us = |d: Option<&Duration>| d.map_or(0, |d| d.as_micros());
-    let per_s = l.len() as f64 / args.seconds as f64;
+    let l = Latencies::of(latencies);
+    let per_s = l.0.len() as f64 / args.seconds as f64;
+    // guardd's own CPU time per call: what the server costs, whatever the clients beside it take.
+    let cpu_per = |cpu: u64, calls: usize| cpu as f64 / calls.max(1) as f64;
     println!(
         "{} logins in {} s from {} clients over {} users (mode {}): {:.0}/s ({} with wrong codes)",
-        l.len(),
+        l.0.len(),
         args.seconds,
         args.clients,
         args.users,
@@ -149,42 +171,89 @@ fn main() -> anyhow::Result<()> {
         wrong_sent
     );
     println!(
-        "latency p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; guardd start-up {} ms; peak RSS {} KiB",
-        us(pct(0.5)),
-        us(pct(0.9)),
-        us(pct(0.99)),
-        us(l.last()),
+        "latency p50 {} µs, p90 {} µs, p99 {} µs, max {} µs; guardd CPU {:.0} µs per login; guardd start-up {} ms; peak RSS {} KiB",
+        l.us(0.5),
+        l.us(0.9),
+        l.us(0.99),
+        l.us(1.0),
+        cpu_per(cpu, l.0.len()),
         startup.as_millis(),
         rss
     );
+    let mut extra = String::new();
+    if let Some((b, b_errors, b_cpu)) = baseline {
+        let b = Latencies::of(b);
+        let b_per_s = b.0.len() as f64 / args.baseline_seconds as f64;
+        println!(
+            "baseline (Begin denied by the rules, same clients): {b_per_s:.0}/s, p50 {} µs, p99 {} µs, guardd CPU {:.0} µs per call ({b_errors} errors); logins/s {:.2}x of it, p50 {:.2}x",
+            b.us(0.5),
+            b.us(0.99),
+            cpu_per(b_cpu, b.0.len()),
+            per_s / b_per_s.max(1.0),
+            l.us(0.5) as f64 / b.us(0.5).max(1) as f64,
+        );
+        extra = format!(
+            " baseline_per_s={b_per_s:.0} baseline_p50_us={} baseline_p99_us={}",
+            b.us(0.5),
+            b.us(0.99)
+        );
+    }
     println!(
-        "verifications_per_s={per_s:.0} p50_us={} p99_us={} max_us={} guardd_peak_rss_kib={rss} startup_ms={} errors={errors}",
-        us(pct(0.5)),
-        us(pct(0.99)),
-        us(l.last()),
+        "verifications_per_s={per_s:.0} p50_us={} p99_us={} max_us={} guardd_peak_rss_kib={rss} guardd_cpu_us_per_login={:.0} startup_ms={}{extra} errors={errors}",
+        l.us(0.5),
+        l.us(0.99),
+        l.us(1.0),
+        cpu_per(cpu, l.0.len()),
         startup.as_millis()
     );
     Ok(())
 }
 
-/// Runs the clients; returns every login's latency, the number of errors, and of wrong sends.
+/// Sorted latencies, for percentiles.
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn of(mut v: Vec<Duration>) -> Self {
+        v.sort_unstable();
+        Latencies(v)
+    }
+
+    /// The `p` quantile in microseconds (`1.0`: the maximum); 0 without samples.
+    fn us(&self, p: f64) -> u128 {
+        let i = ((self.0.len() as f64 * p) as usize).min(self.0.len().saturating_sub(1));
+        self.0.get(i).map_or(0, |d| d.as_micros())
+    }
+}
+
+/// What the clients do.
+#[derive(Clone, Copy)]
+enum Work {
+    /// A Begin for a user without a token: denied by the rules, nothing to verify or commit.
+    Baseline,
+    Logins(Mode),
+}
+
+/// Runs the clients for `seconds`; returns every call's latency, the number of errors, and of
+/// wrong sends.
 async fn drive(
     args: &Args,
     socket: &std::path::Path,
-    secrets: Vec<Vec<u8>>,
-    names: Vec<String>,
+    work: Work,
+    seconds: u64,
+    secrets: &[Vec<u8>],
+    names: &[String],
 ) -> anyhow::Result<(Vec<Duration>, u64, u64)> {
-    let deadline = Instant::now() + Duration::from_secs(args.seconds);
-    let (secrets, names) = (Arc::new(secrets), Arc::new(names));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let (secrets, names) = (Arc::new(secrets.to_vec()), Arc::new(names.to_vec()));
     let mut tasks = Vec::new();
     for c in 0..args.clients {
         let mut client = GuardClient::new(proto::connect(socket, Duration::from_secs(10)).await?);
         let (secrets, names) = (secrets.clone(), names.clone());
         let (users, clients) = (args.users, args.clients);
-        let wrong = match args.mode {
-            Mode::Ok => false,
-            Mode::Wrong => true,
-            Mode::Mixed => c % 10 == 0,
+        let wrong = match work {
+            Work::Baseline | Work::Logins(Mode::Ok) => false,
+            Work::Logins(Mode::Wrong) => true,
+            Work::Logins(Mode::Mixed) => c % 10 == 0,
         };
         tasks.push(tokio::spawn(async move {
             // This client's users: c, c + C, c + 2C, ...; their next HOTP counters.
@@ -196,6 +265,15 @@ async fn drive(
                 let slot = k % mine.len();
                 let user = mine[slot];
                 k += 1;
+                if let Work::Baseline = work {
+                    let t = Instant::now();
+                    let denied = begin(&mut client, &format!("absent{user}")).await;
+                    lat.push(t.elapsed());
+                    if !matches!(denied, Ok(None)) {
+                        errors += 1;
+                    }
+                    continue;
+                }
                 let code = if wrong {
                     sent_wrong += 1;
                     "000000".to_owned()
@@ -235,11 +313,11 @@ async fn drive(
     Ok((all, errors, wrong))
 }
 
-async fn login(
+/// Begins a login; the challenge if guardd prompts, `None` if it decides at once.
+async fn begin(
     client: &mut GuardClient<tonic::transport::Channel>,
     user: &str,
-    code: &str,
-) -> Result<bool, tonic::Status> {
+) -> Result<Option<String>, tonic::Status> {
     let step = client
         .begin(BeginRequest {
             context: Some(LoginContext {
@@ -250,17 +328,46 @@ async fn login(
         })
         .await?
         .into_inner();
-    let Some(step::Kind::Prompt(p)) = step.kind else {
+    Ok(match step.kind {
+        Some(step::Kind::Prompt(p)) => Some(p.challenge),
+        _ => None,
+    })
+}
+
+async fn login(
+    client: &mut GuardClient<tonic::transport::Channel>,
+    user: &str,
+    code: &str,
+) -> Result<bool, tonic::Status> {
+    let Some(challenge) = begin(client, user).await? else {
         return Ok(false);
     };
     let done = client
         .answer(AnswerRequest {
-            challenge: p.challenge,
+            challenge,
             response: code.as_bytes().to_vec(),
         })
         .await?
         .into_inner();
     Ok(matches!(done.kind, Some(step::Kind::Permit(_))))
+}
+
+/// CPU time (user + system) process `pid` has used so far, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name (which may hold spaces) close with ')'.
+            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
+            let field = |n: usize| rest.get(n)?.parse::<u64>().ok();
+            Some(field(11)? + field(12)?)
+        })
+        .unwrap_or(0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    ticks * 1_000_000 / hz.max(1)
 }
 
 /// guardd's peak resident set (VmHWM), in KiB.
