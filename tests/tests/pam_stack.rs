@@ -126,3 +126,37 @@ fn only_the_six_pam_entry_points_are_exported() {
         ]
     );
 }
+
+/// A daemon (or an impostor) that hangs up in the middle of the HTTP/2 handshake: the module's
+/// next write meets a closed socket. That must be an error, never a SIGPIPE that kills the host
+/// process (pamtester, like many hosts, keeps SIGPIPE's default action).
+#[test]
+fn a_daemon_that_hangs_up_mid_handshake_does_not_kill_the_host() {
+    use std::io::{Read, Write};
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("hangup.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            // Read the client's connection preface, answer with an empty SETTINGS frame (which
+            // the client must acknowledge), and hang up.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while got.len() < 24 {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = conn.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        }
+    });
+    let pam = stack(&socket, "5");
+    for _ in 0..3 {
+        let out = pam.pamtester("otp-test", "daemon", "");
+        assert_eq!(out.status.signal(), None, "the host was killed: {out:?}");
+        assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    }
+}
