@@ -30,5 +30,6 @@ pub mod seal;
 pub mod server;
 /// The gRPC `Guard` service: the login conversation and token administration.
 pub mod service;
-/// The `Store` trait and its SQLite implementation: tokens, failures, backup codes.
+/// The `Store` trait, its SQLite implementation (tokens, failures, backup codes) and the one
+/// thread every store call runs on, which commits them in groups.
 pub mod store;
