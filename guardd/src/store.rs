@@ -1,6 +1,6 @@
 //! Tokens, failure counters and backup codes on disk. `Store` is the seam for other backends
 //! (a shared PostgreSQL for fleets); `SqliteStore` is the embedded one; the daemon reaches either
-//! only through a [`StoreThread`].
+//! only through a [`StoreThread`](crate::store::StoreThread).
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;

@@ -2,8 +2,10 @@
 //! enrolled users (HOTP tokens, so every success has a fresh counter) from C concurrent clients
 //! for T seconds, and reports throughput, latency percentiles and guardd's peak RSS.
 //!
-//!     cargo build --release -p guardd && \
-//!     cargo run --release -p guardd --bin guardd-load -- --users 1000 --clients 32 --seconds 10
+//! ```text
+//! cargo build --release -p guardd && \
+//! cargo run --release -p guardd --bin guardd-load -- --users 1000 --clients 32 --seconds 10
+//! ```
 //!
 //! `--mode ok` (right codes), `wrong` (a wrong-code storm: the back-off must stay cheap) or
 //! `mixed` (one client in ten sends wrong codes for its own users). Before the logins, the same
