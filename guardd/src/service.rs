@@ -26,6 +26,10 @@ use crate::policy::{
 };
 use crate::store::{NewToken, Store, StoreError, StoreThread, TokenInfo, TokenState};
 
+mod admin;
+mod explain;
+mod recovery;
+
 /// How long a user has to type the code after the prompt appears.
 const SESSION_TTL: Duration = Duration::from_secs(300);
 /// Open conversations at most; beyond this, Begin is refused until some finish or expire.
@@ -40,8 +44,6 @@ const NOT_ENROLLED_MESSAGE: &str = "Access denied: this login requires a one-tim
 const POLICY_DENY_MESSAGE: &str = "Access denied by the site's rules.";
 const WRONG_CODE_MESSAGE: &str = "Access denied: the code is wrong, expired or already used.";
 const EXPIRED_MESSAGE: &str = "Access denied: the login took too long; please start again.";
-/// How far ahead `Resync` searches for two consecutive HOTP codes.
-const RESYNC_WINDOW: u64 = 1000;
 
 /// Where the service reads the time (Unix seconds). The daemon always uses the system clock;
 /// benchmarks that need many logins in one 30 s step link the library and bring their own.
@@ -340,87 +342,7 @@ impl Guard for GuardService {
     }
 
     async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<Step>, Status> {
-        let caller = Caller::of(&req)?;
-        let requested = req.into_inner().user;
-        let own = requested.is_empty();
-        let user = if own {
-            system(move || {
-                caller
-                    .name()
-                    .ok_or_else(|| Status::permission_denied("your uid has no user name"))
-            })
-            .await?
-        } else {
-            requested
-        };
-        validate_name("user", &user)?;
-        // Root (help desk, console) may recover anyone; everyone else only themselves.
-        self.authorize(
-            caller,
-            Action::Login,
-            Some(user.clone()),
-            "recover",
-            |_, _| Ok(false),
-        )
-        .await?;
-        let ctx = LoginContext {
-            user: user.clone(),
-            service: "recovery".into(),
-            ..LoginContext::default()
-        };
-        let (policy, decision, _) = self.decide(&ctx).await?;
-        // Recovery always needs an OTP: the rules may only forbid it. Unknown users and users
-        // without a device take the same path (both look-ups always run).
-        let u = user.clone();
-        let known =
-            system(move || Ok(matches!(nix::unistd::User::from_name(&u), Ok(Some(_))))).await?;
-        let u = user.clone();
-        let device = self
-            .store(move |store| Ok(store.has_active(&u)? || !store.backup_codes(&u)?.is_empty()))
-            .await?;
-        let has_device = known && device;
-        let rule = decision.rule_label();
-        let event = |outcome, reason: &str| {
-            audit::record(
-                &Event {
-                    action: "recover",
-                    user: &user,
-                    service: "recovery",
-                    outcome,
-                    reason,
-                    rule: &rule,
-                    policy: policy.digest(),
-                    ..Event::default()
-                }
-                .caller(&caller),
-            )
-        };
-        if let Rule::Deny { message } = &decision.verdict {
-            event("deny", "rules deny recovery");
-            return Ok(Response::new(deny(
-                message
-                    .as_deref()
-                    .unwrap_or("Password recovery is not allowed for this account."),
-                DenyReason::Policy,
-            )));
-        }
-        if !has_device {
-            event("deny", "no otp device");
-            let message = if own {
-                "No OTP device is configured for your account; contact your administrator."
-            } else {
-                "No OTP device is configured for this account (or there is no such user); nothing was changed."
-            };
-            return Ok(Response::new(deny(message, DenyReason::NotEnrolled)));
-        }
-        event("prompt", "otp required for recovery");
-        let challenge = self.open_session(ctx, caller.uid, self.max_tries, Flow::RecoverCode)?;
-        Ok(Response::new(prompt(
-            challenge,
-            PROMPT_TEXT,
-            String::new(),
-            PromptKind::Code,
-        )))
+        recovery::begin(self, req).await
     }
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
@@ -460,98 +382,7 @@ impl Guard for GuardService {
         &self,
         req: Request<ExplainRequest>,
     ) -> Result<Response<ExplainReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let ExplainRequest { context, time } = req.into_inner();
-        let ctx =
-            context.ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
-        validate_context(&ctx)?;
-        self.authorize(
-            caller,
-            Action::List,
-            Some(ctx.user.clone()),
-            "explain",
-            |_, _| Ok(true),
-        )
-        .await?;
-        let time = if time == 0 {
-            self.clock.now() as i64
-        } else {
-            time
-        };
-        let mut request = self.rules_request(&ctx, time);
-        if !ctx.host.is_empty() {
-            request.host = ctx.host.clone();
-        }
-        let policy = self.policy();
-        // An explanation shows the groups and the enrolment whether or not a rule asks.
-        let mut facts = self.facts(&request.user).await?;
-        let user = request.user.clone();
-        facts.groups = Some(system(move || Ok(user_groups(&user))).await?);
-        let d = policy.evaluate(&request, &facts, true);
-        let yes_no = |r: Result<bool, LookupError>| match r {
-            Ok(true) => "yes".to_owned(),
-            Ok(false) => "no".to_owned(),
-            Err(LookupError(e)) => format!("unknown ({e})"),
-        };
-        let groups = match facts.groups() {
-            Ok(g) => format!("[{}]", g.join(",")),
-            Err(LookupError(e)) => format!("unknown ({e})"),
-        };
-        let when = jiff::Timestamp::from_second(request.time)
-            .map(|t| t.to_string())
-            .unwrap_or_default();
-        let request_line = format!(
-            "user={} groups={groups} service={} rhost={} host={} tty={} enrolled={} time={when}",
-            request.user,
-            request.service,
-            request.rhost.as_deref().unwrap_or("local"),
-            request.host,
-            request.tty.as_deref().unwrap_or("(none)"),
-            yes_no(facts.enrolled()),
-        );
-        let decision = match (&d.verdict, &d.indeterminate) {
-            (_, Some(cause)) => format!("Deny: Indeterminate ({cause})"),
-            (Rule::Permit, _) => format!("Permit without OTP ({})", d.rule_label()),
-            (Rule::Deny { message }, _) => format!(
-                "Deny ({}){}",
-                d.rule_label(),
-                message
-                    .as_ref()
-                    .map(|m| format!(": {m}"))
-                    .unwrap_or_default()
-            ),
-            (Rule::Otp { unenrolled }, _) => format!(
-                "OTP required ({}; unenrolled={})",
-                d.rule_label(),
-                match unenrolled {
-                    Unenrolled::Deny => "deny",
-                    Unenrolled::Permit => "permit",
-                }
-            ),
-        };
-        Ok(Response::new(ExplainReply {
-            request: request_line,
-            policy: policy.summary(),
-            rules: d
-                .trace
-                .iter()
-                .enumerate()
-                .map(|(i, t)| RuleLine {
-                    index: i as u32 + 1,
-                    id: t.id.clone(),
-                    line: t.line as u32,
-                    outcome: match &t.outcome {
-                        Outcome::NotApplicable => "NotApplicable",
-                        Outcome::Applicable => "Applicable",
-                        Outcome::Indeterminate(_) => "Indeterminate",
-                    }
-                    .into(),
-                    why: t.why.clone(),
-                    decides: t.decides,
-                })
-                .collect(),
-            decision,
-        }))
+        explain::explain(self, req).await
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
@@ -595,8 +426,7 @@ impl Guard for GuardService {
             Flow::Login => Flow::Login,
             Flow::RecoverCode => Flow::RecoverCode,
             other => {
-                return self
-                    .recover_password(caller, session.context, other, response)
+                return recovery::password(self, caller, session.context, other, response)
                     .await
                     .map(Response::new)
             }
@@ -659,299 +489,44 @@ impl Guard for GuardService {
     }
 
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let EnrollRequest {
-            user,
-            label,
-            kind,
-            algorithm,
-            digits,
-            period,
-        } = req.into_inner();
-        validate_name("user", &user)?;
-        validate_label(&label)?;
-        let (kind, params) = token_kind(&kind, &algorithm, digits, period)?;
-        // Self-service enrolment only while the user has no token at all: a user who has one
-        // must not be able to add a second from a session that did not prove the first.
-        self.authorize(
-            caller,
-            Action::Enroll,
-            Some(user.clone()),
-            "enroll",
-            |s, u| Ok(s.list(Some(u))?.is_empty()),
-        )
-        .await?;
-        let issuer = self.issuer.clone();
-        let now = self.clock.now();
-        let u = user.clone();
-        system(move || require_system_user(&u)).await?;
-        let (info, uri) = self
-            .store(move |store| {
-                let secret = otp::new_secret()
-                    .map_err(|_| Status::internal("the system random source failed"))?;
-                let info = store.add_pending(
-                    NewToken {
-                        user: &user,
-                        label: &label,
-                        kind,
-                        params,
-                        secret: &secret,
-                    },
-                    now as i64,
-                )?;
-                let uri = otp::otpauth_uri(&issuer, &user, &secret, kind, params);
-                Ok((info, uri))
-            })
-            .await?;
-        audit::record(
-            &Event {
-                action: "enroll",
-                user: &info.user,
-                outcome: "ok",
-                reason: "pending token created",
-                token: &info.id,
-                ..Event::default()
-            }
-            .caller(&caller),
-        );
-        Ok(Response::new(EnrollReply {
-            token: Some(token_message(info)),
-            uri: uri.to_string(),
-        }))
+        admin::enroll(self, req).await
     }
 
     async fn confirm(
         &self,
         req: Request<ConfirmRequest>,
     ) -> Result<Response<ConfirmReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let ConfirmRequest { user, code } = req.into_inner();
-        let code = Zeroizing::new(code);
-        validate_name("user", &user)?;
-        self.authorize(
-            caller,
-            Action::Enroll,
-            Some(user.clone()),
-            "confirm",
-            |_, _| Ok(true),
-        )
-        .await?;
-        let (windows, now) = (self.windows, self.clock.now());
-        let u = user.clone();
-        let confirmed = self
-            .store(move |store| {
-                let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)?;
-                match id {
-                    Some(id) => Ok(Ok(store.get(&u, &id)?)),
-                    None => Ok(Err(store.secrets(&u, TokenState::Pending)?.is_empty())),
-                }
-            })
-            .await?;
-        let (outcome, reason, token) = match &confirmed {
-            Ok(Some(t)) => ("ok", "token activated", t.id.as_str()),
-            _ => ("refused", "code did not match a pending token", ""),
-        };
-        audit::record(
-            &Event {
-                action: "confirm",
-                user: &user,
-                outcome,
-                reason,
-                token,
-                ..Event::default()
-            }
-            .caller(&caller),
-        );
-        match confirmed {
-            Ok(Some(info)) => Ok(Response::new(ConfirmReply {
-                token: Some(token_message(info)),
-            })),
-            Ok(None) => Err(Status::not_found("the token was deleted meanwhile")),
-            Err(true) => Err(Status::failed_precondition(format!(
-                "{user} has no pending token; run `guardctl enroll {user}` first"
-            ))),
-            Err(false) => Err(Status::invalid_argument(
-                "the code does not match the pending token; check the phone's clock and type the code it shows now",
-            )),
-        }
+        admin::confirm(self, req).await
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let user = Some(req.into_inner().user).filter(|u| !u.is_empty());
-        if let Some(u) = &user {
-            validate_name("user", u)?;
-        }
-        self.authorize(caller, Action::List, user.clone(), "list", |_, _| Ok(true))
-            .await?;
-        let who = user.clone().unwrap_or_else(|| "*".into());
-        let tokens = self
-            .store(move |store| Ok(store.list(user.as_deref())?))
-            .await?;
-        admin_audit(&caller, "list", &who, true, "");
-        Ok(Response::new(ListReply {
-            tokens: tokens.into_iter().map(token_message).collect(),
-        }))
+        admin::list(self, req).await
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let DeleteRequest { user, token_id } = req.into_inner();
-        validate_name("user", &user)?;
-        validate_name("token id", &token_id)?;
-        // Users may withdraw their own unconfirmed enrolment, not an active token.
-        let id = token_id.clone();
-        self.authorize(
-            caller,
-            Action::Delete,
-            Some(user.clone()),
-            "delete",
-            move |s, u| Ok(s.get(u, &id)?.is_some_and(|t| t.state == "pending")),
-        )
-        .await?;
-        let (u, id) = (user.clone(), token_id.clone());
-        let deleted = self.store(move |store| Ok(store.delete(&u, &id)?)).await?;
-        audit::record(
-            &Event {
-                action: "delete",
-                user: &user,
-                outcome: if deleted { "ok" } else { "refused" },
-                reason: if deleted {
-                    "token deleted"
-                } else {
-                    "no such token"
-                },
-                token: &token_id,
-                ..Event::default()
-            }
-            .caller(&caller),
-        );
-        if deleted {
-            Ok(Response::new(DeleteReply {}))
-        } else {
-            Err(Status::not_found(format!(
-                "{user} has no token {token_id}; see `guardctl list {user}`"
-            )))
-        }
+        admin::delete(self, req).await
     }
 
     async fn set_enabled(
         &self,
         req: Request<SetEnabledRequest>,
     ) -> Result<Response<TokenReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let SetEnabledRequest {
-            user,
-            token_id,
-            enabled,
-        } = req.into_inner();
-        validate_name("token id", &token_id)?;
-        let action = if enabled { "enable" } else { "disable" };
-        self.admin_only(caller, &user, action).await?;
-        let (from, to) = if enabled {
-            (TokenState::Disabled, TokenState::Active)
-        } else {
-            (TokenState::Active, TokenState::Disabled)
-        };
-        let (u, id) = (user.clone(), token_id.clone());
-        let token = self
-            .store(move |store| {
-                if store.set_state(&u, &id, from, to)? {
-                    Ok(store.get(&u, &id)?)
-                } else {
-                    Ok(None)
-                }
-            })
-            .await?;
-        admin_audit(&caller, action, &user, token.is_some(), &token_id);
-        match token {
-            Some(t) => Ok(Response::new(TokenReply {
-                token: Some(token_message(t)),
-            })),
-            None => Err(Status::failed_precondition(format!(
-                "{user} has no {} token {token_id}; see `guardctl list {user}`",
-                from.as_str()
-            ))),
-        }
+        admin::set_enabled(self, req).await
     }
 
     async fn resync(&self, req: Request<ResyncRequest>) -> Result<Response<TokenReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let ResyncRequest {
-            user,
-            token_id,
-            first,
-            second,
-        } = req.into_inner();
-        let (first, second) = (Zeroizing::new(first), Zeroizing::new(second));
-        validate_name("token id", &token_id)?;
-        self.admin_only(caller, &user, "resync").await?;
-        let (u, id, now) = (user.clone(), token_id.clone(), self.clock.now());
-        let result = self
-            .store(move |store| {
-                let tokens = store.secrets(&u, TokenState::Active)?;
-                let Some(token) = tokens.into_iter().find(|t| t.id == id) else {
-                    return Err(Status::not_found(format!(
-                        "{u} has no active token {id}; see `guardctl list {u}`"
-                    )));
-                };
-                if token.counter.kind != Kind::Hotp {
-                    return Err(Status::failed_precondition(
-                        "only HOTP tokens need resynchronising; TOTP tokens follow the clock",
-                    ));
-                }
-                let counter = otp::resync(&token.secret, token.counter, &first, &second, RESYNC_WINDOW)
-                    .map_err(|e| Status::internal(e.to_string()))?
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "the two codes are not consecutive codes of token {id} within {RESYNC_WINDOW} counters"
-                        ))
-                    })?;
-                if !store.accept(&id, TokenState::Active, counter, 0, now as i64)? {
-                    return Err(Status::aborted("the token changed meanwhile; try again"));
-                }
-                Ok(store.get(&u, &id)?)
-            })
-            .await;
-        admin_audit(&caller, "resync", &user, result.is_ok(), &token_id);
-        Ok(Response::new(TokenReply {
-            token: result?.map(token_message),
-        }))
+        admin::resync(self, req).await
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let user = req.into_inner().user;
-        self.admin_only(caller, &user, "unlock").await?;
-        let u = user.clone();
-        let was_locked = self
-            .store(move |store| Ok(store.clear_failures(&u)?))
-            .await?;
-        admin_audit(&caller, "unlock", &user, true, "");
-        Ok(Response::new(UnlockReply { was_locked }))
+        admin::unlock(self, req).await
     }
 
     async fn issue_backup_codes(
         &self,
         req: Request<BackupCodesRequest>,
     ) -> Result<Response<BackupCodesReply>, Status> {
-        let caller = Caller::of(&req)?;
-        let user = req.into_inner().user;
-        self.admin_only(caller, &user, "backup-codes").await?;
-        let (u, now) = (user.clone(), self.clock.now());
-        // Hashing ten codes with Argon2 takes a while: not on the store thread.
-        let (codes, hashes) = system(move || {
-            require_system_user(&u)?;
-            backup::generate().map_err(|e| Status::internal(e.to_string()))
-        })
-        .await?;
-        let u = user.clone();
-        self.store(move |store| Ok(store.replace_backup_codes(&u, &hashes, now as i64)?))
-            .await?;
-        admin_audit(&caller, "backup-codes", &user, true, "");
-        Ok(Response::new(BackupCodesReply {
-            codes: codes.iter().map(|c| c.to_string()).collect(),
-        }))
+        admin::issue_backup_codes(self, req).await
     }
 }
 
@@ -1012,25 +587,6 @@ fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
 }
 
 impl GuardService {
-    /// Checks the user name and that the caller may administer (root or the admin group; no
-    /// self-service): the preamble of disable/enable, resync, unlock and backup codes.
-    async fn admin_only(
-        &self,
-        caller: Caller,
-        user: &str,
-        action: &'static str,
-    ) -> Result<(), Status> {
-        validate_name("user", user)?;
-        self.authorize(
-            caller,
-            Action::Admin,
-            Some(user.to_owned()),
-            action,
-            |_, _| Ok(false),
-        )
-        .await
-    }
-
     /// The caller and the validated login context of a Begin or Check, if the caller may act
     /// for that user (root, or the user themself).
     async fn login_request(
@@ -1131,82 +687,6 @@ impl GuardService {
         .await
     }
 
-    /// The password stages of recovery, after the OTP was verified.
-    async fn recover_password(
-        &self,
-        caller: Caller,
-        ctx: LoginContext,
-        flow: Flow,
-        response: Zeroizing<Vec<u8>>,
-    ) -> Result<Step, Status> {
-        let audit = |outcome, reason: &str| {
-            audit::record(
-                &Event {
-                    action: "recover",
-                    user: &ctx.user,
-                    service: "recovery",
-                    outcome,
-                    reason,
-                    ..Event::default()
-                }
-                .caller(&caller),
-            )
-        };
-        let typed = match crate::recovery::new_password(&response) {
-            Ok(p) => p,
-            Err(e) => {
-                audit("deny", "unusable new password");
-                return Ok(deny(
-                    &format!("{e}; nothing was changed."),
-                    DenyReason::Policy,
-                ));
-            }
-        };
-        match flow {
-            Flow::RecoverNew => {
-                let challenge =
-                    self.open_session(ctx.clone(), caller.uid, 1, Flow::RecoverConfirm(typed))?;
-                Ok(prompt(
-                    challenge,
-                    "Retype new password: ",
-                    String::new(),
-                    PromptKind::ConfirmPassword,
-                ))
-            }
-            Flow::RecoverConfirm(first) => {
-                if !bool::from(first.as_bytes().ct_eq(typed.as_bytes())) {
-                    audit("deny", "confirmation did not match");
-                    return Ok(deny(
-                        "The passwords do not match; nothing was changed.",
-                        DenyReason::Policy,
-                    ));
-                }
-                let user = ctx.user.clone();
-                let result =
-                    system(move || Ok(crate::recovery::set_password(&user, &first))).await?;
-                match result {
-                    Ok(()) => {
-                        audit("ok", "password changed");
-                        Ok(Step {
-                            kind: Some(step::Kind::Permit(Permit {
-                                message: format!("The password of {} was changed.", ctx.user),
-                            })),
-                        })
-                    }
-                    Err(e) => {
-                        tracing::warn!(user = ctx.user, "password not changed: {e}");
-                        audit("deny", "the system refused the password");
-                        Ok(deny(
-                            &format!("{e}; nothing was changed."),
-                            DenyReason::Policy,
-                        ))
-                    }
-                }
-            }
-            Flow::Login | Flow::RecoverCode => Err(Status::internal("unexpected recovery stage")),
-        }
-    }
-
     /// The request the rules see for a login context. The host is this daemon's own name.
     fn rules_request(&self, ctx: &LoginContext, time: i64) -> rules::Request {
         let present = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
@@ -1234,16 +714,6 @@ fn admin_audit(caller: &Caller, action: &str, user: &str, ok: bool, token: &str)
         }
         .caller(caller),
     );
-}
-
-/// Tokens and codes are only issued to users the system knows (NSS).
-fn require_system_user(user: &str) -> Result<(), Status> {
-    match nix::unistd::User::from_name(user) {
-        Ok(Some(_)) => Ok(()),
-        _ => Err(Status::not_found(format!(
-            "no such user: {user} (enroll only users the system knows)"
-        ))),
-    }
 }
 
 /// The store thread's part of checking an answer: refused unchecked while the user is locked
@@ -1308,43 +778,6 @@ fn consume_code(
     Ok(None)
 }
 
-/// Reads the token kind and parameters of an enrolment; empty or zero fields take defaults.
-fn token_kind(
-    kind: &str,
-    algorithm: &str,
-    digits: u32,
-    period: u32,
-) -> Result<(Kind, OtpParams), Status> {
-    let defaults = OtpParams::default();
-    let kind = match kind {
-        "" => Kind::Totp,
-        k => Kind::parse(k).ok_or_else(|| Status::invalid_argument("kind must be totp or hotp"))?,
-    };
-    let algorithm = match algorithm {
-        "" => defaults.algorithm,
-        a => HashAlg::parse(&a.to_ascii_uppercase())
-            .ok_or_else(|| Status::invalid_argument("algorithm must be SHA1, SHA256 or SHA512"))?,
-    };
-    let digits = match digits {
-        0 => defaults.digits,
-        d @ 6..=8 => d as u8,
-        _ => return Err(Status::invalid_argument("digits must be 6, 7 or 8")),
-    };
-    let period = match period {
-        0 => defaults.period,
-        p @ 15..=120 => u64::from(p),
-        _ => return Err(Status::invalid_argument("period must be 15 to 120 seconds")),
-    };
-    Ok((
-        kind,
-        OtpParams {
-            algorithm,
-            digits,
-            period,
-        },
-    ))
-}
-
 fn prompt(challenge: String, text: &str, info: String, kind: PromptKind) -> Step {
     Step {
         kind: Some(step::Kind::Prompt(Prompt {
@@ -1370,18 +803,6 @@ fn deny(message: &str, reason: DenyReason) -> Step {
             message: message.into(),
             reason: reason.into(),
         })),
-    }
-}
-
-fn token_message(t: TokenInfo) -> Token {
-    Token {
-        id: t.id,
-        user: t.user,
-        label: t.label,
-        kind: t.kind,
-        state: t.state,
-        created: t.created,
-        last_used: t.last_used.unwrap_or(0),
     }
 }
 
@@ -1422,15 +843,6 @@ fn validate_name(what: &str, value: &str) -> Result<(), Status> {
         return Err(Status::invalid_argument(format!(
             "{what} must be 1 to {MAX_FIELD} bytes without control characters"
         )));
-    }
-    Ok(())
-}
-
-fn validate_label(label: &str) -> Result<(), Status> {
-    if label.chars().count() > 64 || label.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(
-            "the label must be at most 64 characters without control characters",
-        ));
     }
     Ok(())
 }

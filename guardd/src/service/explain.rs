@@ -1,0 +1,100 @@
+//! `guardctl explain`: how the rules in force decide a login, rule by rule.
+
+use super::*;
+
+pub(super) async fn explain(
+    svc: &GuardService,
+    req: Request<ExplainRequest>,
+) -> Result<Response<ExplainReply>, Status> {
+    let caller = Caller::of(&req)?;
+    let ExplainRequest { context, time } = req.into_inner();
+    let ctx = context.ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
+    validate_context(&ctx)?;
+    svc.authorize(
+        caller,
+        Action::List,
+        Some(ctx.user.clone()),
+        "explain",
+        |_, _| Ok(true),
+    )
+    .await?;
+    let time = if time == 0 {
+        svc.clock.now() as i64
+    } else {
+        time
+    };
+    let mut request = svc.rules_request(&ctx, time);
+    if !ctx.host.is_empty() {
+        request.host = ctx.host.clone();
+    }
+    let policy = svc.policy();
+    // An explanation shows the groups and the enrolment whether or not a rule asks.
+    let mut facts = svc.facts(&request.user).await?;
+    let user = request.user.clone();
+    facts.groups = Some(system(move || Ok(user_groups(&user))).await?);
+    let d = policy.evaluate(&request, &facts, true);
+    let yes_no = |r: Result<bool, LookupError>| match r {
+        Ok(true) => "yes".to_owned(),
+        Ok(false) => "no".to_owned(),
+        Err(LookupError(e)) => format!("unknown ({e})"),
+    };
+    let groups = match facts.groups() {
+        Ok(g) => format!("[{}]", g.join(",")),
+        Err(LookupError(e)) => format!("unknown ({e})"),
+    };
+    let when = jiff::Timestamp::from_second(request.time)
+        .map(|t| t.to_string())
+        .unwrap_or_default();
+    let request_line = format!(
+        "user={} groups={groups} service={} rhost={} host={} tty={} enrolled={} time={when}",
+        request.user,
+        request.service,
+        request.rhost.as_deref().unwrap_or("local"),
+        request.host,
+        request.tty.as_deref().unwrap_or("(none)"),
+        yes_no(facts.enrolled()),
+    );
+    let decision = match (&d.verdict, &d.indeterminate) {
+        (_, Some(cause)) => format!("Deny: Indeterminate ({cause})"),
+        (Rule::Permit, _) => format!("Permit without OTP ({})", d.rule_label()),
+        (Rule::Deny { message }, _) => format!(
+            "Deny ({}){}",
+            d.rule_label(),
+            message
+                .as_ref()
+                .map(|m| format!(": {m}"))
+                .unwrap_or_default()
+        ),
+        (Rule::Otp { unenrolled }, _) => format!(
+            "OTP required ({}; unenrolled={})",
+            d.rule_label(),
+            match unenrolled {
+                Unenrolled::Deny => "deny",
+                Unenrolled::Permit => "permit",
+            }
+        ),
+    };
+    Ok(Response::new(ExplainReply {
+        request: request_line,
+        policy: policy.summary(),
+        rules: d
+            .trace
+            .iter()
+            .enumerate()
+            .map(|(i, t)| RuleLine {
+                index: i as u32 + 1,
+                id: t.id.clone(),
+                line: t.line as u32,
+                outcome: match &t.outcome {
+                    Outcome::NotApplicable => "NotApplicable",
+                    Outcome::Applicable => "Applicable",
+                    Outcome::Indeterminate(_) => "Indeterminate",
+                }
+                .into(),
+                why: t.why.clone(),
+                decides: t.decides,
+            })
+            .collect(),
+        decision,
+    }))
+}
