@@ -615,6 +615,12 @@ impl Store for SqliteStore {
         // Deferred: reads need no lock in WAL mode, so while another process holds the write
         // lock, logins that only read (a permit, a prompt) still go through; the first write
         // waits for the lock (the busy timeout), and only the calls that write get "busy".
+        if !self.conn().is_autocommit() {
+            // A batch whose COMMIT and ROLLBACK both failed left its transaction open; without
+            // this, every later batch would fail to begin. Its callers were told it failed.
+            tracing::warn!("rolling back a transaction left open by a failed batch");
+            self.run("ROLLBACK")?;
+        }
         self.run("BEGIN")
     }
 
@@ -716,6 +722,20 @@ mod tests {
             (count(0), count(1))
         });
         assert_eq!((wins_a, wins_b), (1, 1));
+    }
+
+    #[test]
+    fn a_batch_left_open_is_rolled_back_by_the_next_one() {
+        let (_d, s) = temp_store();
+        let t = s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+        s.begin_batch().unwrap();
+        assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
+        // As if COMMIT and ROLLBACK had both failed: the next batch still begins, without the
+        // failed batch's write.
+        s.begin_batch().unwrap();
+        assert!(!s.has_active("ann").unwrap());
+        s.end_batch(true).unwrap();
+        assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
     }
 
     #[test]
