@@ -22,44 +22,10 @@ async fn one_code_fired_by_fifty_concurrent_logins_is_accepted_exactly_once() {
     let secret = d.enroll_active("daemon").await;
     let code = secret.code_at(0);
     d.remember(&code);
-    let mut challenges = Vec::new();
-    for _ in 0..50 {
-        let step = d
-            .client()
-            .await
-            .begin(BeginRequest {
-                context: Some(LoginContext {
-                    user: "daemon".into(),
-                    ..LoginContext::default()
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(step::Kind::Prompt(p)) = step.kind else {
-            panic!("expected a prompt")
-        };
-        challenges.push(p.challenge);
-    }
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(challenges.len()));
-    let mut tasks = Vec::new();
-    for challenge in challenges {
-        let (mut client, code, barrier) = (d.client().await, code.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            client
-                .answer(AnswerRequest {
-                    challenge,
-                    response: code.into_bytes(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-        }));
-    }
+    let steps = answer_at_once(&d, "daemon", 50, &code).await;
     let mut permits = 0;
-    for t in tasks {
-        permits += usize::from(is_permit(&t.await.unwrap()));
+    for step in &steps {
+        permits += usize::from(is_permit(step));
     }
     assert_eq!(permits, 1, "{}", d.log());
 }
@@ -416,14 +382,26 @@ async fn a_burst_of_wrong_answers_gets_no_more_checks_than_the_free_failures() {
     let d = Daemon::start();
     let secret = d.enroll_active("daemon").await;
     let wrong = secret.wrong_code();
+    let steps = answer_at_once(&d, "daemon", 40, &wrong).await;
+    let mut checked = 0;
+    for step in steps {
+        let locked = matches!(&step.kind, Some(step::Kind::Deny(d)) if d.reason == proto::v1::DenyReason::Locked as i32);
+        checked += usize::from(!locked);
+    }
+    assert_eq!(checked, 5, "{}", d.log());
+}
+
+/// Begins `n` logins of `user`, then sends every one of them `answer` at the same moment, each
+/// from its own connection; returns the steps guardd answered.
+async fn answer_at_once(d: &Daemon, user: &str, n: usize, answer: &str) -> Vec<Step> {
     let mut challenges = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..n {
         let step = d
             .client()
             .await
             .begin(BeginRequest {
                 context: Some(LoginContext {
-                    user: "daemon".into(),
+                    user: user.into(),
                     ..LoginContext::default()
                 }),
             })
@@ -438,24 +416,22 @@ async fn a_burst_of_wrong_answers_gets_no_more_checks_than_the_free_failures() {
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(challenges.len()));
     let mut tasks = Vec::new();
     for challenge in challenges {
-        let (mut client, wrong, barrier) = (d.client().await, wrong.clone(), barrier.clone());
+        let (mut client, answer, barrier) = (d.client().await, answer.to_owned(), barrier.clone());
         tasks.push(tokio::spawn(async move {
             barrier.wait().await;
             client
                 .answer(AnswerRequest {
                     challenge,
-                    response: wrong.into_bytes(),
+                    response: answer.into_bytes(),
                 })
                 .await
                 .unwrap()
                 .into_inner()
         }));
     }
-    let mut checked = 0;
+    let mut steps = Vec::new();
     for t in tasks {
-        let step = t.await.unwrap();
-        let locked = matches!(&step.kind, Some(step::Kind::Deny(d)) if d.reason == proto::v1::DenyReason::Locked as i32);
-        checked += usize::from(!locked);
+        steps.push(t.await.unwrap());
     }
-    assert_eq!(checked, 5, "{}", d.log());
+    steps
 }
