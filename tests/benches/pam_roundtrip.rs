@@ -18,14 +18,13 @@
 //! Every login needs a fresh TOTP step (each is accepted once), so guardd runs in-process with a
 //! clock that the benchmark moves forward 30 s before each login.
 
-use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guardd::config::Config;
 use guardd::service::Clock;
-use harness::{artefact, is_root, EtcFile, PamServices, Secret};
+use harness::{artefact, is_root, system_pamtester, EtcFile, PamServices, Secret};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{ConfirmRequest, EnrollRequest};
 
@@ -150,7 +149,7 @@ fn main() {
             };
             let t = Instant::now();
             let out = if v.system {
-                system_pamtester(v.service, &input)
+                system_pamtester(v.service, USER, &input)
             } else {
                 services.pamtester(v.service, USER, &input)
             };
@@ -223,21 +222,6 @@ async fn enroll(socket: &std::path::Path, vtime: &AtomicU64) -> Secret {
         .await
         .unwrap();
     secret
-}
-
-/// `pamtester <service> USER authenticate` with the system's libpam and /etc/pam.d.
-fn system_pamtester(service: &str, input: &str) -> Output {
-    let mut child = Command::new("pamtester")
-        .args([service, USER, "authenticate"])
-        .env_remove("LD_PRELOAD")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pamtester (apt-get install pamtester)");
-    use std::io::Write;
-    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-    child.wait_with_output().unwrap()
 }
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -507,20 +507,35 @@ impl PamServices {
     pub fn pamtester(&self, service: &str, user: &str, input: &str) -> Output {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let mut child = Command::new("pamtester")
-            .args(["-v", service, user, "authenticate"])
+        let mut cmd = Command::new("pamtester");
+        cmd.args(["-v", service, user, "authenticate"])
             .env("LD_PRELOAD", "libpam_wrapper.so")
             .env("PAM_WRAPPER", "1")
-            .env("PAM_WRAPPER_SERVICE_DIR", self.dir.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pamtester (apt-get install pamtester libpam-wrapper)");
-        use std::io::Write;
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-        child.wait_with_output().unwrap()
+            .env("PAM_WRAPPER_SERVICE_DIR", self.dir.path());
+        feed(cmd, input)
     }
+}
+
+/// Runs `pamtester <service> <user> authenticate` with the system's libpam and /etc/pam.d
+/// (root writes the service file), feeding `input`.
+pub fn system_pamtester(service: &str, user: &str, input: &str) -> Output {
+    let mut cmd = Command::new("pamtester");
+    cmd.args([service, user, "authenticate"])
+        .env_remove("LD_PRELOAD");
+    feed(cmd, input)
+}
+
+/// Runs `cmd` (pamtester) with `input` on its standard input; returns its output.
+fn feed(mut cmd: Command, input: &str) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pamtester (apt-get install pamtester libpam-wrapper)");
+    use std::io::Write;
+    let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+    child.wait_with_output().unwrap()
 }
 
 /// guardd served inside the test process on a clock the test moves: for back-off timing and

@@ -101,19 +101,9 @@ fn password_works(user: &str, password: &str) -> bool {
         "auth required pam_unix.so\naccount required pam_permit.so\n",
         0o644,
     );
-    let mut child = Command::new("pamtester")
-        .args([&service, user, "authenticate"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes());
-    child.wait().unwrap().success()
+    harness::system_pamtester(&service, user, &format!("{password}\n"))
+        .status
+        .success()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
