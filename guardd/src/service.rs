@@ -812,6 +812,7 @@ impl From<StoreError> for Status {
         tracing::error!("{e}");
         match e {
             StoreError::Busy => Status::unavailable(e.to_string()),
+            StoreError::Overloaded => Status::resource_exhausted(e.to_string()),
             _ => Status::internal("the token database failed; see the guardd log"),
         }
     }

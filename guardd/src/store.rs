@@ -50,6 +50,8 @@ pub enum StoreError {
     Seal(#[from] SealError),
     #[error("the token database is busy or locked; try again (another process holds it)")]
     Busy,
+    #[error("guardd is overloaded (too many calls waiting for the token database); try again")]
+    Overloaded,
     #[error("token database error: {0}")]
     Sqlite(rusqlite::Error),
     #[error("{0}")]

@@ -17,17 +17,25 @@ use super::{Store, StoreError};
 
 /// Calls per batch at most: bounds what one commit adds to the first caller's wait.
 const MAX_BATCH: usize = 256;
+/// Calls waiting at most. A flood of calls (any local user may connect) is refused at once with
+/// "overloaded" instead of growing guardd's memory and every caller's wait without bound; a
+/// storm of real logins keeps a few dozen waiting.
+const MAX_QUEUE: usize = 4096;
 
 /// The handle the service keeps: queue a call with [`StoreThread::run`].
 pub struct StoreThread {
-    calls: Option<mpsc::Sender<Box<dyn Call>>>,
+    calls: Option<mpsc::SyncSender<Box<dyn Call>>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl StoreThread {
     /// Moves `store` onto a new thread that serves calls until the handle is dropped.
     pub fn start(store: impl Store + 'static) -> std::io::Result<StoreThread> {
-        let (calls, queue) = mpsc::channel();
+        Self::with_queue(store, MAX_QUEUE)
+    }
+
+    fn with_queue(store: impl Store + 'static, max_queue: usize) -> std::io::Result<StoreThread> {
+        let (calls, queue) = mpsc::sync_channel(max_queue);
         let thread = std::thread::Builder::new()
             .name("guardd-store".into())
             .spawn(move || serve(&store, &queue))?;
@@ -39,7 +47,8 @@ impl StoreThread {
 
     /// Runs `f` on the store thread inside the next batch and returns its result once the batch
     /// is committed. If `f` fails (or panics) its writes are undone and the rest of the batch
-    /// stands; if the commit fails, every call in the batch gets that error.
+    /// stands; if the commit fails, every call in the batch gets that error. With the queue full,
+    /// `f` does not run and the error is [`StoreError::Overloaded`].
     pub async fn run<T, E>(
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
@@ -59,11 +68,13 @@ impl StoreThread {
                 "the store thread stopped; restart guardd".into(),
             ))
         };
-        match &self.calls {
-            Some(calls) if calls.send(call).is_ok() => {
-                answer.await.unwrap_or_else(|_| Err(stopped()))
-            }
-            _ => Err(stopped()),
+        let Some(calls) = &self.calls else {
+            return Err(stopped());
+        };
+        match calls.try_send(call) {
+            Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
+            Err(mpsc::TrySendError::Full(_)) => Err(E::from(StoreError::Overloaded)),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(stopped()),
         }
     }
 }
@@ -198,6 +209,16 @@ mod tests {
         store.add_active_many(&[new], 1).unwrap().remove(0)
     }
 
+    /// Polls `f` once, so that a `run` puts its call in the queue without waiting for it.
+    async fn poll_once<F: std::future::Future + Unpin>(f: F) {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            let _ = std::pin::Pin::new(&mut f).poll(cx);
+            std::task::Poll::Ready(())
+        })
+        .await
+    }
+
     fn call<T: Send + 'static>(
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> (Box<dyn Call>, oneshot::Receiver<Result<T, StoreError>>) {
@@ -287,6 +308,38 @@ mod tests {
             wins
         });
         assert_eq!(wins, [1, 1]);
+        // A full queue refuses at once, and the thread serves again once it drains.
+        let small = StoreThread::with_queue(open(&dir), 2).unwrap();
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (started, has_started) = std::sync::mpsc::channel::<()>();
+        let results = runtime.block_on(async {
+            let first = small.run(move |_| {
+                let _ = started.send(());
+                let _ = held.recv();
+                Ok::<_, StoreError>(())
+            });
+            let mut first = Box::pin(first);
+            // Queue a call that holds the thread until told, and wait until it runs: the queue
+            // is empty again and the thread busy.
+            poll_once(first.as_mut()).await;
+            has_started.recv().unwrap();
+            let mut queued = Vec::new();
+            for _ in 0..2 {
+                let mut call = Box::pin(small.run(|s| s.has_active("ann")));
+                poll_once(call.as_mut()).await;
+                queued.push(call);
+            }
+            let refused = small.run(|s| s.has_active("ann")).await;
+            hold.send(()).unwrap();
+            first.await.unwrap();
+            let mut served = Vec::new();
+            for call in queued {
+                served.push(call.await.unwrap());
+            }
+            (refused, served)
+        });
+        assert!(matches!(results.0, Err(StoreError::Overloaded)));
+        assert_eq!(results.1, [true, true]);
         // The thread survives a panicking call and keeps serving.
         runtime.block_on(async {
             let r: Result<(), StoreError> = thread.run(|_| panic!("a bug")).await;
