@@ -24,9 +24,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guardd::config::Config;
 use guardd::service::Clock;
-use harness::{artefact, is_root, system_pamtester, EtcFile, PamServices, Secret};
-use proto::v1::guard_client::GuardClient;
-use proto::v1::{ConfirmRequest, EnrollRequest};
+use harness::{artefact, is_root, system_pamtester, EtcFile, PamServices};
 
 /// Services named `*-nootp` are permitted without an OTP; every other login needs one.
 const RULES: &str = r#"
@@ -87,7 +85,7 @@ fn main() {
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let secret = runtime.block_on(enroll(&socket, &vtime));
+    let secret = runtime.block_on(harness::Guard::new(socket.clone()).enroll_active(USER));
 
     let module = artefact("libpam_soffid_otp.so");
     let line = |args: &str| format!("auth required {} {args}\n", module.display());
@@ -193,35 +191,6 @@ impl Variant {
             times: Vec::new(),
         }
     }
-}
-
-/// Enrols and confirms a TOTP token for `USER`.
-async fn enroll(socket: &std::path::Path, vtime: &AtomicU64) -> Secret {
-    let mut client = GuardClient::new(
-        proto::connect(socket, Duration::from_secs(5))
-            .await
-            .unwrap(),
-    );
-    let uri = client
-        .enroll(EnrollRequest {
-            user: USER.into(),
-            label: "bench".into(),
-            ..EnrollRequest::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .uri;
-    let secret = Secret::from_uri(&uri);
-    let code = secret.code_at_time(vtime.load(Ordering::SeqCst));
-    client
-        .confirm(ConfirmRequest {
-            user: USER.into(),
-            code: code.into_bytes(),
-        })
-        .await
-        .unwrap();
-    secret
 }
 
 fn median(v: &mut [Duration]) -> Duration {
