@@ -5,8 +5,10 @@ use std::process::Command;
 
 use guardd::config::Config;
 use harness::{artefact, is_deny, is_permit, Daemon, InProcess};
+use proto::v1::guard_client::GuardClient;
 use proto::v1::{step, ConfirmRequest, EnrollRequest, ResyncRequest, SetEnabledRequest, Step};
 use proto::v1::{AnswerRequest, BeginRequest, LoginContext, UnlockRequest};
+use tonic::transport::Channel;
 
 fn deny_message(step: &Step) -> String {
     match &step.kind {
@@ -242,22 +244,10 @@ async fn malformed_answers_are_refused_and_counted() {
         &[b'7'; 10_000],
     ] {
         let mut client = g.client().await;
-        let step = client
-            .begin(BeginRequest {
-                context: Some(LoginContext {
-                    user: "daemon".into(),
-                    ..LoginContext::default()
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(step::Kind::Prompt(p)) = step.kind else {
-            panic!()
-        };
+        let challenge = prompted(&mut client, "daemon").await;
         let answer = client
             .answer(AnswerRequest {
-                challenge: p.challenge,
+                challenge,
                 response: bad.to_vec(),
             })
             .await
@@ -345,22 +335,10 @@ async fn a_locked_database_gives_unavailable_and_loses_nothing() {
     let locker = rusqlite::Connection::open(d.dir.path().join("lib/guardd.db")).unwrap();
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
     let mut client = d.client().await;
-    let step = client
-        .begin(BeginRequest {
-            context: Some(LoginContext {
-                user: "daemon".into(),
-                ..LoginContext::default()
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(step::Kind::Prompt(p)) = step.kind else {
-        panic!("{step:?}")
-    };
+    let challenge = prompted(&mut client, "daemon").await;
     let err = client
         .answer(AnswerRequest {
-            challenge: p.challenge,
+            challenge,
             response: code.clone().into_bytes(),
         })
         .await
@@ -396,22 +374,7 @@ async fn a_burst_of_wrong_answers_gets_no_more_checks_than_the_free_failures() {
 async fn answer_at_once(d: &Daemon, user: &str, n: usize, answer: &str) -> Vec<Step> {
     let mut challenges = Vec::new();
     for _ in 0..n {
-        let step = d
-            .client()
-            .await
-            .begin(BeginRequest {
-                context: Some(LoginContext {
-                    user: user.into(),
-                    ..LoginContext::default()
-                }),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(step::Kind::Prompt(p)) = step.kind else {
-            panic!("expected a prompt")
-        };
-        challenges.push(p.challenge);
+        challenges.push(prompted(&mut d.client().await, user).await);
     }
     let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(challenges.len()));
     let mut tasks = Vec::new();
@@ -434,4 +397,22 @@ async fn answer_at_once(d: &Daemon, user: &str, n: usize, answer: &str) -> Vec<S
         steps.push(t.await.unwrap());
     }
     steps
+}
+
+/// Begins a login of `user`, which must be prompted for a code; returns the challenge.
+async fn prompted(client: &mut GuardClient<Channel>, user: &str) -> String {
+    let step = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: user.into(),
+                ..LoginContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match step.kind {
+        Some(step::Kind::Prompt(p)) => p.challenge,
+        other => panic!("expected a prompt, got {other:?}"),
+    }
 }
