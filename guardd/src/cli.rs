@@ -215,6 +215,7 @@ async fn execute(
                     algorithm,
                     digits,
                     period,
+                    ..EnrollRequest::default()
                 })
                 .await?
                 .into_inner();

@@ -37,6 +37,7 @@ pub(super) async fn enroll(
         algorithm,
         digits,
         period,
+        ..
     } = req.into_inner();
     validate_name("user", &user)?;
     validate_label(&label)?;
@@ -87,6 +88,7 @@ pub(super) async fn enroll(
     Ok(Response::new(EnrollReply {
         token: Some(token_message(info)),
         uri: uri.to_string(),
+        ..EnrollReply::default()
     }))
 }
 
