@@ -8,6 +8,8 @@
 pub mod audit;
 /// Backup codes: one-time, hashed with Argon2id.
 pub mod backup;
+/// Per-caller limits on shared resources, with a reserve for root.
+pub mod budget;
 /// Who is calling: SO_PEERCRED credentials and what each caller may do.
 pub mod caller;
 /// `guardctl`, the admin and self-service command line.

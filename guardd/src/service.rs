@@ -218,15 +218,11 @@ impl GuardService {
         }
         .await;
         if let Err(status) = &result {
-            audit::record(
-                &Event {
-                    action: name,
-                    user: user.as_deref().unwrap_or("*"),
-                    outcome: "refused",
-                    reason: status.message(),
-                    ..Event::default()
-                }
-                .caller(&caller),
+            audit::refused(
+                &caller,
+                name,
+                user.as_deref().unwrap_or("*"),
+                status.message(),
             );
         }
         result

@@ -10,12 +10,13 @@ pub(super) async fn explain(
     let ExplainRequest { context, time } = req.into_inner();
     let ctx = context.ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
     validate_context(&ctx)?;
+    // Admins only: an explanation maps which logins skip the OTP.
     svc.authorize(
         caller,
-        Action::List,
+        Action::Admin,
         Some(ctx.user.clone()),
         "explain",
-        |_, _| Ok(true),
+        |_, _| Ok(false),
     )
     .await?;
     let time = if time == 0 {
