@@ -55,7 +55,7 @@ struct State {
 
 /// One holding; given back when dropped.
 #[derive(Debug)]
-pub struct Permit {
+pub struct Holding {
     budget: Arc<Budget>,
     keys: Vec<Key>,
     shared: bool,
@@ -77,7 +77,7 @@ impl Budget {
         self: &Arc<Self>,
         keys: Vec<Key>,
         privileged: bool,
-    ) -> Result<Permit, Exhausted> {
+    ) -> Result<Holding, Exhausted> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         for key in &keys {
             if state.by_key.get(key).copied().unwrap_or(0) >= self.limits.per_key {
@@ -105,7 +105,7 @@ impl Budget {
         if !privileged {
             state.shared += 1;
         }
-        Ok(Permit {
+        Ok(Holding {
             budget: self.clone(),
             keys,
             shared: !privileged,
@@ -119,7 +119,7 @@ impl Budget {
     }
 }
 
-impl Drop for Permit {
+impl Drop for Holding {
     fn drop(&mut self) {
         let mut state = self.budget.state.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {

@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::audit;
-use crate::budget::{Budget, Limits, Permit};
+use crate::budget::{Budget, Holding, Limits};
 use crate::caller::Caller;
 use crate::config::Config;
 use crate::service::{Clock, GuardService};
@@ -156,7 +156,8 @@ pub async fn run_with_clock(
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
     let store = StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
-    let service = Arc::new(GuardService::new(store, &config, policy, clock));
+    let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
+    let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));
     let listener = bind(&config.socket).await?;
     // systemd (Type=notify): the socket accepts connections from now on.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -285,7 +286,7 @@ async fn accept(
         let conn = Conn {
             stream,
             caller,
-            _permit: permit,
+            _holding: permit,
         };
         if accepted.send(Ok(conn)).await.is_err() {
             return;
@@ -306,7 +307,7 @@ mod libc_errno {
 struct Conn {
     stream: UnixStream,
     caller: Caller,
-    _permit: Permit,
+    _holding: Holding,
 }
 
 impl Connected for Conn {
