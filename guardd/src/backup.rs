@@ -289,25 +289,27 @@ mod tests {
         let code = normalize(codes[3].as_bytes()).unwrap();
         let ids: Vec<(i64, String)> = hashes.into_iter().enumerate().map(|(i, h)| (i as i64, h)).collect();
         assert_eq!(hasher.find(code, ids.clone()).await.unwrap(), Some(3));
-        // Many at once: some wait in the queue, the rest are refused, none is lost.
-        let results = futures_join_all((0..20).map(|_| {
-            hasher.find(Zeroizing::new("zzzzzzzzzz".into()), ids[..1].to_vec())
-        }))
-        .await;
-        let busy = results.iter().filter(|r| matches!(r, Err(BackupError::Busy))).count();
-        assert!(busy > 0 && busy < 20, "{busy} refused");
-        assert!(results.iter().all(|r| matches!(r, Ok(None) | Err(BackupError::Busy))));
+        // Many at once: some wait in the queue, the rest are refused at once, none is lost.
+        let (mut waiting, mut busy) = (Vec::new(), 0);
+        for _ in 0..20 {
+            let (reply, answer) = oneshot::channel();
+            let job = Job::Find {
+                code: Zeroizing::new("zzzzzzzzzz".into()),
+                hashes: ids[..1].to_vec(),
+                reply,
+            };
+            match hasher.queue(job) {
+                Ok(()) => waiting.push(answer),
+                Err(BackupError::Busy) => busy += 1,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert!(busy > 0 && waiting.len() >= QUEUE, "{busy} refused");
+        for answer in waiting {
+            assert_eq!(answer.await.unwrap(), None);
+        }
     }
 
-    /// Polls every future to completion (no extra crate for one test).
-    async fn futures_join_all<F: std::future::Future>(futures: impl Iterator<Item = F>) -> Vec<F::Output> {
-        let handles: Vec<_> = futures.map(Box::pin).collect();
-        let mut out = Vec::new();
-        for h in handles {
-            out.push(h.await);
-        }
-        out
-    }
 
     #[test]
     fn normalize_accepts_typing_variants_and_rejects_otp_codes() {
