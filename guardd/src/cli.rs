@@ -116,11 +116,8 @@ enum Command {
 /// A failure worth one line on stderr and exit status 1.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    #[error("cannot reach guardd at {path}: {source} (is guardd running?)")]
-    Connect {
-        path: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot reach guardd: {0}")]
+    Connect(#[from] proto::ConnectError),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -182,12 +179,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
         _ => None,
     };
     runtime.block_on(async move {
-        let channel = proto::connect(&socket, Duration::from_secs(cli.timeout))
-            .await
-            .map_err(|source| CliError::Connect {
-                path: socket.display().to_string(),
-                source,
-            })?;
+        let channel = proto::connect(&socket, Duration::from_secs(cli.timeout)).await?;
         let mut client = GuardClient::new(channel);
         execute(&mut client, cli.command, code).await
     })

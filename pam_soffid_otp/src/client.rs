@@ -19,14 +19,14 @@ pub struct GrpcDaemon {
 }
 
 impl GrpcDaemon {
-    /// Connects to guardd at `socket`; fails within `timeout` when it is down or wedged.
+    /// Connects to guardd at `socket`; fails within `timeout` when it is down or wedged. Only
+    /// this step may report [`DaemonError::Absent`].
     pub fn connect(socket: &Path, timeout: Duration) -> Result<GrpcDaemon, DaemonError> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| DaemonError::Unreachable(format!("cannot start a runtime: {e}")))?;
-        let channel = block_on(&runtime, timeout, proto::connect(socket, timeout))?
-            .map_err(|e| DaemonError::Unreachable(format!("{}: {e}", socket.display())))?;
+            .map_err(|e| DaemonError::Failed(format!("cannot start a runtime: {e}")))?;
+        let channel = block_on(&runtime, timeout, proto::connect(socket, timeout))??;
         Ok(GrpcDaemon {
             runtime,
             client: GuardClient::new(channel),
@@ -34,11 +34,14 @@ impl GrpcDaemon {
         })
     }
 
-    fn call<T: Send>(
-        &self,
-        f: impl Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
-    ) -> Result<T, DaemonError> {
-        match block_on(&self.runtime, self.timeout, f)? {
+    /// One call, bounded by the timeout.
+    fn call<T, F, C>(&mut self, call: C) -> Result<T, DaemonError>
+    where
+        T: Send,
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
+        C: FnOnce(GuardClient<Channel>) -> F,
+    {
+        match block_on(&self.runtime, self.timeout, call(self.client.clone()))? {
             Ok(reply) => Ok(reply.into_inner()),
             Err(status) => Err(DaemonError::from(status)),
         }
@@ -47,8 +50,7 @@ impl GrpcDaemon {
 
 impl Daemon for GrpcDaemon {
     fn begin(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
-        let mut client = self.client.clone();
-        self.call(async move {
+        self.call(|mut client| async move {
             client
                 .begin(BeginRequest {
                     context: Some(context),
@@ -58,8 +60,7 @@ impl Daemon for GrpcDaemon {
     }
 
     fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
-        let mut client = self.client.clone();
-        self.call(async move {
+        self.call(|mut client| async move {
             client
                 .check(BeginRequest {
                     context: Some(context),
@@ -73,8 +74,7 @@ impl Daemon for GrpcDaemon {
         challenge: String,
         response: Zeroizing<Vec<u8>>,
     ) -> Result<Step, DaemonError> {
-        let mut client = self.client.clone();
-        self.call(async move {
+        self.call(|mut client| async move {
             // The request takes a copy; `response` is zeroized when this future ends.
             let request = AnswerRequest {
                 challenge,
@@ -103,6 +103,6 @@ where
     std::thread::scope(|s| {
         s.spawn(run)
             .join()
-            .unwrap_or_else(|_| Err(DaemonError::Unreachable("the client thread failed".into())))
+            .unwrap_or_else(|_| Err(DaemonError::Failed("the client thread failed".into())))
     })
 }
