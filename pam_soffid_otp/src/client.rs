@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{AnswerRequest, BeginRequest, LoginContext, Step};
+use proto::Connection;
 use tokio::runtime::Runtime;
 use tonic::transport::Channel;
 use zeroize::Zeroizing;
@@ -12,9 +13,14 @@ use crate::core::{Daemon, DaemonError};
 
 /// A connection to guardd for one PAM transaction. It owns a single-threaded tokio runtime
 /// that lives only as long as the transaction, so no thread is left behind in the host.
+///
+/// A person may take minutes to type a code while guardd closes every connection
+/// `proto::MAX_CONNECTION_AGE` after it was opened: before each call, a connection older than
+/// `proto::RECONNECT_AFTER` is replaced by a new one (the conversation lives in guardd, under its
+/// challenge id). A failed reconnect is a failure, never an absent daemon.
 pub struct GrpcDaemon {
     runtime: Runtime,
-    client: GuardClient<Channel>,
+    connection: Connection,
     timeout: Duration,
 }
 
@@ -26,22 +32,32 @@ impl GrpcDaemon {
             .enable_all()
             .build()
             .map_err(|e| DaemonError::Failed(format!("cannot start a runtime: {e}")))?;
-        let channel = block_on(&runtime, timeout, proto::connect(socket, timeout))??;
+        let connection = block_on(&runtime, timeout, Connection::open(socket, timeout))??;
         Ok(GrpcDaemon {
             runtime,
-            client: GuardClient::new(channel),
+            connection,
             timeout,
         })
     }
 
-    /// One call, bounded by the timeout.
+    /// Reconnects before a call once the connection is older than `age` instead of
+    /// `proto::RECONNECT_AFTER`: for tests, which cannot wait that long.
+    pub fn reconnect_after(mut self, age: Duration) -> GrpcDaemon {
+        self.connection = self.connection.reconnect_after(age);
+        self
+    }
+
+    /// One call: a new connection first if this one is old (bounded by the timeout), then the
+    /// call (bounded by the timeout).
     fn call<T, F, C>(&mut self, call: C) -> Result<T, DaemonError>
     where
         T: Send,
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>> + Send,
         C: FnOnce(GuardClient<Channel>) -> F,
     {
-        match block_on(&self.runtime, self.timeout, call(self.client.clone()))? {
+        // A reconnect that finds no guardd is ConnectError::Failed (proto), never Absent.
+        let channel = block_on(&self.runtime, self.timeout, self.connection.channel())??;
+        match block_on(&self.runtime, self.timeout, call(GuardClient::new(channel)))? {
             Ok(reply) => Ok(reply.into_inner()),
             Err(status) => Err(DaemonError::from(status)),
         }

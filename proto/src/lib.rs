@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,6 +22,20 @@ pub mod v1 {
 
 /// The socket guardd listens on when the configuration does not say otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/soffid-otp/guardd.sock";
+
+/// guardd closes every connection (an HTTP/2 GOAWAY) this long after it was opened, so no client
+/// holds a connection, and what the daemon keeps for it, for ever. Clients that keep a
+/// conversation open longer (a person typing a code) reconnect: see [`Connection`] and
+/// [`RECONNECT_AFTER`]. The conversation itself lives in guardd (a challenge id), not in the
+/// connection.
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(20);
+
+/// A client opens a new connection before a call once its connection is this old: well before
+/// [`MAX_CONNECTION_AGE`], so no call races guardd's GOAWAY.
+pub const RECONNECT_AFTER: Duration = Duration::from_secs(10);
+
+// A call may start just before the threshold and take up to a timeout: keep a wide margin.
+const _: () = assert!(RECONNECT_AFTER.as_secs() * 2 <= MAX_CONNECTION_AGE.as_secs());
 
 /// Why no channel to guardd could be opened.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +52,8 @@ pub enum ConnectError {
     #[error("no answer from {} within {timeout:?}", path.display())]
     TimedOut { path: PathBuf, timeout: Duration },
     /// Anything else: connect(2) failed otherwise (EAGAIN: guardd's listen backlog is full, which
-    /// any local user can cause; EACCES; ...), or the HTTP/2 handshake failed.
+    /// any local user can cause; EACCES; ...), the HTTP/2 handshake failed, or a reconnect found
+    /// guardd gone in the middle of a conversation.
     #[error("cannot connect to {}: {reason}", path.display())]
     Failed { path: PathBuf, reason: String },
 }
@@ -115,6 +130,69 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// A channel to guardd that is opened anew once it gets old. guardd closes each connection
+/// [`MAX_CONNECTION_AGE`] after it was opened, while a conversation may wait minutes for a person
+/// to type a code; so before each call, [`Connection::channel`] reconnects when the connection is
+/// older than [`RECONNECT_AFTER`]. The one way the PAM module and guardctl reach guardd. It starts
+/// no thread: the channel's tasks run on the caller's runtime and end with it.
+pub struct Connection {
+    path: PathBuf,
+    timeout: Duration,
+    reconnect_after: Duration,
+    opened: Instant,
+    channel: Channel,
+}
+
+impl Connection {
+    /// Connects to guardd at `path`; `timeout` as for [`connect`], also for every reconnect.
+    pub async fn open(
+        path: impl Into<PathBuf>,
+        timeout: Duration,
+    ) -> Result<Connection, ConnectError> {
+        let path = path.into();
+        let channel = connect(path.clone(), timeout).await?;
+        Ok(Connection {
+            path,
+            timeout,
+            reconnect_after: RECONNECT_AFTER,
+            opened: Instant::now(),
+            channel,
+        })
+    }
+
+    /// Reconnects once the connection is older than `age` instead of [`RECONNECT_AFTER`]: for
+    /// tests, which cannot wait that long.
+    pub fn reconnect_after(mut self, age: Duration) -> Connection {
+        self.reconnect_after = age;
+        self
+    }
+
+    /// Whether the next call goes over a new connection.
+    pub fn is_stale(&self) -> bool {
+        self.opened.elapsed() >= self.reconnect_after
+    }
+
+    /// The channel for the next call: this connection's, or a new connection's when this one is
+    /// older than the threshold. guardd was there when the conversation began, so a reconnect
+    /// that finds no guardd is [`ConnectError::Failed`], never `Absent`.
+    pub async fn channel(&mut self) -> Result<Channel, ConnectError> {
+        if self.is_stale() {
+            self.channel = match connect(self.path.clone(), self.timeout).await {
+                Ok(channel) => channel,
+                Err(ConnectError::Absent { path, source }) => {
+                    return Err(ConnectError::Failed {
+                        path,
+                        reason: format!("reconnecting: guardd went away: {source}"),
+                    })
+                }
+                Err(e) => return Err(e),
+            };
+            self.opened = Instant::now();
+        }
+        Ok(self.channel.clone())
+    }
+}
+
 /// A socket that never raises SIGPIPE. The PAM module runs inside sshd, sudo or any other host,
 /// some of which keep SIGPIPE's default action (terminate): a write to a daemon that has hung
 /// up must be an error, not the host's death. Plain writes go out with `send(MSG_NOSIGNAL)`;
@@ -169,8 +247,35 @@ impl AsyncWrite for NoSigPipe {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     const TIMEOUT: Duration = Duration::from_secs(2);
+
+    /// A socket that accepts connections and holds them, counting them, and never says a word.
+    fn counting_listener(path: &std::path::Path) -> Arc<AtomicUsize> {
+        let listener = UnixListener::bind(path).unwrap();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = count.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                counted.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+        count
+    }
+
+    /// Waits until `count` reaches `n` (the listener's thread counts after the kernel queued the
+    /// connection) and checks it goes no further.
+    fn expect_count(count: &AtomicUsize, n: usize) {
+        let deadline = Instant::now() + TIMEOUT;
+        while count.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(count.load(Ordering::SeqCst), n);
+    }
 
     #[tokio::test]
     async fn no_socket_or_nobody_listening_is_absent() {
@@ -217,5 +322,46 @@ mod tests {
         }
         let made_up = std::io::Error::new(std::io::ErrorKind::NotFound, "not from connect(2)");
         assert!(!is_absent(&made_up), "decided on the errno, not the kind");
+    }
+
+    /// A call on a connection older than the threshold goes over a new connection.
+    #[tokio::test]
+    async fn an_old_connection_is_replaced_before_the_next_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("count.sock");
+        let accepted = counting_listener(&path);
+        let mut fresh = Connection::open(&path, TIMEOUT).await.unwrap();
+        assert!(!fresh.is_stale());
+        fresh.channel().await.unwrap();
+        fresh.channel().await.unwrap();
+        expect_count(&accepted, 1);
+        let mut old = Connection::open(&path, TIMEOUT)
+            .await
+            .unwrap()
+            .reconnect_after(Duration::ZERO);
+        expect_count(&accepted, 2);
+        assert!(old.is_stale());
+        old.channel().await.unwrap();
+        expect_count(&accepted, 3);
+        old.channel().await.unwrap();
+        expect_count(&accepted, 4);
+    }
+
+    /// guardd was there when the conversation began: a reconnect that finds it gone is a failure.
+    #[tokio::test]
+    async fn a_reconnect_that_finds_guardd_gone_is_a_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gone.sock");
+        let _accepted = counting_listener(&path);
+        let mut connection = Connection::open(&path, TIMEOUT)
+            .await
+            .unwrap()
+            .reconnect_after(Duration::ZERO);
+        std::fs::remove_file(&path).unwrap();
+        match connection.channel().await {
+            Err(ConnectError::Failed { reason, .. }) => assert!(reason.contains("went away")),
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("reconnected to a removed socket"),
+        }
     }
 }
