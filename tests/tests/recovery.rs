@@ -81,6 +81,21 @@ impl Setup {
     }
 }
 
+/// Gives `user` a usable password, the one they "forgot": recovery replaces only a usable
+/// password, never a locked one (the harness's users are created locked).
+fn forgotten_password(user: &str) {
+    let mut child = Command::new("chpasswd")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{user}:Forgotten-Pass-1\n").as_bytes());
+    assert!(child.wait().unwrap().success());
+}
+
 fn shadow_hash(user: &str) -> String {
     let out = Command::new("getent")
         .args(["shadow", user])
@@ -110,6 +125,7 @@ fn password_works(user: &str, password: &str) -> bool {
 async fn root_and_the_user_recover_with_an_otp_and_the_new_password_works() {
     let Some(s) = setup() else { return };
     let user = User::create();
+    forgotten_password(&user.name);
     let secret = s.d.enroll_active(&user.name).await;
     let (ok, text) = s.recover(
         None,
@@ -137,6 +153,7 @@ async fn root_and_the_user_recover_with_an_otp_and_the_new_password_works() {
 async fn wrong_codes_mismatches_and_system_refusals_change_nothing() {
     let Some(s) = setup() else { return };
     let user = User::create();
+    forgotten_password(&user.name);
     let secret = s.d.enroll_active(&user.name).await;
     let before = shadow_hash(&user.name);
 
@@ -179,6 +196,7 @@ async fn wrong_codes_mismatches_and_system_refusals_change_nothing() {
 async fn no_device_other_users_rules_and_back_off_are_enforced() {
     let Some(s) = setup() else { return };
     let user = User::create();
+    forgotten_password(&user.name);
     // No token yet: the user is told, root gets the same words for an unknown user.
     let (ok, text) = s.recover(Some(&user.name), None, &[]);
     assert!(

@@ -1,0 +1,257 @@
+//! Self-service as a hostile local user would try it: a token must never become a password.
+//! Self-enrolment needs the account's password (checked through a real /etc/pam.d service with
+//! pam_unix) or an admin's single-use invitation, is one atomic step, and recovery never sets a
+//! password on a locked account. As root in CI, with real local users and a real guardd.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use harness::{artefact, is_root, Daemon, EtcFile, User};
+
+/// The shipped default rules: self-enrolment of a first token, an OTP for another.
+const RULES: &str = include_str!("../../packaging/rules.toml");
+
+struct Setup {
+    d: Daemon,
+    guardctl: PathBuf,
+    _pam: EtcFile,
+}
+
+fn setup() -> Option<Setup> {
+    if !is_root() {
+        eprintln!("skipped: needs root (real users, /etc/pam.d)");
+        return None;
+    }
+    let service = format!("otp-selfservice-{}", std::process::id());
+    let pam = EtcFile::write(
+        &format!("/etc/pam.d/{service}"),
+        "auth required pam_unix.so\naccount required pam_unix.so\n",
+        0o644,
+    );
+    let d = Daemon::with_config(RULES, &format!("password_service = \"{service}\"\n"));
+    let guardctl = d.dir.path().join("guardctl");
+    std::fs::copy(artefact("guardctl"), &guardctl).unwrap();
+    std::fs::set_permissions(
+        &guardctl,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    Some(Setup {
+        d,
+        guardctl,
+        _pam: pam,
+    })
+}
+
+impl Setup {
+    /// `guardctl ARGS` as `runner` (None: root), typing `lines`; (success, output).
+    fn guardctl(&self, runner: Option<&str>, args: &[&str], lines: &[&str]) -> (bool, String) {
+        let mut cmd = match runner {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(&self.guardctl);
+                c
+            }
+            None => Command::new(&self.guardctl),
+        };
+        cmd.arg("--socket").arg(&self.d.socket).args(args);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        for l in lines {
+            self.d.remember(l);
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn pending_tokens(&self, user: &str) -> usize {
+        let (_, out) = self.guardctl(None, &["list", user], &[]);
+        out.lines().filter(|l| l.contains("pending")).count()
+    }
+}
+
+fn set_password(user: &str, password: &str) {
+    let mut child = Command::new("chpasswd")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{user}:{password}\n").as_bytes())
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
+
+/// Code running as the user (a web shell, a cron job) cannot enrol a token without the password,
+/// so it cannot go on to mint a password with `guardctl recover`.
+#[test]
+fn self_enrolment_needs_the_password_and_wrong_ones_count() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    set_password(&u.name, "Right-Pass-42");
+    // No password typed: refused.
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &[""]);
+    assert!(!ok && out.contains("password"), "{out}");
+    // A wrong password: refused, and counted toward the back-off.
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["wrong-pass"]);
+    assert!(!ok && out.contains("password is wrong"), "{out}");
+    assert_eq!(s.pending_tokens(&u.name), 0);
+    // The right one: a pending token, shown to the user only.
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+    assert!(ok && out.contains("otpauth://"), "{out}");
+    assert_eq!(s.pending_tokens(&u.name), 1);
+    // Enrolling again replaces the pending token rather than adding one.
+    let (ok, _) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+    assert!(ok);
+    assert_eq!(s.pending_tokens(&u.name), 1);
+    // Another user's account: refused whatever the password.
+    let other = User::create_named("otpself");
+    let (ok, out) = s.guardctl(Some(&other.name), &["enroll", &u.name], &["x"]);
+    assert!(!ok && out.contains("permission denied"), "{out}");
+    assert!(s.d.leaked_into(&s.d.log()).is_empty());
+    assert!(!s.d.log().contains("Right-Pass-42"));
+}
+
+/// Wrong passwords are no oracle: after the free failures the check is not even run.
+#[test]
+fn password_guesses_stop_at_the_back_off() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    set_password(&u.name, "Right-Pass-42");
+    for _ in 0..5 {
+        let (ok, _) = s.guardctl(Some(&u.name), &["enroll"], &["guess"]);
+        assert!(!ok);
+    }
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+    assert!(!ok && out.contains("too many failed attempts"), "{out}");
+}
+
+/// Twenty enrolments at once by the user make one pending token, not several.
+#[test]
+fn parallel_self_enrolments_make_one_pending_token() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    set_password(&u.name, "Right-Pass-42");
+    std::thread::scope(|scope| {
+        for _ in 0..20 {
+            scope.spawn(|| s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]));
+        }
+    });
+    assert_eq!(s.pending_tokens(&u.name), 1);
+}
+
+/// `passwd -l` holds: no self-enrolment with a locked password, and no recovery that would set
+/// a new password on it, even for a user who holds a token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_password_is_never_replaced_or_used_to_enrol() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    set_password(&u.name, "Right-Pass-42");
+    let secret = s.d.enroll_active(&u.name).await;
+    harness::run(Command::new("passwd").args(["-l", &u.name]));
+    let before = shadow_hash(&u.name);
+    // A user without a token whose password is locked cannot enrol with the old password.
+    let fresh = User::create_named("otpself");
+    set_password(&fresh.name, "Right-Pass-42");
+    harness::run(Command::new("passwd").args(["-l", &fresh.name]));
+    let (ok, out) = s.guardctl(Some(&fresh.name), &["enroll"], &["Right-Pass-42"]);
+    assert!(!ok && out.contains("locked"), "{out}");
+    let code = secret.code_at(0);
+    let (ok, out) = s.guardctl(
+        Some(&u.name),
+        &["recover"],
+        &[&code, "New-Pass-77", "New-Pass-77"],
+    );
+    assert!(!ok && out.contains("locked"), "{out}");
+    let (ok, out) = s.guardctl(
+        None,
+        &["recover", "--user", &u.name],
+        &[&code, "New-Pass-77", "New-Pass-77"],
+    );
+    assert!(!ok && out.contains("locked"), "{out}");
+    assert_eq!(
+        shadow_hash(&u.name),
+        before,
+        "the locked hash must not change"
+    );
+}
+
+/// An account without a password (ssh keys only) enrols by an admin's invitation: single use,
+/// bound to that account, typed by the user in their own session.
+#[test]
+fn an_invitation_enrols_a_password_less_account_once() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    // The harness's users have no usable password ("*"): the password path is closed.
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["anything"]);
+    assert!(!ok && out.contains("invitation"), "{out}");
+    // A user cannot invite themself.
+    let (ok, _) = s.guardctl(Some(&u.name), &["enroll", &u.name, "--invite"], &[]);
+    assert!(!ok);
+    let (ok, out) = s.guardctl(None, &["enroll", &u.name, "--invite"], &[]);
+    assert!(ok, "{out}");
+    let invitation = out
+        .split_whitespace()
+        .nth(1)
+        .expect("Invitation xxxxx-xxxxx ...")
+        .to_owned();
+    s.d.remember(&invitation);
+    // Another account cannot redeem it.
+    let other = User::create_named("otpself");
+    let (ok, _) = s.guardctl(
+        Some(&other.name),
+        &["enroll", "--invitation"],
+        &[&invitation],
+    );
+    assert!(!ok);
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+    assert!(ok && out.contains("otpauth://"), "{out}");
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+    assert!(!ok && out.contains("invitation"), "used once: {out}");
+    assert!(s.d.leaked_into(&s.d.log()).is_empty());
+}
+
+/// Confirming a pending token with wrong codes counts toward the back-off like a login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_confirmations_count_toward_the_back_off() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    let (secret, _) =
+        s.d.enroll(proto::v1::EnrollRequest {
+            user: u.name.clone(),
+            ..Default::default()
+        })
+        .await;
+    for _ in 0..5 {
+        let (ok, _) = s.guardctl(None, &["confirm", &u.name], &[&secret.wrong_code()]);
+        assert!(!ok);
+    }
+    let (ok, out) = s.guardctl(None, &["confirm", &u.name], &[&secret.code_at(0)]);
+    assert!(!ok && out.contains("too many failed attempts"), "{out}");
+}
+
+fn shadow_hash(user: &str) -> String {
+    let out = Command::new("getent")
+        .args(["shadow", user])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
