@@ -352,7 +352,7 @@ fn root_logins(d: &Daemon, victim: &mut Victim) -> RootLogins {
     logins
 }
 
-/// guardd's peak resident set (VmHWM), in KiB.
+/// guardd's peak resident set (VmHWM), in KiB; 0 when guardd is gone.
 fn peak_rss_kib(d: &Daemon) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
         .ok()
@@ -362,22 +362,32 @@ fn peak_rss_kib(d: &Daemon) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse().ok())
         })
-        .expect("guardd's /proc/PID/status")
+        .unwrap_or(0)
 }
 
-/// The CPU time (user + system) guardd has used so far, in milliseconds.
+/// Whether guardd still runs (not exited, not killed: a zombie until the harness reaps it).
+fn alive(d: &Daemon) -> bool {
+    std::fs::read_to_string(format!("/proc/{}/stat", d.pid()))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().to_owned())
+        })
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// The CPU time (user + system) guardd has used so far, in milliseconds; 0 when it is gone.
 fn cpu_ms(d: &Daemon) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())).expect("guardd's stat");
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())) else {
+        return 0;
+    };
     // The fields after the command name (which may hold spaces) start after the last ')';
     // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux) ticks.
     let rest: Vec<&str> = stat
         .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks: u64 = rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap();
-    ticks * 10
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (field(11) + field(12)) * 10
 }
 
 /// The end of guardd's log, for failure messages.
@@ -402,7 +412,10 @@ impl Checks {
         }
     }
 
-    fn root_served(&mut self, logins: &RootLogins, rss: u64) {
+    fn root_served(&mut self, d: &Daemon, logins: &RootLogins, rss: u64) {
+        self.check(alive(d), || {
+            "guardd is no longer running (crashed or killed, e.g. by the OOM killer)".into()
+        });
         self.check(
             logins.failures.is_empty() && logins.ms.len() == ROOT_LOGINS,
             || {
@@ -472,10 +485,10 @@ fn a_flood_of_unanswered_logins_leaves_root_served() {
     attack.wait_ready(Duration::from_secs(30));
     let logins = root_logins(&d, &mut victim);
     let summary = attack.stop();
-    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d) - cpu);
+    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
     let line = report("sessions", &logins, rss, cpu, &summary);
     let mut checks = Checks::default();
-    checks.root_served(&logins, rss);
+    checks.root_served(&d, &logins, rss);
     checks.check(field(&summary, "prompt") > 0, || {
         "the attacker never got a prompt: the attack did not run as meant".into()
     });
@@ -519,7 +532,7 @@ fn a_backup_code_storm_gets_only_the_free_failures_checked_and_leaves_root_serve
     // A few seconds of storm at least, whatever the logins took.
     std::thread::sleep(Duration::from_secs(5).saturating_sub(attack.running_for()));
     let summary = attack.stop();
-    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d) - cpu);
+    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
     let line = report("backup", &logins, rss, cpu, &summary);
     let log = d.log();
     let user = format!("user=\"{}\"", attacker.name());
@@ -532,7 +545,7 @@ fn a_backup_code_storm_gets_only_the_free_failures_checked_and_leaves_root_serve
     let locked = answers("reason=\"locked after repeated failures\"");
     println!("attack=backup audit_checked={checked} audit_locked={locked}");
     let mut checks = Checks::default();
-    checks.root_served(&logins, rss);
+    checks.root_served(&d, &logins, rss);
     checks.check(checked <= MAX_FAILURES, || {
         format!("{checked} of the attacker's answers were checked (audited as wrong), not at most {MAX_FAILURES}")
     });
@@ -573,10 +586,10 @@ fn half_sent_messages_neither_grow_guardd_nor_keep_root_out() {
     std::thread::sleep(Duration::from_secs(1));
     let logins = root_logins(&d, &mut victim);
     let summary = attack.stop();
-    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d) - cpu);
+    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
     let line = report("halfsent", &logins, rss, cpu, &summary);
     let mut checks = Checks::default();
-    checks.root_served(&logins, rss);
+    checks.root_served(&d, &logins, rss);
     checks.check(field(&summary, "sent") > 0, || {
         "the attacker opened no stream: the attack did not run as meant".into()
     });
@@ -614,10 +627,10 @@ fn thousands_of_idle_connections_neither_starve_root_nor_spin_guardd() {
     std::thread::sleep(Duration::from_secs(8).saturating_sub(attack.running_for()));
     let wall_ms = attack.running_for().as_millis() as u64;
     let summary = attack.stop();
-    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d) - cpu);
+    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
     let line = report("idle", &logins, rss, cpu, &summary);
     let mut checks = Checks::default();
-    checks.root_served(&logins, rss);
+    checks.root_served(&d, &logins, rss);
     // A spinning accept loop burns a whole core: 100% of the wall time.
     checks.check(cpu * 5 < wall_ms, || {
         format!("guardd used {cpu} ms of CPU in {wall_ms} ms of idle connections (over 20%)")
@@ -646,7 +659,7 @@ fn a_flood_of_refused_calls_is_audited_in_bounded_lines_with_a_summary() {
     attack.wait_ready(Duration::from_secs(30));
     let logins = root_logins(&d, &mut victim);
     let summary = attack.summary();
-    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d) - cpu);
+    let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
     let line = report("refused", &logins, rss, cpu, &summary);
     let uid = format!("caller_uid={}", attacker.uid);
     let refusals = |log: &str| {
@@ -662,7 +675,7 @@ fn a_flood_of_refused_calls_is_audited_in_bounded_lines_with_a_summary() {
         summarised = refusal_summary(&d.log(), attacker.uid);
     }
     let mut checks = Checks::default();
-    checks.root_served(&logins, rss);
+    checks.root_served(&d, &logins, rss);
     if summarised.is_none() {
         d.stop();
         summarised = refusal_summary(&d.log(), attacker.uid);
@@ -684,8 +697,8 @@ fn a_flood_of_refused_calls_is_audited_in_bounded_lines_with_a_summary() {
             attacker.uid
         )
     });
-    checks.check(field(&summary, "sent") >= 1000, || {
-        "fewer than 1000 calls in 10 s: the attack did not run as meant".into()
+    checks.check(field(&summary, "sent") >= 500, || {
+        "fewer than 500 calls in 10 s: the attack did not run as meant".into()
     });
     checks.check(field(&summary, "not_refused") == 0, || {
         "guardd answered a call it must refuse".into()
@@ -694,28 +707,48 @@ fn a_flood_of_refused_calls_is_audited_in_bounded_lines_with_a_summary() {
 }
 
 /// A line of the log that sums up refusals of `uid` that were not logged one by one: it names
-/// the uid (`caller_uid=UID` or `uid=UID`) and says so ("suppressed", "rate limit", "omitted",
-/// "not logged", "dropped").
+/// the uid (as a number of its own: `caller_uid=UID`, `uid=UID`, `uid UID`) and says that lines
+/// were left out ("suppressed", "rate limit(ed)", "throttled", "omitted", "not logged",
+/// "dropped", "skipped", "elided", "coalesced", "summary").
 fn refusal_summary(log: &str, uid: u32) -> Option<String> {
-    let (a, b) = (format!("caller_uid={uid}"), format!(" uid={uid}"));
+    const SAYS_SO: &[&str] = &[
+        "suppress",
+        "rate limit",
+        "rate-limit",
+        "rate_limit",
+        "ratelimit",
+        "throttl",
+        "omitted",
+        "not logged",
+        "dropped",
+        "skipped",
+        "elided",
+        "coalesc",
+        "summar",
+    ];
+    let uid = uid.to_string();
     log.lines()
         .find(|l| {
             let lower = l.to_lowercase();
-            (l.contains(&a) || l.contains(&b))
-                && [
-                    "suppress",
-                    "rate limit",
-                    "rate-limit",
-                    "rate_limit",
-                    "ratelimit",
-                    "omitted",
-                    "not logged",
-                    "dropped",
-                ]
-                .iter()
-                .any(|w| lower.contains(w))
+            l.split(|c: char| !c.is_ascii_alphanumeric())
+                .any(|word| word == uid)
+                && SAYS_SO.iter().any(|w| lower.contains(w))
         })
         .map(str::to_owned)
+}
+
+/// What `refusal_summary` takes for a summary, and what not (no root needed).
+#[test]
+fn refusal_summaries_are_told_from_refusals() {
+    let refusal = r#"2026-11-29T17:36:04.589963Z  INFO audit: action="list" user="*" service="" rhost="" tty="" outcome="refused" reason="permission denied: run this as root or as a member of the guardd admin group" token="" rule="" policy="" caller_uid=1003 caller_pid=12279"#;
+    assert_eq!(refusal_summary(refusal, 1003), None);
+    for summary in [
+        r#"2026-11-29T17:36:14Z  WARN audit: action="refusals" outcome="suppressed" count=18923 caller_uid=1003"#,
+        "2026-11-29T17:36:14Z  INFO audit: 18923 refusals of uid 1003 not logged in the last 10 s",
+    ] {
+        assert!(refusal_summary(summary, 1003).is_some(), "{summary}");
+        assert_eq!(refusal_summary(summary, 100), None, "another uid");
+    }
 }
 
 /// The attacker is over budget (its sessions flood runs), and logs in through a stack where the
