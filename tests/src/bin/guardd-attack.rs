@@ -260,8 +260,9 @@ impl Tally {
         self.0.lock().unwrap().notes.insert(key.into(), value);
     }
 
-    /// Counts one RPC's outcome; the step when guardd answered.
-    fn rpc<T>(&self, result: Result<tonic::Response<T>, tonic::Status>) -> Option<T> {
+    /// Counts one RPC's outcome; the step when guardd answered. A call that did not reach
+    /// guardd at all (no connection) pauses a millisecond, so a closed door is not a busy loop.
+    async fn rpc<T>(&self, result: Result<tonic::Response<T>, tonic::Status>) -> Option<T> {
         self.sent();
         match result {
             Ok(r) => {
@@ -270,6 +271,9 @@ impl Tally {
             }
             Err(status) => {
                 self.refused(status.code());
+                if status.code() == tonic::Code::Unavailable {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 None
             }
         }
@@ -361,7 +365,7 @@ async fn sessions(
             (next.clone(), stop.clone(), tally.clone(), user.to_owned());
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < count && !stop.is_over() {
-                if let Some(step) = tally.rpc(client.begin(begin_request(&user)).await) {
+                if let Some(step) = tally.rpc(client.begin(begin_request(&user)).await).await {
                     count_step(&tally, &step);
                 }
             }
@@ -410,7 +414,7 @@ async fn backup(socket: &Path, user: &str, parallel: usize, stop: &Stop, tally: 
             | 1;
         tasks.push(tokio::spawn(async move {
             while !stop.is_over() {
-                let Some(step) = tally.rpc(client.begin(begin_request(&user)).await) else {
+                let Some(step) = tally.rpc(client.begin(begin_request(&user)).await).await else {
                     // Refused or failed: do not spin on an error faster than guardd answers.
                     tokio::time::sleep(Duration::from_millis(1)).await;
                     continue;
@@ -424,7 +428,7 @@ async fn backup(socket: &Path, user: &str, parallel: usize, stop: &Stop, tally: 
                     response: backup_shaped(&mut seed).into_bytes(),
                 };
                 let t = Instant::now();
-                let Some(step) = tally.rpc(client.answer(answer).await) else {
+                let Some(step) = tally.rpc(client.answer(answer).await).await else {
                     continue;
                 };
                 let took = t.elapsed();
@@ -479,14 +483,24 @@ async fn halfsent(
             failed_in_a_row += 1;
             continue;
         };
-        failed_in_a_row = 0;
         connections += 1;
+        // guardd's SETTINGS (its stream limit) come after the handshake; until then h2 assumes
+        // no limit.
+        let settled = Instant::now() + Duration::from_millis(200);
+        while send.current_max_send_streams() == usize::MAX && Instant::now() < settled {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut on_this = 0;
         while on_this < per_connection && opened < count && !stop.is_over() {
+            // (Streams guardd already ended count too: then the next connection takes more.)
+            if on_this >= send.current_max_send_streams() {
+                tally.count("stream_limit_reached");
+                break;
+            }
             // A connection at guardd's stream limit makes us wait for a free stream: take the
             // next connection instead.
             let free = std::future::poll_fn(|cx| send.poll_ready(cx));
-            match tokio::time::timeout(Duration::from_secs(1), free).await {
+            match tokio::time::timeout(Duration::from_millis(200), free).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     tally.count(&format!("h2_{}", h2_kind(&e)));
@@ -514,7 +528,7 @@ async fn halfsent(
             };
             if let Err(e) = stream.send_data(body.clone(), false) {
                 tally.count(&format!("h2_{}", h2_kind(&e)));
-                continue;
+                break;
             }
             opened += 1;
             on_this += 1;
@@ -549,6 +563,12 @@ async fn halfsent(
             }));
         }
         handles.push(send);
+        // A connection guardd closes before it takes a stream counts as refused.
+        if on_this == 0 {
+            failed_in_a_row += 1;
+        } else {
+            failed_in_a_row = 0;
+        }
     }
     tally.set("connections", connections);
     ready();
@@ -706,10 +726,12 @@ async fn refused(socket: &Path, parallel: usize, connections: usize, stop: &Stop
                 let answered = if k.is_multiple_of(2) {
                     tally
                         .rpc(client.list(ListRequest::default()).await)
+                        .await
                         .is_some()
                 } else {
                     tally
                         .rpc(client.begin(begin_request("root")).await)
+                        .await
                         .is_some()
                 };
                 if answered {
