@@ -498,7 +498,10 @@ fn a_flood_of_unanswered_logins_leaves_root_served() {
 /// Wrong backup-code-shaped answers from many connections at once, over and over: each one is
 /// an Argon2 comparison against every stored hash unless it is refused first. At most the free
 /// failures may be checked (the rest are refused as locked, unchecked), the hashing must not
-/// grow guardd, and root's logins must not wait behind it.
+/// grow guardd, and root's logins must not wait behind it. (The audit alone cannot tell an
+/// answer hashed and then refused as locked from one refused at once; the attacker's
+/// `answer_locked_slow` counts the locked refusals that took over 100 ms, a hint of the former,
+/// and the peak RSS shows how many hashes ran at once.)
 #[test]
 fn a_backup_code_storm_gets_only_the_free_failures_checked_and_leaves_root_served() {
     if skipped() {
@@ -596,9 +599,9 @@ fn half_sent_messages_neither_grow_guardd_nor_keep_root_out() {
     checks.assert_none(&line, &d);
 }
 
-/// Thousands of connections that never say anything (half of them after the HTTP/2
-/// handshake), against a guardd whose descriptor limit (512) they exceed: guardd must neither spin on a failing accept nor leave root without a
-/// connection.
+/// Thousands of connections that never say anything (half of them after the HTTP/2 preface),
+/// against a guardd whose descriptor limit (512) they exceed: guardd must neither spin on a
+/// failing accept nor leave root without a connection.
 #[test]
 fn thousands_of_idle_connections_neither_starve_root_nor_spin_guardd() {
     if skipped() {
