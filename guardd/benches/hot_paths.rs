@@ -80,6 +80,7 @@ fn store(c: &mut Criterion) {
     let t = store
         .add_pending(
             NewToken {
+                uid: None,
                 user: "ann",
                 label: "",
                 kind: Kind::Hotp,
@@ -125,6 +126,7 @@ fn round_trip(c: &mut Criterion) {
         let t = store
             .add_pending(
                 NewToken {
+                    uid: None,
                     user: "bench",
                     label: "",
                     kind: Kind::Hotp,

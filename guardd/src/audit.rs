@@ -51,3 +51,138 @@ pub fn record(event: &Event<'_>) {
         caller_pid = event.caller_pid,
     );
 }
+
+/// How often refusals of one uid are summed up.
+pub const REFUSAL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Refusals of one uid audited line by line per interval; the rest are counted.
+const REFUSALS_LOGGED: u32 = 10;
+/// Uids tracked at most; beyond, finished intervals are summed up and forgotten early.
+const REFUSAL_UIDS: usize = 4096;
+
+/// One uid's refusals in the current interval.
+struct Refusals {
+    since: std::time::Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<u32, Refusals>>> =
+    std::sync::Mutex::new(None);
+
+/// Audits a refused call, at most `REFUSALS_LOGGED` lines per uid per `REFUSAL_INTERVAL`; the
+/// rest are summed up in one line per interval, so a flood of refused calls cannot flood the
+/// log (any local user can make them).
+pub fn refused(caller: &Caller, action: &str, user: &str, reason: &str) {
+    let now = std::time::Instant::now();
+    let log = {
+        let mut guard = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+        let map = guard.get_or_insert_with(Default::default);
+        if map.len() >= REFUSAL_UIDS && !map.contains_key(&caller.uid) {
+            summarize(map, now, true);
+        }
+        let entry = map.entry(caller.uid).or_insert(Refusals {
+            since: now,
+            logged: 0,
+            suppressed: 0,
+        });
+        if now.duration_since(entry.since) >= REFUSAL_INTERVAL {
+            summary(caller.uid, entry);
+            *entry = Refusals {
+                since: now,
+                logged: 0,
+                suppressed: 0,
+            };
+        }
+        if entry.logged < REFUSALS_LOGGED {
+            entry.logged += 1;
+            true
+        } else {
+            entry.suppressed += 1;
+            false
+        }
+    };
+    if log {
+        record(
+            &Event {
+                action,
+                user,
+                outcome: "refused",
+                reason,
+                ..Event::default()
+            }
+            .caller(caller),
+        );
+    }
+}
+
+/// Writes the summaries of finished intervals and forgets them (called periodically).
+pub fn flush_refusals() {
+    let mut guard = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(map) = guard.as_mut() {
+        summarize(map, std::time::Instant::now(), false);
+    }
+}
+
+fn summarize(
+    map: &mut std::collections::HashMap<u32, Refusals>,
+    now: std::time::Instant,
+    all: bool,
+) {
+    map.retain(|uid, r| {
+        if all || now.duration_since(r.since) >= REFUSAL_INTERVAL {
+            summary(*uid, r);
+            false
+        } else {
+            true
+        }
+    });
+}
+
+fn summary(uid: u32, r: &Refusals) {
+    if r.suppressed > 0 {
+        tracing::info!(
+            target: "audit",
+            action = "refusals",
+            outcome = "refused",
+            reason = "rate-limited: further refusals of this uid not audited one by one",
+            suppressed = r.suppressed,
+            caller_uid = uid,
+        );
+    }
+}
+
+/// A warning logged at most once per `REFUSAL_INTERVAL` for each `what`.
+pub fn warn_limited(what: &'static str, message: &str) {
+    static LAST: std::sync::Mutex<Vec<(&'static str, std::time::Instant)>> =
+        std::sync::Mutex::new(Vec::new());
+    let now = std::time::Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+    match last.iter_mut().find(|(w, _)| *w == what) {
+        Some((_, at)) if now.duration_since(*at) < REFUSAL_INTERVAL => return,
+        Some((_, at)) => *at = now,
+        None => last.push((what, now)),
+    }
+    drop(last);
+    tracing::warn!("{message}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_of_one_uid_are_counted_not_logged_past_the_limit() {
+        let caller = Caller {
+            uid: 4_000_123,
+            gid: 0,
+            pid: None,
+            real_uid: None,
+        };
+        for _ in 0..100 {
+            refused(&caller, "list", "*", "permission denied");
+        }
+        let guard = REFUSALS.lock().unwrap();
+        let r = &guard.as_ref().unwrap()[&caller.uid];
+        assert_eq!((r.logged, r.suppressed), (REFUSALS_LOGGED, 90));
+    }
+}

@@ -1,14 +1,20 @@
-use nix::unistd::{Gid, Group, Uid, User};
-use tonic::transport::server::UdsConnectInfo;
+use nix::unistd::{Group, Uid, User};
 use tonic::{Request, Status};
 
-/// The process on the other end of the socket, as the kernel reports it (SO_PEERCRED).
-/// Never what the request claims: a client cannot lie about these.
+use crate::budget::Key;
+
+/// The process on the other end of the socket, as the kernel reports it (SO_PEERCRED) when the
+/// connection is accepted. Never what the request claims: a client cannot lie about these.
+/// A caller inside a user namespace is seen with its uid in guardd's namespace (its real one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Caller {
+    /// The effective uid that connected (0 for sshd, and for sudo, which is setuid root).
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
+    /// The real uid of the connecting process (`/proc/<pid>/status`), when it could be read:
+    /// the user behind a setuid-root sudo or su.
+    pub real_uid: Option<u32>,
 }
 
 /// What a caller asks to do, for the access table of DESIGN.md §3.
@@ -27,18 +33,40 @@ pub enum Action {
 }
 
 impl Caller {
-    /// Reads the peer credentials of the connection a request arrived on.
+    /// The caller of the connection a request arrived on, as recorded when it was accepted.
     pub fn of<T>(req: &Request<T>) -> Result<Caller, Status> {
-        let cred = req
-            .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|info| info.peer_cred)
-            .ok_or_else(|| Status::permission_denied("caller credentials are unavailable"))?;
-        Ok(Caller {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
-        })
+        req.extensions()
+            .get::<Caller>()
+            .copied()
+            .ok_or_else(|| Status::permission_denied("caller credentials are unavailable"))
+    }
+
+    /// The caller of a freshly accepted connection: its SO_PEERCRED credentials and the real uid
+    /// of the process behind them.
+    pub fn from_cred(uid: u32, gid: u32, pid: Option<i32>) -> Caller {
+        Caller {
+            uid,
+            gid,
+            pid,
+            real_uid: pid.and_then(real_uid_of),
+        }
+    }
+
+    /// Whom this caller's holdings count against: an unprivileged caller against its uid; a root
+    /// caller acting for `target` against that user and, when a user started it (sudo, su),
+    /// against that user's uid, so parked sudo prompts cannot use up root's reserve.
+    pub fn budget_keys(&self, target: Option<&str>) -> Vec<Key> {
+        if !self.is_root() {
+            return vec![Key::Uid(self.uid)];
+        }
+        let mut keys = Vec::with_capacity(2);
+        if let Some(real) = self.real_uid.filter(|&u| u != 0) {
+            keys.push(Key::Uid(real));
+        }
+        if let Some(user) = target {
+            keys.push(Key::User(user.to_owned()));
+        }
+        keys
     }
 
     pub fn is_root(&self) -> bool {
@@ -53,24 +81,41 @@ impl Caller {
             .map(|u| u.name)
     }
 
-    /// Whether the caller belongs to `group` (as primary group or as a listed member).
+    /// Whether the caller's uid belongs to `group` by NSS (the account's primary group or its
+    /// supplementary groups). The connecting process's gid does not count: a setgid program
+    /// or `setpriv --regid` must not make anyone an administrator.
     pub fn in_group(&self, group: &str) -> bool {
         let Ok(Some(group)) = Group::from_name(group) else {
             return false;
         };
-        if group.gid == Gid::from_raw(self.gid) {
+        let Ok(Some(user)) = User::from_uid(Uid::from_raw(self.uid)) else {
+            return false;
+        };
+        if user.gid == group.gid {
             return true;
         }
-        match User::from_uid(Uid::from_raw(self.uid)) {
-            Ok(Some(user)) => user.gid == group.gid || group.mem.contains(&user.name),
-            _ => false,
-        }
+        let Ok(name) = std::ffi::CString::new(user.name.as_str()) else {
+            return false;
+        };
+        nix::unistd::getgrouplist(&name, user.gid).is_ok_and(|gids| gids.contains(&group.gid))
     }
 
     /// Whether the caller is the Unix user `user`.
     pub fn is_user(&self, user: &str) -> bool {
         matches!(User::from_name(user), Ok(Some(u)) if u.uid.as_raw() == self.uid)
     }
+}
+
+/// The real uid of process `pid`, from the `Uid:` line of its status file.
+fn real_uid_of(pid: i32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Decides whether `caller` may do `action` for `user` (None: for every user).
@@ -112,6 +157,7 @@ mod tests {
         uid: 65534,
         gid: 65534,
         pid: None,
+        real_uid: None,
     };
 
     #[test]
@@ -120,6 +166,7 @@ mod tests {
             uid: 0,
             gid: 0,
             pid: None,
+            real_uid: None,
         };
         for a in [
             Action::Login,
@@ -147,5 +194,41 @@ mod tests {
         // nobody's primary group is nogroup (65534): membership by primary group counts.
         assert!(authorize(&NOBODY, Action::List, None, "nogroup", false).is_ok());
         assert!(authorize(&NOBODY, Action::Admin, Some("nobody"), "x", true).is_err());
+    }
+
+    #[test]
+    fn the_process_gid_does_not_make_an_admin() {
+        // A process of nobody running with gid 0 (setgid, setpriv --regid=0) is not in root's
+        // group by NSS.
+        let setgid = Caller { gid: 0, ..NOBODY };
+        assert!(!setgid.in_group("root"));
+        assert!(authorize(&setgid, Action::Admin, None, "root", false).is_err());
+    }
+
+    #[test]
+    fn real_uid_is_read_from_proc() {
+        let me = Caller::from_cred(0, 0, Some(std::process::id() as i32));
+        assert_eq!(me.real_uid, Some(nix::unistd::getuid().as_raw()));
+        assert_eq!(Caller::from_cred(0, 0, Some(i32::MAX)).real_uid, None);
+    }
+
+    #[test]
+    fn root_callers_count_against_the_user_behind_them_and_the_target() {
+        let sudo = Caller {
+            uid: 0,
+            real_uid: Some(1000),
+            ..NOBODY
+        };
+        assert_eq!(
+            sudo.budget_keys(Some("root")),
+            vec![Key::Uid(1000), Key::User("root".into())]
+        );
+        let sshd = Caller {
+            uid: 0,
+            real_uid: Some(0),
+            ..NOBODY
+        };
+        assert_eq!(sshd.budget_keys(Some("ann")), vec![Key::User("ann".into())]);
+        assert_eq!(NOBODY.budget_keys(Some("root")), vec![Key::Uid(65534)]);
     }
 }

@@ -14,6 +14,7 @@ use proto::v1::{
     ExplainReply, ExplainRequest, ListRequest, LoginContext, RecoverRequest, ReloadRequest,
     ResyncRequest, SetEnabledRequest, Step, Token, UnlockRequest,
 };
+use proto::Connection;
 use qrcode::render::unicode::Dense1x2;
 use qrcode::QrCode;
 use tonic::transport::Channel;
@@ -116,11 +117,8 @@ enum Command {
 /// A failure worth one line on stderr and exit status 1.
 #[derive(Debug, thiserror::Error)]
 enum CliError {
-    #[error("cannot reach guardd at {path}: {source} (is guardd running?)")]
-    Connect {
-        path: String,
-        source: tonic::transport::Error,
-    },
+    #[error("cannot reach guardd: {0}")]
+    Connect(#[from] proto::ConnectError),
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
@@ -182,19 +180,19 @@ fn run(cli: Cli) -> Result<(), CliError> {
         _ => None,
     };
     runtime.block_on(async move {
-        let channel = proto::connect(&socket, Duration::from_secs(cli.timeout))
-            .await
-            .map_err(|source| CliError::Connect {
-                path: socket.display().to_string(),
-                source,
-            })?;
-        let mut client = GuardClient::new(channel);
-        execute(&mut client, cli.command, code).await
+        let mut guardd = Connection::open(&socket, Duration::from_secs(cli.timeout)).await?;
+        execute(&mut guardd, cli.command, code).await
     })
 }
 
+/// A client for the next call. A person may answer a prompt slowly, while guardd closes each
+/// connection after `proto::MAX_CONNECTION_AGE`: an old connection is replaced first.
+async fn client(guardd: &mut Connection) -> Result<GuardClient<Channel>, CliError> {
+    Ok(GuardClient::new(guardd.channel().await?))
+}
+
 async fn execute(
-    client: &mut GuardClient<Channel>,
+    guardd: &mut Connection,
     command: Command,
     code: Option<Zeroizing<Vec<u8>>>,
 ) -> Result<(), CliError> {
@@ -207,7 +205,8 @@ async fn execute(
             digits,
             period,
         } => {
-            let reply = client
+            let reply = client(guardd)
+                .await?
                 .enroll(EnrollRequest {
                     user,
                     label,
@@ -242,7 +241,8 @@ async fn execute(
         }
         Command::Confirm { user, .. } => {
             let code = code.unwrap_or_default();
-            let token = client
+            let token = client(guardd)
+                .await?
                 .confirm(ConfirmRequest {
                     user,
                     code: code.to_vec(),
@@ -254,7 +254,8 @@ async fn execute(
             println!("Token {} of {} is active.", token.id, token.user);
         }
         Command::List { user } => {
-            let tokens = client
+            let tokens = client(guardd)
+                .await?
                 .list(ListRequest {
                     user: user.unwrap_or_default(),
                 })
@@ -264,7 +265,8 @@ async fn execute(
             print_tokens(&tokens);
         }
         Command::Delete { user, token_id } => {
-            client
+            client(guardd)
+                .await?
                 .delete(DeleteRequest {
                     user: user.clone(),
                     token_id: token_id.clone(),
@@ -272,15 +274,16 @@ async fn execute(
                 .await?;
             println!("Deleted token {token_id} of {user}.");
         }
-        Command::Disable { user, token_id } => set_enabled(client, user, token_id, false).await?,
-        Command::Enable { user, token_id } => set_enabled(client, user, token_id, true).await?,
+        Command::Disable { user, token_id } => set_enabled(guardd, user, token_id, false).await?,
+        Command::Enable { user, token_id } => set_enabled(guardd, user, token_id, true).await?,
         Command::Resync {
             user,
             token_id,
             first,
             second,
         } => {
-            let token = client
+            let token = client(guardd)
+                .await?
                 .resync(ResyncRequest {
                     user,
                     token_id,
@@ -294,7 +297,8 @@ async fn execute(
             println!("Token {} of {} is in step again.", token.id, token.user);
         }
         Command::Unlock { user } => {
-            let reply = client
+            let reply = client(guardd)
+                .await?
                 .unlock(UnlockRequest { user: user.clone() })
                 .await?
                 .into_inner();
@@ -320,7 +324,8 @@ async fn execute(
                     .map_err(|e| CliError::Local(format!("--time {t:?}: {e}")))?
                     .as_second(),
             };
-            let reply = client
+            let reply = client(guardd)
+                .await?
                 .explain(ExplainRequest {
                     context: Some(LoginContext {
                         user,
@@ -343,23 +348,29 @@ async fn execute(
         // Printed before connecting: completions need no daemon.
         Command::Completions { .. } => {}
         Command::Recover { user } => {
-            let first = client
+            let first = client(guardd)
+                .await?
                 .recover(RecoverRequest {
                     user: user.unwrap_or_default(),
                 })
                 .await?
                 .into_inner();
-            converse(client, first).await?;
+            converse(guardd, first).await?;
         }
         Command::Reload => {
-            let reply = client.reload(ReloadRequest {}).await?.into_inner();
+            let reply = client(guardd)
+                .await?
+                .reload(ReloadRequest {})
+                .await?
+                .into_inner();
             for w in &reply.warnings {
                 eprintln!("warning: {w}");
             }
             println!("Rules reloaded: {}", reply.digest);
         }
         Command::BackupCodes { user } => {
-            let codes = client
+            let codes = client(guardd)
+                .await?
                 .issue_backup_codes(BackupCodesRequest { user: user.clone() })
                 .await?
                 .into_inner()
@@ -377,7 +388,7 @@ async fn execute(
 
 /// Relays a guardd conversation on the terminal: each prompt is read without echo (from stdin
 /// when it is not a terminal), until guardd permits or denies.
-async fn converse(client: &mut GuardClient<Channel>, mut step: Step) -> Result<(), CliError> {
+async fn converse(guardd: &mut Connection, mut step: Step) -> Result<(), CliError> {
     loop {
         match step.kind {
             Some(step::Kind::Prompt(p)) => {
@@ -385,7 +396,8 @@ async fn converse(client: &mut GuardClient<Channel>, mut step: Step) -> Result<(
                     eprintln!("{}", p.info);
                 }
                 let answer = read_secret(&p.text)?;
-                step = client
+                step = client(guardd)
+                    .await?
                     .answer(AnswerRequest {
                         challenge: p.challenge,
                         response: answer.to_vec(),
@@ -406,12 +418,13 @@ async fn converse(client: &mut GuardClient<Channel>, mut step: Step) -> Result<(
 }
 
 async fn set_enabled(
-    client: &mut GuardClient<Channel>,
+    guardd: &mut Connection,
     user: String,
     token_id: String,
     enabled: bool,
 ) -> Result<(), CliError> {
-    let token = client
+    let token = client(guardd)
+        .await?
         .set_enabled(SetEnabledRequest {
             user,
             token_id,

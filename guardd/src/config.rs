@@ -17,6 +17,9 @@ pub struct Config {
     pub database: PathBuf,
     /// Members of this group may administer every user's tokens.
     pub admin_group: String,
+    /// The PAM service (a file in /etc/pam.d) guardd checks a user's password with before
+    /// self-enrolment.
+    pub password_service: String,
     /// The issuer shown in authenticator apps; defaults to this host's name.
     pub issuer: Option<String>,
     /// The rules file; when unset, /etc/soffid-otp/rules.toml if it exists, else the built-in
@@ -46,6 +49,7 @@ impl Default for Config {
             socket: PathBuf::from(proto::DEFAULT_SOCKET),
             database: PathBuf::from("/var/lib/soffid-otp/guardd.db"),
             admin_group: "soffid-otp-admin".into(),
+            password_service: crate::accounts::PASSWORD_SERVICE.into(),
             issuer: None,
             policy: None,
             host: None,

@@ -4,10 +4,14 @@
 //! A login enters at `server`, is checked by `caller`, decided in `service`, verified by `otp`
 //! against `store`, and recorded by `audit`.
 
+/// The system's accounts: NSS, password state, the PAM password check, chpasswd.
+pub mod accounts;
 /// The audit trail: one structured line per decision, never a secret.
 pub mod audit;
 /// Backup codes: one-time, hashed with Argon2id.
 pub mod backup;
+/// Per-caller limits on shared resources, with a reserve for root.
+pub mod budget;
 /// Who is calling: SO_PEERCRED credentials and what each caller may do.
 pub mod caller;
 /// `guardctl`, the admin and self-service command line.
@@ -22,8 +26,6 @@ pub mod logging;
 pub mod otp;
 /// The rules: XACML-style permit / otp / deny decisions with explanations.
 pub mod policy;
-/// Password recovery: setting a new password with the system's chpasswd.
-pub mod recovery;
 /// Secrets at rest: XChaCha20-Poly1305 under a key file.
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.

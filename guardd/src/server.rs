@@ -1,20 +1,49 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use proto::v1::guard_server::GuardServer;
-use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
 
+use crate::audit;
+use crate::budget::{Budget, Holding, Limits};
+use crate::caller::Caller;
 use crate::config::Config;
 use crate::service::{Clock, GuardService};
 use crate::store::StoreThread;
 use crate::store::{SqliteStore, StoreError};
 
 /// Longest time one RPC may take inside the daemon.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Every connection is closed (HTTP/2 GOAWAY, calls in flight finish) this long after it was
+/// opened, so idle connections cost nothing for long; clients reconnect for their next call
+/// (the conversation lives here, under its challenge id, not in the connection).
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(20);
+/// How long calls in flight may finish once a connection is past its age.
+const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
+/// The largest request guardd reads. The protocol's biggest real request is a login context
+/// (seven fields of at most 256 bytes and a 4 KiB sudo command): 16 KiB leaves room, and a
+/// client that declares more is refused before anything is buffered.
+const MAX_REQUEST: usize = 16 * 1024;
+/// HTTP/2 limits sized to this protocol, so a half-sent request holds little memory: a few
+/// streams per connection (a login uses one at a time), small flow-control windows and headers.
+const MAX_STREAMS: u32 = 8;
+const STREAM_WINDOW: u32 = 32 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024;
+const MAX_HEADER_LIST: u32 = 8 * 1024;
+/// Open connections per unprivileged uid at most.
+const CONNECTIONS_PER_UID: usize = 16;
+/// After accept(2) fails for lack of descriptors or memory, wait this long before the next try,
+/// instead of spinning on a listen queue that cannot be served.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// After a shutdown signal, how long open connections may finish before guardd exits anyway
 /// (a wedged client must not keep the daemon alive).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -127,7 +156,8 @@ pub async fn run_with_clock(
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
     let store = StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
-    let service = Arc::new(GuardService::new(store, &config, policy, clock));
+    let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
+    let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));
     let listener = bind(&config.socket).await?;
     // systemd (Type=notify): the socket accepts connections from now on.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
@@ -147,10 +177,27 @@ pub async fn run_with_clock(
         shutdown.await;
         let _ = signalled.send(());
     };
+    let connections = Budget::new("connections", connection_limits());
+    let (accepted, incoming) = mpsc::channel(64);
+    let acceptor = tokio::spawn(accept(listener, connections, accepted));
+    let flusher = tokio::spawn(async {
+        let mut tick = tokio::time::interval(audit::REFUSAL_INTERVAL);
+        loop {
+            tick.tick().await;
+            audit::flush_refusals();
+        }
+    });
     let serve = tonic::transport::Server::builder()
         .timeout(REQUEST_TIMEOUT)
-        .add_service(GuardServer::from_arc(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown);
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .max_frame_size(16 * 1024)
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .max_connection_age_grace(CONNECTION_AGE_GRACE)
+        .add_service(GuardServer::from_arc(service).max_decoding_message_size(MAX_REQUEST))
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown);
     tokio::pin!(serve);
     let served = tokio::select! {
         served = &mut serve => served,
@@ -166,7 +213,147 @@ pub async fn run_with_clock(
         }
     };
     hup.abort();
+    acceptor.abort();
+    flusher.abort();
+    audit::flush_refusals();
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
     Ok(served?)
+}
+
+/// The connection budget: per unprivileged uid, and overall within the descriptors guardd may
+/// open (raised to the hard limit first), keeping half of them for root.
+fn connection_limits() -> Limits {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let mut open_files = 1024;
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        open_files = soft;
+        if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+            open_files = hard;
+        }
+    }
+    // Room for the store, the logs, NSS and the child processes' pipes.
+    let total = (open_files.saturating_sub(64) as usize).clamp(16, 4096);
+    Limits {
+        per_key: CONNECTIONS_PER_UID,
+        shared: total / 2,
+        total,
+    }
+}
+
+/// Accepts connections for as long as the server takes them. Each is admitted only within the
+/// caller's connection budget (a refusal closes it at once and is audited, rate-limited), and
+/// carries its caller for every request on it. When descriptors or memory run out, accepting
+/// pauses briefly instead of spinning.
+async fn accept(
+    listener: UnixListener,
+    budget: Arc<Budget>,
+    accepted: mpsc::Sender<Result<Conn, std::io::Error>>,
+) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                if matches!(
+                    e.raw_os_error(),
+                    Some(
+                        libc_errno::EMFILE
+                            | libc_errno::ENFILE
+                            | libc_errno::ENOBUFS
+                            | libc_errno::ENOMEM
+                    )
+                ) {
+                    audit::warn_limited(
+                        "accept",
+                        &format!("cannot accept connections: {e}; pausing"),
+                    );
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
+        };
+        let Ok(cred) = stream.peer_cred() else {
+            continue;
+        };
+        let caller = Caller::from_cred(cred.uid(), cred.gid(), cred.pid());
+        let permit = match budget.acquire(caller.budget_keys(None), caller.is_root()) {
+            Ok(permit) => permit,
+            Err(e) => {
+                audit::refused(&caller, "connect", "*", &e.to_string());
+                continue;
+            }
+        };
+        let conn = Conn {
+            stream,
+            caller,
+            _holding: permit,
+        };
+        if accepted.send(Ok(conn)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The errno values the accept loop backs off on.
+mod libc_errno {
+    pub const EMFILE: i32 = nix::errno::Errno::EMFILE as i32;
+    pub const ENFILE: i32 = nix::errno::Errno::ENFILE as i32;
+    pub const ENOBUFS: i32 = nix::errno::Errno::ENOBUFS as i32;
+    pub const ENOMEM: i32 = nix::errno::Errno::ENOMEM as i32;
+}
+
+/// An admitted connection: the stream, who is on the other end, and its place in the budget,
+/// given back when the connection closes.
+struct Conn {
+    stream: UnixStream,
+    caller: Caller,
+    _holding: Holding,
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Caller;
+
+    fn connect_info(&self) -> Caller {
+        self.caller
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

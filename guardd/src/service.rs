@@ -1,7 +1,7 @@
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use proto::v1::guard_server::Guard;
 use proto::v1::{
@@ -15,8 +15,10 @@ use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
+use crate::accounts::{Account, Accounts, System};
 use crate::audit::{self, Event};
-use crate::backup;
+use crate::backup::{self, BackupError, Hasher};
+use crate::budget::{Budget, Exhausted, Holding, Limits};
 use crate::caller::{authorize, Action, Caller};
 use crate::config::Config;
 use crate::lockout::Backoff;
@@ -30,10 +32,28 @@ mod admin;
 mod explain;
 mod recovery;
 
-/// How long a user has to type the code after the prompt appears.
-const SESSION_TTL: Duration = Duration::from_secs(300);
-/// Open conversations at most; beyond this, Begin is refused until some finish or expire.
-const MAX_SESSIONS: usize = 4096;
+/// How long a user has to type the code after the prompt appears, in seconds.
+const SESSION_TTL: u64 = 300;
+/// Open conversations: per caller (an unprivileged uid, or the user behind and the user targeted
+/// by a root caller), for unprivileged callers together, and in all; the rest is root's reserve.
+const SESSIONS: Limits = Limits {
+    per_key: 16,
+    shared: 2048,
+    total: 4096,
+};
+/// Blocking work (NSS look-ups, chpasswd, the password check) in flight, on tokio's blocking
+/// pool.
+const BLOCKING: Limits = Limits {
+    per_key: 4,
+    shared: 16,
+    total: 32,
+};
+/// Argon2 hashes queued or running (one thread computes them; see `backup::Hasher`).
+const HASHING: Limits = Limits {
+    per_key: 1,
+    shared: 3,
+    total: 4,
+};
 /// Longest accepted context field or label, in bytes.
 const MAX_FIELD: usize = 256;
 
@@ -44,6 +64,9 @@ const NOT_ENROLLED_MESSAGE: &str = "Access denied: this login requires a one-tim
 const POLICY_DENY_MESSAGE: &str = "Access denied by the site's rules.";
 const WRONG_CODE_MESSAGE: &str = "Access denied: the code is wrong, expired or already used.";
 const EXPIRED_MESSAGE: &str = "Access denied: the login took too long; please start again.";
+/// For a name whose records belong to another uid (an account deleted and a new one made with
+/// the same name): never treated as unenrolled. The admin's fix is in the audit line.
+const FOREIGN_MESSAGE: &str = "Access denied: this account's one-time-password records belong to an earlier account of the same name; ask your administrator.";
 
 /// Where the service reads the time (Unix seconds). The daemon always uses the system clock;
 /// benchmarks that need many logins in one 30 s step link the library and bring their own.
@@ -73,10 +96,23 @@ struct Session {
     context: LoginContext,
     /// Only the process owner that began the conversation may answer it.
     caller_uid: u32,
-    expires: Instant,
+    /// Unix time (by the service's `Clock`) after which the answer is refused.
+    expires: u64,
     /// Answers still allowed in this conversation, this one included.
     tries_left: u32,
     flow: Flow,
+    /// The uid the user's account had when the conversation began.
+    uid: Option<u32>,
+    /// Its place in the sessions budget, given back when the conversation ends.
+    permit: Holding,
+}
+
+/// The conversations waiting for an answer, by challenge id.
+#[derive(Default)]
+struct Sessions {
+    open: HashMap<String, Session>,
+    /// When expired sessions were last swept out.
+    swept: u64,
 }
 
 /// Which conversation a session belongs to, and where in it.
@@ -100,7 +136,15 @@ pub struct GuardService {
     config: Config,
     /// This server's name for `host` rules (the daemon's own, not the client's word).
     host: String,
-    sessions: Mutex<HashMap<String, Session>>,
+    sessions: Mutex<Sessions>,
+    /// Budgets of the shared resources a call can hold (see `budget`).
+    session_budget: Arc<Budget>,
+    blocking_budget: Arc<Budget>,
+    hashing_budget: Arc<Budget>,
+    /// The one thread that computes Argon2 hashes.
+    hasher: Hasher,
+    /// NSS, the password state and check, chpasswd.
+    accounts: Arc<dyn Accounts>,
     admin_group: String,
     issuer: String,
     windows: Windows,
@@ -115,6 +159,8 @@ enum Checked {
     Done(Verdict),
     /// It may be a backup code: compare it with these (id, hash) pairs off the store thread,
     /// since Argon2 takes milliseconds that every other login would wait for.
+    /// The failure is already counted (before the slow compare), so a burst of guesses gets
+    /// no more compares than the free failures.
     Backup(Zeroizing<String>, Vec<(i64, String)>),
 }
 
@@ -122,6 +168,8 @@ enum Checked {
 enum Verdict {
     /// Refused unchecked: the user must wait this many seconds.
     Locked(i64),
+    /// Refused unchecked: the records are an earlier account's (the uid they belong to).
+    Foreign(u32),
     /// A token accepted the code.
     Otp(String),
     /// A backup code was used up.
@@ -131,13 +179,26 @@ enum Verdict {
 }
 
 impl GuardService {
-    pub fn new(store: StoreThread, config: &Config, policy: Policy, clock: Clock) -> Self {
+    pub fn new(
+        store: StoreThread,
+        hasher: Hasher,
+        config: &Config,
+        policy: Policy,
+        clock: Clock,
+    ) -> Self {
         GuardService {
             store,
             policy: RwLock::new(Arc::new(policy)),
             config: config.clone(),
             host: config.host(),
-            sessions: Mutex::new(HashMap::new()),
+            sessions: Mutex::default(),
+            session_budget: Budget::new("logins in progress", SESSIONS),
+            blocking_budget: Budget::new("system look-ups", BLOCKING),
+            hashing_budget: Budget::new("backup-code checks", HASHING),
+            hasher,
+            accounts: Arc::new(System {
+                password_service: config.password_service.clone(),
+            }),
             admin_group: config.admin_group.clone(),
             issuer: config.issuer(),
             windows: Windows {
@@ -214,52 +275,93 @@ impl GuardService {
                 }
                 None => false,
             };
-            system(move || authorize(&caller, action, u.as_deref(), &group, own)).await
+            self.blocking(&caller, None, move || {
+                authorize(&caller, action, u.as_deref(), &group, own)
+            })
+            .await
         }
         .await;
         if let Err(status) = &result {
-            audit::record(
-                &Event {
-                    action: name,
-                    user: user.as_deref().unwrap_or("*"),
-                    outcome: "refused",
-                    reason: status.message(),
-                    ..Event::default()
-                }
-                .caller(&caller),
+            audit::refused(
+                &caller,
+                name,
+                user.as_deref().unwrap_or("*"),
+                status.message(),
             );
         }
         result
     }
 
-    /// Stores a conversation waiting for an answer under a fresh challenge id.
+    /// Runs blocking system work (NSS look-ups, chpasswd, the password check) on tokio's
+    /// blocking threads, within `caller`'s share of them.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        caller: &Caller,
+        target: Option<&str>,
+        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+    ) -> Result<T, Status> {
+        let _permit = self
+            .blocking_budget
+            .acquire(caller.budget_keys(target), caller.is_root())
+            .map_err(exhausted)?;
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|_| Status::internal("internal error; see the guardd log"))?
+    }
+
+    /// Compares a backup code with `hashes` on the hasher thread, within `caller`'s share.
+    async fn find_backup_code(
+        &self,
+        caller: &Caller,
+        user: &str,
+        code: Zeroizing<String>,
+        hashes: Vec<(i64, String)>,
+    ) -> Result<Option<i64>, Status> {
+        let _permit = self
+            .hashing_budget
+            .acquire(caller.budget_keys(Some(user)), caller.is_root())
+            .map_err(exhausted)?;
+        self.hasher.find(code, hashes).await.map_err(backup_status)
+    }
+
+    /// Stores a conversation waiting for an answer under a fresh challenge id. `permit` carries
+    /// the place of a conversation that goes on (a retry, the next stage of recovery); a new
+    /// one takes a place in `caller`'s share of the sessions budget.
     fn open_session(
         &self,
         context: LoginContext,
-        caller_uid: u32,
+        caller: &Caller,
         tries_left: u32,
         flow: Flow,
+        uid: Option<u32>,
+        permit: Option<Holding>,
     ) -> Result<String, Status> {
+        let now = self.clock.now();
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if now > sessions.swept {
+            // At most once a second: expired conversations give their places back.
+            sessions.open.retain(|_, s| s.expires > now);
+            sessions.swept = now;
+        }
+        let permit = match permit {
+            Some(permit) => permit,
+            None => self
+                .session_budget
+                .acquire(caller.budget_keys(Some(&context.user)), caller.is_root())
+                .map_err(exhausted)?,
+        };
         let challenge =
             otp::random_hex(16).map_err(|_| Status::internal("the system random source failed"))?;
-        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        if sessions.len() >= MAX_SESSIONS {
-            sessions.retain(|_, s| s.expires > now);
-        }
-        if sessions.len() >= MAX_SESSIONS {
-            return Err(Status::resource_exhausted(
-                "too many logins in progress; try again shortly",
-            ));
-        }
-        sessions.insert(
+        sessions.open.insert(
             challenge.clone(),
             Session {
                 context,
-                caller_uid,
+                caller_uid: caller.uid,
                 expires: now + SESSION_TTL,
                 tries_left,
                 flow,
+                uid,
+                permit,
             },
         );
         Ok(challenge)
@@ -267,11 +369,13 @@ impl GuardService {
 
     /// Removes and returns the live session for `challenge` if `caller_uid` began it.
     fn take_session(&self, challenge: &str, caller_uid: u32) -> Option<Session> {
+        let now = self.clock.now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        match sessions.get(challenge) {
+        match sessions.open.get(challenge) {
             Some(s) if s.caller_uid == caller_uid => sessions
+                .open
                 .remove(challenge)
-                .filter(|s| s.expires > Instant::now()),
+                .filter(|s| s.expires > now),
             _ => None,
         }
     }
@@ -280,8 +384,10 @@ impl GuardService {
 #[tonic::async_trait]
 impl Guard for GuardService {
     async fn begin(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let (caller, ctx) = self.login_request(req, "begin").await?;
-        let (policy, decision, can_answer) = self.decide(&ctx).await?;
+        let (caller, ctx, account) = self.login_request(req, "begin").await?;
+        let uid = account.as_ref().map(|a| a.uid);
+        let (policy, decision, facts) = self.decide(&caller, &ctx, uid).await?;
+        let can_answer = facts.can_answer;
         let rule = decision.rule_label();
         let event = |outcome, reason: &str| {
             audit::record(
@@ -301,6 +407,12 @@ impl Guard for GuardService {
             )
         };
         let step = match decision.verdict {
+            // The records of another account: not a permit, not "unenrolled", whatever the
+            // rules say about this login (a deny stays a deny).
+            Rule::Permit | Rule::Otp { .. } if facts.foreign.is_some() => {
+                event("deny", &foreign_reason(facts.foreign, &ctx.user, uid));
+                deny(FOREIGN_MESSAGE, DenyReason::Policy)
+            }
             Rule::Permit => {
                 event("permit", "rules permit without otp");
                 Step {
@@ -319,8 +431,14 @@ impl Guard for GuardService {
             }
             Rule::Otp { .. } if can_answer => {
                 event("prompt", "otp required");
-                let challenge =
-                    self.open_session(ctx.clone(), caller.uid, self.max_tries, Flow::Login)?;
+                let challenge = self.open_session(
+                    ctx.clone(),
+                    &caller,
+                    self.max_tries,
+                    Flow::Login,
+                    uid,
+                    None,
+                )?;
                 prompt(challenge, PROMPT_TEXT, String::new(), PromptKind::Code)
             }
             Rule::Otp {
@@ -346,8 +464,10 @@ impl Guard for GuardService {
     }
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let (caller, ctx) = self.login_request(req, "check").await?;
-        let (policy, decision, _) = self.decide(&ctx).await?;
+        let (caller, ctx, account) = self.login_request(req, "check").await?;
+        let (policy, decision, _) = self
+            .decide(&caller, &ctx, account.map(|a| a.uid))
+            .await?;
         let Rule::Deny { message } = &decision.verdict else {
             return Ok(Response::new(Step {
                 kind: Some(step::Kind::Permit(Permit::default())),
@@ -422,21 +542,36 @@ impl Guard for GuardService {
             return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
         };
         let tries_left = session.tries_left;
+        let permit = session.permit;
+        let uid = session.uid;
         let flow = match session.flow {
             Flow::Login => Flow::Login,
             Flow::RecoverCode => Flow::RecoverCode,
             other => {
-                return recovery::password(self, caller, session.context, other, response)
-                    .await
-                    .map(Response::new)
+                return recovery::password(
+                    self,
+                    caller,
+                    session.context,
+                    other,
+                    response,
+                    uid,
+                    permit,
+                )
+                .await
+                .map(Response::new)
             }
         };
         let ctx = session.context;
-        let verdict = self.check_answer(&ctx.user, response).await?;
+        let verdict = self.check_answer(&caller, &ctx.user, uid, response).await?;
+        let foreign;
         let (outcome, reason, token) = match &verdict {
             Verdict::Otp(id) => ("permit", "otp verified", id.as_str()),
             Verdict::Backup => ("permit", "backup code used", ""),
             Verdict::Locked(_) => ("deny", "locked after repeated failures", ""),
+            Verdict::Foreign(other) => {
+                foreign = foreign_reason(Some(*other), &ctx.user, uid);
+                ("deny", foreign.as_str(), "")
+            }
             Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
         };
         audit::record(
@@ -455,7 +590,8 @@ impl Guard for GuardService {
         );
         Ok(Response::new(match verdict {
             Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
-                let challenge = self.open_session(ctx, caller.uid, 1, Flow::RecoverNew)?;
+                let challenge =
+                    self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(permit))?;
                 prompt(
                     challenge,
                     "New password: ",
@@ -470,10 +606,12 @@ impl Guard for GuardService {
                 &format!("Access denied: too many failed attempts; try again in {wait} s."),
                 DenyReason::Locked,
             ),
+            Verdict::Foreign(_) => deny(FOREIGN_MESSAGE, DenyReason::Policy),
             Verdict::Wrong if tries_left > 1 => {
                 // Another try in the same conversation, under a new challenge id.
                 let left = tries_left - 1;
-                let challenge = self.open_session(ctx, caller.uid, left, flow)?;
+                let challenge =
+                    self.open_session(ctx, &caller, left, flow, uid, Some(permit))?;
                 prompt(
                     challenge,
                     PROMPT_TEXT,
@@ -534,6 +672,8 @@ impl Guard for GuardService {
 /// block): from the store whether the user has an active token, and through NSS the user's
 /// groups, looked up only once a rule asks for them.
 struct LoginFacts {
+    /// The uid of an earlier account whose records the name still has (see `Store::foreign_uid`).
+    foreign: Option<u32>,
     enrolled: bool,
     /// An active token or backup codes: the user can answer a prompt.
     can_answer: bool,
@@ -558,44 +698,46 @@ impl Facts for LoginFacts {
     }
 }
 
-/// Runs blocking system work (NSS look-ups, chpasswd, Argon2) on tokio's blocking threads.
-async fn system<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-) -> Result<T, Status> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|_| Status::internal("internal error; see the guardd log"))?
+/// A budget refusal as a status: the caller should try again later.
+fn exhausted(e: Exhausted) -> Status {
+    Status::resource_exhausted(e.to_string())
 }
 
-/// Primary and supplementary group names of `user` (none for an unknown user).
-fn user_groups(user: &str) -> Result<Vec<String>, LookupError> {
-    use nix::unistd::{getgrouplist, Group, User};
-    let lookup = |e: nix::Error| LookupError(format!("NSS look-up failed: {e}"));
-    let Some(u) = User::from_name(user).map_err(lookup)? else {
-        return Ok(Vec::new());
-    };
-    let name = std::ffi::CString::new(user).map_err(|_| LookupError("bad user name".into()))?;
-    let mut names = Vec::new();
-    for gid in getgrouplist(&name, u.gid).map_err(lookup)? {
-        if let Some(g) = Group::from_gid(gid).map_err(lookup)? {
-            if !names.contains(&g.name) {
-                names.push(g.name);
-            }
+fn backup_status(e: BackupError) -> Status {
+    match e {
+        BackupError::Busy => Status::resource_exhausted(e.to_string()),
+        e => {
+            tracing::error!("{e}");
+            Status::internal("backup codes failed; see the guardd log")
         }
     }
-    Ok(names)
+}
+
+/// The audit reason of a refusal for records that belong to another uid, with the fix.
+fn foreign_reason(foreign: Option<u32>, user: &str, uid: Option<u32>) -> String {
+    let recorded = match foreign {
+        Some(u32::MAX) | None => "an unknown uid".to_owned(),
+        Some(other) => format!("uid {other}"),
+    };
+    let now = uid.map_or_else(|| "no account".to_owned(), |u| format!("uid {u}"));
+    format!(
+        "records of {user} belong to {recorded} but the name now has {now}: check the account, then `guardctl delete` its tokens, `guardctl unlock` and reissue backup codes"
+    )
 }
 
 impl GuardService {
     /// The caller and the validated login context of a Begin or Check, if the caller may act
     /// for that user (root, or the user themself).
+    ///
+    /// The user becomes the account's canonical name (NSS), so that a differently-cased name
+    /// under a case-insensitive directory is the same user to the rules and the store.
     async fn login_request(
         &self,
         req: Request<BeginRequest>,
         action: &'static str,
-    ) -> Result<(Caller, LoginContext), Status> {
+    ) -> Result<(Caller, LoginContext, Option<Account>), Status> {
         let caller = Caller::of(&req)?;
-        let ctx = req
+        let mut ctx = req
             .into_inner()
             .context
             .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
@@ -608,38 +750,74 @@ impl GuardService {
             |_, _| Ok(false),
         )
         .await?;
-        Ok((caller, ctx))
+        let account = self.account(&caller, &ctx.user).await?;
+        if let Some(a) = &account {
+            ctx.user = a.name.clone();
+        }
+        Ok((caller, ctx, account))
+    }
+
+    /// The account called `name`, by NSS (on the blocking pool, within the caller's budget).
+    async fn account(&self, caller: &Caller, name: &str) -> Result<Option<Account>, Status> {
+        let (accounts, n) = (self.accounts.clone(), name.to_owned());
+        self.blocking(caller, Some(name), move || {
+            accounts.by_name(&n).map_err(|e| {
+                tracing::error!("{}", e.0);
+                Status::unavailable("the account look-up failed; see the guardd log")
+            })
+        })
+        .await
     }
 
     /// Decides a login by the rules in force. Also tells whether the user could answer an OTP
     /// prompt (an active token or backup codes), which only an `otp` verdict needs.
     async fn decide(
         &self,
+        caller: &Caller,
         ctx: &LoginContext,
-    ) -> Result<(Arc<Policy>, rules::Decision, bool), Status> {
+        uid: Option<u32>,
+    ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), Status> {
         let policy = self.policy();
         let request = self.rules_request(ctx, self.clock.now() as i64);
-        let mut facts = self.facts(&ctx.user).await?;
+        let mut facts = self.facts(&ctx.user, uid).await?;
         let mut decision = policy.evaluate(&request, &facts, false);
         if facts.wanted_groups.get() {
             // A rule asked for the groups: look them up (NSS may be slow) and decide again.
-            let user = ctx.user.clone();
-            facts.groups = Some(system(move || Ok(user_groups(&user))).await?);
+            facts.groups = Some(self.groups(caller, &ctx.user).await?);
             decision = policy.evaluate(&request, &facts, false);
         }
-        Ok((policy, decision, facts.can_answer))
+        Ok((policy, decision, facts))
+    }
+
+    /// The groups of `user` by NSS (none for an unknown user).
+    async fn groups(
+        &self,
+        caller: &Caller,
+        user: &str,
+    ) -> Result<Result<Vec<String>, LookupError>, Status> {
+        let (accounts, u) = (self.accounts.clone(), user.to_owned());
+        self.blocking(caller, Some(user), move || {
+            Ok(match accounts.by_name(&u) {
+                Ok(Some(account)) => accounts.groups(&account),
+                Ok(None) => Ok(Vec::new()),
+                Err(e) => Err(e),
+            })
+        })
+        .await
     }
 
     /// What the store knows about `user` for a decision, read in one call.
-    async fn facts(&self, user: &str) -> Result<LoginFacts, Status> {
+    async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, Status> {
         let u = user.to_owned();
-        let (enrolled, can_answer) = self
+        let (foreign, enrolled, can_answer) = self
             .store(move |store| {
+                let foreign = store.foreign_uid(&u, uid)?;
                 let active = store.has_active(&u)?;
-                Ok((active, active || !store.backup_codes(&u)?.is_empty()))
+                Ok((foreign, active, active || !store.backup_codes(&u)?.is_empty()))
             })
             .await?;
         Ok(LoginFacts {
+            foreign,
             enrolled,
             can_answer,
             groups: None,
@@ -651,37 +829,35 @@ impl GuardService {
     /// thread and then used up, unless a lockout began meanwhile.
     async fn check_answer(
         &self,
+        caller: &Caller,
         user: &str,
+        uid: Option<u32>,
         response: Zeroizing<Vec<u8>>,
     ) -> Result<Verdict, Status> {
         let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
         let u = user.to_owned();
         let checked = self
-            .store(move |store| Ok(check_code(store, &u, &response, now, windows, &backoff)?))
+            .store(move |store| {
+                Ok(check_code(
+                    store, &u, uid, &response, now, windows, &backoff,
+                )?)
+            })
             .await?;
         let (code, hashes) = match checked {
             Checked::Done(verdict) => return Ok(verdict),
             Checked::Backup(code, hashes) => (code, hashes),
         };
-        let matched = system(move || {
-            Ok(hashes
-                .into_iter()
-                .find(|(_, hash)| backup::matches(&code, hash))
-                .map(|(id, _)| id))
-        })
-        .await?;
+        let Some(id) = self.find_backup_code(caller, user, code, hashes).await? else {
+            return Ok(Verdict::Wrong);
+        };
         let u = user.to_owned();
         self.store(move |store| {
-            if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
-                return Ok(Verdict::Locked(wait));
+            // The failure counted before the compare is forgiven with the rest: a backup code
+            // is a second factor like a token's code. Used once, also by two racing logins.
+            if store.use_backup_code(id)? {
+                store.clear_failures(&u)?;
+                return Ok(Verdict::Backup);
             }
-            if let Some(id) = matched {
-                if store.use_backup_code(id)? {
-                    store.clear_failures(&u)?;
-                    return Ok(Verdict::Backup);
-                }
-            }
-            store.record_failure(&u, &backoff, now as i64)?;
             Ok(Verdict::Wrong)
         })
         .await
@@ -722,11 +898,15 @@ fn admin_audit(caller: &Caller, action: &str, user: &str, ok: bool, token: &str)
 fn check_code(
     store: &dyn Store,
     user: &str,
+    uid: Option<u32>,
     response: &[u8],
     now: u64,
     windows: Windows,
     backoff: &Backoff,
 ) -> Result<Checked, StoreError> {
+    if let Some(other) = store.foreign_uid(user, uid)? {
+        return Ok(Checked::Done(Verdict::Foreign(other)));
+    }
     let lockout = store.lockout(user)?;
     if let Some(wait) = lockout.remaining(now as i64) {
         return Ok(Checked::Done(Verdict::Locked(wait)));
@@ -738,13 +918,14 @@ fn check_code(
         }
         return Ok(Checked::Done(Verdict::Otp(id)));
     }
+    // Counted now, before any slow compare: a burst of guesses stops at the free failures.
+    store.record_failure(user, uid, backoff, now as i64)?;
     if let Some(code) = backup::normalize(response) {
         let hashes = store.backup_codes(user)?;
         if !hashes.is_empty() {
             return Ok(Checked::Backup(code, hashes));
         }
     }
-    store.record_failure(user, backoff, now as i64)?;
     Ok(Checked::Done(Verdict::Wrong))
 }
 

@@ -111,6 +111,8 @@ pub struct TokenSecret {
 /// A token to create.
 pub struct NewToken<'a> {
     pub user: &'a str,
+    /// The account's uid: the token works only while the name still has this uid.
+    pub uid: Option<u32>,
     pub label: &'a str,
     pub kind: Kind,
     pub params: OtpParams,
@@ -151,19 +153,46 @@ pub trait Store: Send + Sync {
     fn delete(&self, user: &str, id: &str) -> Result<bool, StoreError>;
     /// `user`'s failure record.
     fn lockout(&self, user: &str) -> Result<Lockout, StoreError>;
-    /// Counts one more failure for `user` and applies the back-off; returns the new record.
+    /// Counts one more failure for `user` (with uid `uid`) and applies the back-off; returns
+    /// the new record.
     fn record_failure(
         &self,
         user: &str,
+        uid: Option<u32>,
         backoff: &Backoff,
         now: i64,
     ) -> Result<Lockout, StoreError>;
+    /// Takes back one failure counted before a slow check that then succeeded (a password);
+    /// a wait already imposed stays.
+    fn forgive_failure(&self, user: &str) -> Result<(), StoreError>;
+    /// A uid other than `uid` that `user`'s tokens, backup codes or failure record belong to
+    /// (`uid` None: the name has no account now, so any record with a uid is someone else's).
+    /// Rows without a uid (recorded before uids were, or bulk imports) bind to no account.
+    fn foreign_uid(&self, user: &str, uid: Option<u32>) -> Result<Option<u32>, StoreError>;
+    /// Records an invitation for `user` (uid `uid`) to enrol once before `expires`, replacing
+    /// any earlier one; `hash` is the SHA-256 of the invitation code.
+    fn add_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        expires: i64,
+    ) -> Result<(), StoreError>;
+    /// Uses up `user`'s invitation if it matches `hash`, `uid` and has not expired at `now`.
+    fn use_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        now: i64,
+    ) -> Result<bool, StoreError>;
     /// Forgets `user`'s failures; true when there were any.
     fn clear_failures(&self, user: &str) -> Result<bool, StoreError>;
     /// Replaces `user`'s backup codes with these hashes.
     fn replace_backup_codes(
         &self,
         user: &str,
+        uid: Option<u32>,
         hashes: &[String],
         now: i64,
     ) -> Result<(), StoreError>;
@@ -221,6 +250,18 @@ CREATE INDEX backup_codes_user ON backup_codes(user);
 CREATE TABLE meta (
     key       TEXT PRIMARY KEY,
     value     BLOB NOT NULL
+);
+", "
+-- The account's uid, so that a new account that reuses a name does not inherit its tokens,
+-- backup codes or back-off. NULL: recorded before uids were (belongs to whoever has the name).
+ALTER TABLE tokens ADD COLUMN uid INTEGER;
+ALTER TABLE lockouts ADD COLUMN uid INTEGER;
+ALTER TABLE backup_codes ADD COLUMN uid INTEGER;
+CREATE TABLE invitations (
+    user      TEXT PRIMARY KEY,
+    uid       INTEGER NOT NULL,
+    hash      BLOB NOT NULL,      -- SHA-256 of the invitation code
+    expires   INTEGER NOT NULL
 );
 "];
 
@@ -337,8 +378,8 @@ impl SqliteStore {
             let inserted = conn
                 .prepare_cached(
                     "INSERT OR IGNORE INTO tokens
-                 (id, user, label, kind, state, secret, algorithm, digits, period, created)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                 (id, user, label, kind, state, secret, algorithm, digits, period, created, uid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
                 )?
                 .execute(params![
                     id,
@@ -350,7 +391,8 @@ impl SqliteStore {
                     token.params.algorithm.as_str(),
                     token.params.digits,
                     token.params.period as i64,
-                    now
+                    now,
+                    token.uid
                 ])?;
             if inserted == 1 {
                 return Ok(id);
@@ -550,16 +592,17 @@ impl Store for SqliteStore {
     fn record_failure(
         &self,
         user: &str,
+        uid: Option<u32>,
         backoff: &Backoff,
         now: i64,
     ) -> Result<Lockout, StoreError> {
         let mut conn = self.conn();
         let tx = conn.savepoint()?;
         let failures: u32 = tx.query_row(
-            "INSERT INTO lockouts (user, failures, until) VALUES (?1, 1, 0)
+            "INSERT INTO lockouts (user, failures, until, uid) VALUES (?1, 1, 0, ?2)
              ON CONFLICT(user) DO UPDATE SET failures = failures + 1
              RETURNING failures",
-            [user],
+            params![user, uid],
             |r| r.get(0),
         )?;
         let until = backoff
@@ -573,6 +616,60 @@ impl Store for SqliteStore {
         Ok(Lockout { failures, until })
     }
 
+    fn forgive_failure(&self, user: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE lockouts SET failures = failures - 1 WHERE user = ?1 AND failures > 0",
+            [user],
+        )?;
+        Ok(())
+    }
+
+    fn foreign_uid(&self, user: &str, uid: Option<u32>) -> Result<Option<u32>, StoreError> {
+        // -1 stands for "no account": it matches no recorded uid.
+        let uid = uid.map_or(-1, i64::from);
+        let found: Option<i64> = self
+            .conn()
+            .prepare_cached(
+                "SELECT uid FROM tokens WHERE user = ?1 AND uid IS NOT NULL AND uid != ?2
+                 UNION ALL
+                 SELECT uid FROM backup_codes WHERE user = ?1 AND uid IS NOT NULL AND uid != ?2
+                 UNION ALL
+                 SELECT uid FROM lockouts WHERE user = ?1 AND uid IS NOT NULL AND uid != ?2
+                 LIMIT 1",
+            )?
+            .query_row(params![user, uid], |r| r.get(0))
+            .optional()?;
+        Ok(found.map(|u: i64| u32::try_from(u).unwrap_or(u32::MAX)))
+    }
+
+    fn add_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        expires: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO invitations (user, uid, hash, expires) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(user) DO UPDATE SET uid = ?2, hash = ?3, expires = ?4",
+            params![user, uid, hash, expires],
+        )?;
+        Ok(())
+    }
+
+    fn use_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM invitations WHERE user = ?1 AND uid = ?2 AND hash = ?3 AND expires > ?4",
+            params![user, uid, hash, now],
+        )? == 1)
+    }
+
     fn clear_failures(&self, user: &str) -> Result<bool, StoreError> {
         Ok(self
             .conn()
@@ -583,6 +680,7 @@ impl Store for SqliteStore {
     fn replace_backup_codes(
         &self,
         user: &str,
+        uid: Option<u32>,
         hashes: &[String],
         now: i64,
     ) -> Result<(), StoreError> {
@@ -591,8 +689,8 @@ impl Store for SqliteStore {
         tx.execute("DELETE FROM backup_codes WHERE user = ?1", [user])?;
         for hash in hashes {
             tx.execute(
-                "INSERT INTO backup_codes (user, hash, created) VALUES (?1, ?2, ?3)",
-                params![user, hash, now],
+                "INSERT INTO backup_codes (user, hash, created, uid) VALUES (?1, ?2, ?3, ?4)",
+                params![user, hash, now, uid],
             )?;
         }
         tx.commit()?;
@@ -661,6 +759,7 @@ mod tests {
     fn new_token<'a>(user: &'a str, secret: &'a [u8]) -> NewToken<'a> {
         NewToken {
             user,
+            uid: Some(1000),
             label: "phone",
             kind: Kind::Totp,
             params: OtpParams::default(),
@@ -836,21 +935,48 @@ mod tests {
         let (_d, s) = temp_store();
         let b = Backoff::default();
         for i in 1..5 {
-            assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 0, "{i}");
+            assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 0, "{i}");
         }
-        assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 1030);
-        assert_eq!(s.record_failure("ann", &b, 1000).unwrap().until, 1060);
+        assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 1030);
+        assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 1060);
         assert_eq!(s.lockout("bob").unwrap(), Lockout::default());
         assert!(s.clear_failures("ann").unwrap());
         assert_eq!(s.lockout("ann").unwrap(), Lockout::default());
     }
 
     #[test]
+    fn records_of_an_earlier_account_with_the_same_name_are_foreign() {
+        let (_d, s) = temp_store();
+        s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+        assert_eq!(s.foreign_uid("ann", Some(1000)).unwrap(), None);
+        assert_eq!(s.foreign_uid("ann", Some(1001)).unwrap(), Some(1000));
+        assert_eq!(s.foreign_uid("ann", None).unwrap(), Some(1000));
+        assert_eq!(s.foreign_uid("bob", None).unwrap(), None);
+        s.record_failure("bob", Some(5), &Backoff::default(), 1).unwrap();
+        assert_eq!(s.foreign_uid("bob", Some(6)).unwrap(), Some(5));
+        // Rows without a uid bind to no account.
+        s.replace_backup_codes("cat", None, &["h".into()], 1).unwrap();
+        assert_eq!(s.foreign_uid("cat", Some(9)).unwrap(), None);
+        assert_eq!(s.foreign_uid("cat", None).unwrap(), None);
+    }
+
+    #[test]
+    fn invitations_are_single_use_bound_to_the_uid_and_expire() {
+        let (_d, s) = temp_store();
+        s.add_invitation("ann", 1000, b"h1", 100).unwrap();
+        assert!(!s.use_invitation("ann", 1001, b"h1", 50).unwrap(), "other uid");
+        assert!(!s.use_invitation("ann", 1000, b"h2", 50).unwrap(), "other code");
+        assert!(!s.use_invitation("ann", 1000, b"h1", 100).unwrap(), "expired");
+        assert!(s.use_invitation("ann", 1000, b"h1", 99).unwrap());
+        assert!(!s.use_invitation("ann", 1000, b"h1", 99).unwrap(), "used");
+    }
+
+    #[test]
     fn backup_codes_are_replaced_and_used_once() {
         let (_d, s) = temp_store();
-        s.replace_backup_codes("ann", &["h1".into(), "h2".into()], 1)
+        s.replace_backup_codes("ann", None, &["h1".into(), "h2".into()], 1)
             .unwrap();
-        s.replace_backup_codes("ann", &["h3".into()], 2).unwrap();
+        s.replace_backup_codes("ann", None, &["h3".into()], 2).unwrap();
         let codes = s.backup_codes("ann").unwrap();
         assert_eq!(codes.len(), 1);
         assert!(s.use_backup_code(codes[0].0).unwrap());

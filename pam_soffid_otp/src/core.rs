@@ -49,13 +49,23 @@ pub trait PamHandle {
     ) -> Result<Option<Zeroizing<Vec<u8>>>, PamResultCode>;
 }
 
-/// Why guardd gave no decision.
+/// Why guardd gave no decision. Only [`DaemonError::Absent`] lets `failmode=safe` step aside:
+/// everything else fails closed in every failmode.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    #[error("guardd is unreachable: {0}")]
-    Unreachable(String),
+    /// No guardd was running when the conversation started: its socket does not exist or
+    /// nobody listens on it (connect(2): ENOENT or ECONNREFUSED), found before Begin was sent.
+    #[error("guardd is not running ({0})")]
+    Absent(String),
+    /// guardd is there but did not answer in time: connecting, the handshake, or a call.
     #[error("guardd did not answer within {0:?}")]
     TimedOut(std::time::Duration),
+    /// guardd is there but failing: overloaded (RESOURCE_EXHAUSTED; also EAGAIN on connect, a
+    /// full listen backlog), any other error status, a broken connection or protocol, a failed
+    /// reconnect, or gone in the middle of a conversation.
+    #[error("guardd failed: {0}")]
+    Failed(String),
+    /// guardd refused the request itself: an answer, not an outage.
     #[error("guardd refused the request: {0}")]
     Refused(String),
 }
@@ -64,25 +74,43 @@ impl From<tonic::Status> for DaemonError {
     fn from(status: tonic::Status) -> Self {
         use tonic::Code;
         match status.code() {
-            // The request itself was refused: an answer, not an outage.
             Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated => {
                 DaemonError::Refused(status.message().to_owned())
             }
-            Code::DeadlineExceeded => DaemonError::Unreachable("deadline exceeded".into()),
-            _ => DaemonError::Unreachable(format!("{:?}: {}", status.code(), status.message())),
+            // An answer from guardd, so never Absent: overloaded, unavailable, internal, ...
+            code => DaemonError::Failed(format!("{code:?}: {}", status.message())),
+        }
+    }
+}
+
+impl From<proto::ConnectError> for DaemonError {
+    fn from(e: proto::ConnectError) -> Self {
+        match e {
+            proto::ConnectError::Absent { .. } => DaemonError::Absent(e.to_string()),
+            proto::ConnectError::TimedOut { timeout, .. } => DaemonError::TimedOut(timeout),
+            proto::ConnectError::Failed { .. } => DaemonError::Failed(e.to_string()),
         }
     }
 }
 
 impl DaemonError {
-    /// Refusals are PAM_AUTH_ERR. An unreachable daemon is PAM_AUTHINFO_UNAVAIL (the login is
-    /// refused) under failmode=secure, and PAM_IGNORE (the rest of the stack decides) under
-    /// failmode=safe.
+    /// The same error met once connected: guardd was there when the conversation started, so a
+    /// daemon that is gone now failed; it is never a reason to step aside.
+    fn connected(self) -> DaemonError {
+        match self {
+            DaemonError::Absent(why) => DaemonError::Failed(format!("guardd went away: {why}")),
+            other => other,
+        }
+    }
+
+    /// Refusals are PAM_AUTH_ERR. An absent daemon is PAM_IGNORE (the rest of the stack
+    /// decides) under failmode=safe; every other failure is PAM_AUTHINFO_UNAVAIL (the login is
+    /// refused) in every failmode.
     fn pam_code(&self, failmode: FailMode) -> PamResultCode {
         match (self, failmode) {
             (DaemonError::Refused(_), _) => PamResultCode::PAM_AUTH_ERR,
-            (_, FailMode::Secure) => PamResultCode::PAM_AUTHINFO_UNAVAIL,
-            (_, FailMode::Safe) => PamResultCode::PAM_IGNORE,
+            (DaemonError::Absent(_), FailMode::Safe) => PamResultCode::PAM_IGNORE,
+            _ => PamResultCode::PAM_AUTHINFO_UNAVAIL,
         }
     }
 }
@@ -138,12 +166,12 @@ fn debug(options: &Options, message: &str) {
 /// Logs a daemon failure (loudly when failing open) and maps it to a PAM code.
 fn daemon_failure(who: &str, e: &DaemonError, options: &Options) -> PamResultCode {
     let code = e.pam_code(options.failmode);
-    if code == PamResultCode::PAM_IGNORE {
-        crate::log::error(&format!(
+    match code {
+        PamResultCode::PAM_IGNORE => crate::log::error(&format!(
             "{who}: {e}; failmode=safe: NOT asking for an OTP, the rest of the stack decides"
-        ));
-    } else {
-        crate::log::error(&format!("{who}: {e}"));
+        )),
+        PamResultCode::PAM_AUTH_ERR => crate::log::error(&format!("{who}: {e}")),
+        _ => crate::log::error(&format!("{who}: {e}; refusing the login")),
     }
     code
 }
@@ -168,8 +196,9 @@ where
     };
     let who = format!("user={} service={}", context.user, context.service);
     debug(options, &format!("{who}: asking guardd"));
+    // Only connect() may find guardd absent; from Begin on, every failure fails closed.
     let result = connect().and_then(|mut daemon| {
-        let step = daemon.begin(context)?;
+        let step = daemon.begin(context).map_err(DaemonError::connected)?;
         Ok(converse(pamh, &mut daemon, step, silent, options))
     });
     let code = match result {
@@ -198,7 +227,9 @@ where
         Err(code) => return code,
     };
     let who = format!("user={} service={}", context.user, context.service);
-    match connect().and_then(|mut daemon| daemon.check(context)) {
+    let checked =
+        connect().and_then(|mut daemon| daemon.check(context).map_err(DaemonError::connected));
+    match checked {
         Ok(Step {
             kind: Some(step::Kind::Deny(deny)),
         }) => {
@@ -262,7 +293,7 @@ fn converse<H: PamHandle, D: Daemon>(
                 };
                 step = match daemon.answer(prompt.challenge, response) {
                     Ok(next) => next,
-                    Err(e) => return daemon_failure("answer", &e, options),
+                    Err(e) => return daemon_failure("answer", &e.connected(), options),
                 };
             }
             None => {
@@ -458,12 +489,14 @@ mod tests {
     }
 
     #[test]
-    fn unreachable_daemon_is_authinfo_unavail_and_refusal_is_auth_err() {
+    fn absent_daemon_is_authinfo_unavail_and_refusal_is_auth_err() {
         let mut p = pam(vec![]);
-        let down = || Err::<&mut FakeDaemon, _>(DaemonError::Unreachable("down".into()));
-        let code = authenticate(&mut p, "h", false, &Options::default(), down);
+        let absent = || Err::<&mut FakeDaemon, _>(DaemonError::Absent("no socket".into()));
+        let code = authenticate(&mut p, "h", false, &Options::default(), absent);
         assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
-        let code = authenticate(&mut p, "h", false, &options(&["failmode=safe"]), down);
+        let code = authenticate(&mut p, "h", false, &options(&["failmode=secure"]), absent);
+        assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let code = authenticate(&mut p, "h", false, &options(&["failmode=safe"]), absent);
         assert_eq!(code, PamResultCode::PAM_IGNORE);
         let mut d = FakeDaemon {
             steps: vec![Err(DaemonError::from(tonic::Status::permission_denied(
@@ -636,14 +669,143 @@ mod tests {
         };
         let code = account(&mut p, "h", false, &Options::default(), || Ok(&mut d));
         assert_eq!(code, PamResultCode::PAM_SUCCESS);
-        let down = || Err::<&mut FakeDaemon, _>(DaemonError::TimedOut(Default::default()));
+        let absent = || Err::<&mut FakeDaemon, _>(DaemonError::Absent("no socket".into()));
         assert_eq!(
-            account(&mut p, "h", false, &Options::default(), down),
+            account(&mut p, "h", false, &Options::default(), absent),
             PamResultCode::PAM_PERM_DENIED
         );
         assert_eq!(
-            account(&mut p, "h", false, &options(&["failmode=safe"]), down),
+            account(&mut p, "h", false, &options(&["failmode=safe"]), absent),
             PamResultCode::PAM_IGNORE
         );
+        let slow = || Err::<&mut FakeDaemon, _>(DaemonError::TimedOut(Default::default()));
+        for args in [&["failmode=safe"][..], &["failmode=secure"]] {
+            let code = account(&mut p, "h", false, &options(args), slow);
+            assert_eq!(code, PamResultCode::PAM_PERM_DENIED, "{args:?}");
+        }
+    }
+
+    /// What a running guardd may answer instead of a step: overloaded, unavailable, broken, slow.
+    fn outages() -> Vec<DaemonError> {
+        vec![
+            DaemonError::from(tonic::Status::resource_exhausted("overloaded")),
+            DaemonError::from(tonic::Status::internal("broken")),
+            DaemonError::from(tonic::Status::unavailable("going away")),
+            DaemonError::from(tonic::Status::deadline_exceeded("slow")),
+            DaemonError::TimedOut(std::time::Duration::from_secs(5)),
+        ]
+    }
+
+    /// A guardd that is there but fails on Begin (or Check) is refused in every failmode: an
+    /// overload that any local user can cause must not turn failmode=safe into no OTP at all.
+    #[test]
+    fn a_failing_begin_fails_closed_in_every_failmode() {
+        for args in [&["failmode=safe"][..], &["failmode=secure"], &[]] {
+            for outage in outages() {
+                let why = format!("{args:?} {outage}");
+                let mut p = pam(vec![]);
+                let mut d = FakeDaemon {
+                    steps: vec![Err(outage)].into(),
+                    ..FakeDaemon::default()
+                };
+                let code = run_with(&mut p, &mut d, false, &options(args));
+                assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL, "{why}");
+            }
+            for outage in outages() {
+                let why = format!("{args:?} {outage}");
+                let mut p = pam(vec![]);
+                let mut d = FakeDaemon {
+                    steps: vec![Err(outage)].into(),
+                    ..FakeDaemon::default()
+                };
+                let code = account(&mut p, "h", false, &options(args), || Ok(&mut d));
+                assert_eq!(code, PamResultCode::PAM_PERM_DENIED, "{why}");
+            }
+        }
+    }
+
+    /// Once Begin went out, guardd was there: any failure after it fails closed.
+    #[test]
+    fn a_failing_answer_fails_closed_in_safe_mode() {
+        for outage in outages() {
+            let why = outage.to_string();
+            let mut p = pam(vec![Ok(Some("123456"))]);
+            let mut d = FakeDaemon {
+                steps: vec![Ok(prompt("c")), Err(outage)].into(),
+                ..FakeDaemon::default()
+            };
+            let code = run_with(&mut p, &mut d, false, &options(&["failmode=safe"]));
+            assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL, "{why}");
+            assert_eq!(d.answers.len(), 1);
+        }
+    }
+
+    /// Only connecting may find guardd absent. A daemon that reports `Absent` once connected
+    /// (a reconnect that finds the socket gone) was there when the conversation began: it failed.
+    #[test]
+    fn absence_after_connecting_fails_closed_in_safe_mode() {
+        let safe = options(&["failmode=safe"]);
+        let gone = || DaemonError::Absent("socket removed".into());
+        let mut p = pam(vec![]);
+        let mut d = FakeDaemon {
+            steps: vec![Err(gone())].into(),
+            ..FakeDaemon::default()
+        };
+        let code = run_with(&mut p, &mut d, false, &safe);
+        assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let mut p = pam(vec![Ok(Some("123456"))]);
+        let mut d = FakeDaemon {
+            steps: vec![Ok(prompt("c")), Err(gone())].into(),
+            ..FakeDaemon::default()
+        };
+        let code = run_with(&mut p, &mut d, false, &safe);
+        assert_eq!(code, PamResultCode::PAM_AUTHINFO_UNAVAIL);
+        let mut d = FakeDaemon {
+            steps: vec![Err(gone())].into(),
+            ..FakeDaemon::default()
+        };
+        let code = account(&mut p, "h", false, &safe, || Ok(&mut d));
+        assert_eq!(code, PamResultCode::PAM_PERM_DENIED);
+    }
+
+    /// A connection that cannot be opened for any reason but absence (timed out, EAGAIN on a full
+    /// backlog, a failed handshake) fails closed in failmode=safe.
+    #[test]
+    fn a_failing_connect_fails_closed_in_safe_mode() {
+        let safe = options(&["failmode=safe"]);
+        let slow = || Err::<&mut FakeDaemon, _>(DaemonError::TimedOut(Default::default()));
+        let full = || Err::<&mut FakeDaemon, _>(DaemonError::Failed("EAGAIN".into()));
+        let mut p = pam(vec![]);
+        for connect in [slow, full] {
+            assert_eq!(
+                authenticate(&mut p, "h", false, &safe, connect),
+                PamResultCode::PAM_AUTHINFO_UNAVAIL
+            );
+            assert_eq!(
+                account(&mut p, "h", false, &safe, connect),
+                PamResultCode::PAM_PERM_DENIED
+            );
+        }
+    }
+
+    /// How connect(2)'s outcome reaches the PAM code: only an absent guardd may step aside.
+    #[test]
+    fn connect_errors_keep_absence_apart() {
+        let path = std::path::PathBuf::from("/run/x.sock");
+        let absent = proto::ConnectError::Absent {
+            path: path.clone(),
+            source: std::io::Error::from_raw_os_error(2),
+        };
+        let failed = proto::ConnectError::Failed {
+            path: path.clone(),
+            reason: "connect: EAGAIN".into(),
+        };
+        let slow = proto::ConnectError::TimedOut {
+            path,
+            timeout: std::time::Duration::from_secs(5),
+        };
+        assert!(matches!(DaemonError::from(absent), DaemonError::Absent(_)));
+        assert!(matches!(DaemonError::from(failed), DaemonError::Failed(_)));
+        assert!(matches!(DaemonError::from(slow), DaemonError::TimedOut(_)));
     }
 }

@@ -1,12 +1,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// What to do when guardd cannot be reached.
+/// What to do when no guardd is running. A guardd that is running but fails (overloaded,
+/// timing out, answering with an error) refuses the login in either mode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailMode {
     /// Refuse the login (PAM_AUTHINFO_UNAVAIL): the default, fail closed.
     Secure,
-    /// Step aside (PAM_IGNORE) and log loudly: the rest of the stack decides.
+    /// Step aside (PAM_IGNORE) and log loudly, the rest of the stack decides, but only when
+    /// guardd's socket is missing or refuses connections: it trades security for availability.
     Safe,
 }
 

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use guardd::otp::{self, OtpParams};
 use proto::v1::guard_client::GuardClient;
+use proto::v1::{self as v1, Step, Token};
 use proto::v1::{
     step, AnswerRequest, BackupCodesRequest, BeginRequest, ConfirmRequest, EnrollRequest,
     LoginContext,
 };
-use proto::v1::{Step, Token};
 use tonic::transport::Channel;
 
 /// Rules for tests that are about tokens rather than rules: every login needs an OTP, and a
@@ -505,10 +505,15 @@ impl PamServices {
     /// One at a time per test process: pam_wrapper hands each process a /tmp/pam.X folder from a
     /// small pool, and concurrent start-ups can race for it ("no default config other").
     pub fn pamtester(&self, service: &str, user: &str, input: &str) -> Output {
+        self.pamtester_op(service, user, "authenticate", input)
+    }
+
+    /// Runs `pamtester <service> <user> <operation>` (e.g. `acct_mgmt`) under pam_wrapper.
+    pub fn pamtester_op(&self, service: &str, user: &str, operation: &str, input: &str) -> Output {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
         let mut cmd = Command::new("pamtester");
-        cmd.args(["-v", service, user, "authenticate"])
+        cmd.args(["-v", service, user, operation])
             .env("LD_PRELOAD", "libpam_wrapper.so")
             .env("PAM_WRAPPER", "1")
             .env("PAM_WRAPPER_SERVICE_DIR", self.dir.path());
@@ -607,6 +612,161 @@ impl Drop for InProcess {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+}
+
+/// A stand-in for a guardd that is running but failing: every call, whatever it asks, is answered
+/// with the same gRPC status (RESOURCE_EXHAUSTED is what guardd answers when it is overloaded). It
+/// has none of the daemon's logic; it exists to show what a client does when guardd fails. Served
+/// on its own thread and runtime, so sync tests can use it; stopped on drop.
+pub struct FailingGuard {
+    pub socket: PathBuf,
+    _dir: tempfile::TempDir,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FailingGuard {
+    /// Starts answering every call with `code`, and returns once the socket accepts connections.
+    pub fn start(code: tonic::Code) -> FailingGuard {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("failing.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::UnixListener::from_std(listener).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(proto::v1::guard_server::GuardServer::new(Failing(code)))
+                    .serve_with_incoming_shutdown(
+                        tokio_stream::wrappers::UnixListenerStream::new(listener),
+                        async {
+                            let _ = stopped.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
+        });
+        FailingGuard {
+            socket,
+            _dir: dir,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for FailingGuard {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Every call fails with this status code.
+struct Failing(tonic::Code);
+
+impl Failing {
+    fn fail<T>(&self) -> Result<tonic::Response<T>, tonic::Status> {
+        Err(tonic::Status::new(self.0, "test double: guardd is failing"))
+    }
+}
+
+#[tonic::async_trait]
+impl proto::v1::guard_server::Guard for Failing {
+    async fn begin(
+        &self,
+        _: tonic::Request<BeginRequest>,
+    ) -> Result<tonic::Response<Step>, tonic::Status> {
+        self.fail()
+    }
+    async fn answer(
+        &self,
+        _: tonic::Request<AnswerRequest>,
+    ) -> Result<tonic::Response<Step>, tonic::Status> {
+        self.fail()
+    }
+    async fn check(
+        &self,
+        _: tonic::Request<BeginRequest>,
+    ) -> Result<tonic::Response<Step>, tonic::Status> {
+        self.fail()
+    }
+    async fn recover(
+        &self,
+        _: tonic::Request<v1::RecoverRequest>,
+    ) -> Result<tonic::Response<Step>, tonic::Status> {
+        self.fail()
+    }
+    async fn enroll(
+        &self,
+        _: tonic::Request<EnrollRequest>,
+    ) -> Result<tonic::Response<v1::EnrollReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn confirm(
+        &self,
+        _: tonic::Request<ConfirmRequest>,
+    ) -> Result<tonic::Response<v1::ConfirmReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn list(
+        &self,
+        _: tonic::Request<v1::ListRequest>,
+    ) -> Result<tonic::Response<v1::ListReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn delete(
+        &self,
+        _: tonic::Request<v1::DeleteRequest>,
+    ) -> Result<tonic::Response<v1::DeleteReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn set_enabled(
+        &self,
+        _: tonic::Request<v1::SetEnabledRequest>,
+    ) -> Result<tonic::Response<v1::TokenReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn resync(
+        &self,
+        _: tonic::Request<v1::ResyncRequest>,
+    ) -> Result<tonic::Response<v1::TokenReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn unlock(
+        &self,
+        _: tonic::Request<v1::UnlockRequest>,
+    ) -> Result<tonic::Response<v1::UnlockReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn issue_backup_codes(
+        &self,
+        _: tonic::Request<BackupCodesRequest>,
+    ) -> Result<tonic::Response<v1::BackupCodesReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn explain(
+        &self,
+        _: tonic::Request<v1::ExplainRequest>,
+    ) -> Result<tonic::Response<v1::ExplainReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn reload(
+        &self,
+        _: tonic::Request<v1::ReloadRequest>,
+    ) -> Result<tonic::Response<v1::ReloadReply>, tonic::Status> {
+        self.fail()
     }
 }
 

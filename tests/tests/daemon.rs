@@ -99,6 +99,7 @@ async fn oversized_input_is_refused_cleanly() {
     let d = Daemon::start();
     let secret = d.enroll_active("daemon").await;
     let mut client = d.client().await;
+    // Larger than any real request (16 KiB): refused before it is read, not buffered.
     let huge = "x".repeat(100_000);
     let err = client
         .begin(BeginRequest {
@@ -109,8 +110,19 @@ async fn oversized_input_is_refused_cleanly() {
         })
         .await
         .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::OutOfRange, "{err}");
+    // Within the request size but not a valid field.
+    let err = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: "x".repeat(1000),
+                ..LoginContext::default()
+            }),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(is_deny(&d.login("daemon", &"9".repeat(1_000_000)).await));
+    assert!(is_deny(&d.login("daemon", &"9".repeat(10_000)).await));
     assert!(is_deny(&d.login("daemon", "12345\u{0}6").await));
     // The daemon is still fine afterwards.
     assert!(is_permit(&d.login("daemon", &secret.code_at(0)).await));

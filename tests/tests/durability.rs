@@ -38,6 +38,8 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
             .zip(&secrets)
             .map(|(user, secret)| NewToken {
                 user,
+                // Bulk imports bind to no account (these names have none).
+                uid: None,
                 label: "crash",
                 kind: Kind::Hotp,
                 params: OtpParams::default(),

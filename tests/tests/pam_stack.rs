@@ -3,7 +3,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{artefact, Daemon, PamServices};
+use harness::{artefact, Daemon, FailingGuard, PamServices};
 
 const UNAVAILABLE: &str = "Authentication service cannot retrieve authentication info";
 
@@ -11,6 +11,21 @@ fn stack(socket: &std::path::Path, timeout: &str) -> PamServices {
     PamServices::new(
         "otp-test",
         &PamServices::module_line(&format!("socket={} timeout={timeout}", socket.display())),
+    )
+}
+
+/// `failmode=safe` with pam_permit after it: the login passes exactly when the module steps aside
+/// (PAM_IGNORE), and is refused when the module fails closed. The account stack is the same.
+fn safe_stack(socket: &std::path::Path, timeout: &str) -> PamServices {
+    let args = format!(
+        "socket={} timeout={timeout} failmode=safe",
+        socket.display()
+    );
+    let auth = PamServices::module_line(&args);
+    let account = auth.replacen("auth ", "account ", 1);
+    PamServices::new(
+        "otp-test",
+        &format!("{auth}auth required pam_permit.so\n{account}account required pam_permit.so\n"),
     )
 }
 
@@ -158,5 +173,110 @@ fn a_daemon_that_hangs_up_mid_handshake_does_not_kill_the_host() {
         let out = pam.pamtester("otp-test", "daemon", "");
         assert_eq!(out.status.signal(), None, "the host was killed: {out:?}");
         assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    }
+}
+
+/// failmode=safe steps aside only when no guardd is running: no socket file at all, or a socket
+/// file nobody listens on (guardd died and left it behind: connect(2) says ECONNREFUSED).
+#[test]
+fn safe_mode_steps_aside_when_guardd_is_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("absent.sock");
+    let stale = dir.path().join("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).unwrap());
+    assert!(stale.exists());
+    for socket in [&missing, &stale] {
+        let pam = safe_stack(socket, "10");
+        let started = Instant::now();
+        let out = pam.pamtester("otp-test", "daemon", "");
+        assert!(out.status.success(), "{}: {}", socket.display(), text(&out));
+        assert!(!text(&out).contains("Verification code"), "{}", text(&out));
+        assert!(started.elapsed() < Duration::from_secs(3));
+        let out = pam.pamtester_op("otp-test", "daemon", "acct_mgmt", "");
+        assert!(out.status.success(), "{}: {}", socket.display(), text(&out));
+    }
+}
+
+/// A guardd whose listen backlog is full (any local user can fill it) makes connect(2) fail with
+/// EAGAIN. guardd is there, so this is an outage to refuse, not an absence to step aside for.
+#[test]
+fn safe_mode_refuses_when_the_listen_backlog_is_full() {
+    use nix::errno::Errno;
+    use nix::sys::socket::{connect, listen, socket, AddressFamily, Backlog, SockFlag};
+    use nix::sys::socket::{SockType, UnixAddr};
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("full.sock");
+    // Bound and listening, never accepting, with the smallest backlog; then filled.
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    listen(&listener, Backlog::new(0).unwrap()).unwrap();
+    let addr = UnixAddr::new(&path).unwrap();
+    let mut queued = Vec::new();
+    loop {
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .unwrap();
+        match connect(fd.as_raw_fd(), &addr) {
+            Ok(()) => queued.push(fd),
+            Err(Errno::EAGAIN) => break,
+            Err(e) => panic!("filling the backlog: {e}"),
+        }
+        assert!(queued.len() < 16, "the backlog never filled");
+    }
+    let pam = safe_stack(&path, "2");
+    let out = pam.pamtester("otp-test", "daemon", "");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    let out = pam.pamtester_op("otp-test", "daemon", "acct_mgmt", "");
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    drop((listener, queued));
+}
+
+/// A socket that accepts connections but never says a word: refused once `timeout=` has passed.
+#[test]
+fn safe_mode_refuses_a_daemon_that_never_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            held.push(conn);
+        }
+    });
+    let pam = safe_stack(&socket, "1");
+    let started = Instant::now();
+    let out = pam.pamtester("otp-test", "daemon", "");
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains(UNAVAILABLE), "{}", text(&out));
+    assert!(
+        took >= Duration::from_millis(900),
+        "gave up early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(6), "hung: {took:?}");
+}
+
+/// A guardd that answers with an error status (overloaded, unavailable, broken): refused in
+/// failmode=safe too, in the auth and the account stack.
+#[test]
+fn safe_mode_refuses_a_daemon_that_answers_with_an_error() {
+    for code in [
+        tonic::Code::ResourceExhausted,
+        tonic::Code::Unavailable,
+        tonic::Code::Internal,
+    ] {
+        let failing = FailingGuard::start(code);
+        let pam = safe_stack(&failing.socket, "5");
+        let out = pam.pamtester("otp-test", "daemon", "");
+        assert_eq!(out.status.code(), Some(1), "{code:?}: {}", text(&out));
+        assert!(text(&out).contains(UNAVAILABLE), "{code:?}: {}", text(&out));
+        let out = pam.pamtester_op("otp-test", "daemon", "acct_mgmt", "");
+        assert_eq!(out.status.code(), Some(1), "{code:?}: {}", text(&out));
     }
 }

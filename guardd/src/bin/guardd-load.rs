@@ -90,6 +90,7 @@ fn main() -> anyhow::Result<()> {
             .iter()
             .zip(&secrets)
             .map(|(user, secret)| NewToken {
+                uid: None,
                 user,
                 label: "load",
                 kind: Kind::Hotp,

@@ -37,6 +37,11 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // A password check guardd runs in a child process of its own (see `accounts`).
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.len() == 4 && argv[1] == guardd::accounts::PAM_CHECK_FLAG {
+        return guardd::accounts::pam_check_main(&argv[2], &argv[3]);
+    }
     let args = Args::parse();
     if let Some(path) = &args.check_policy {
         return match guardd::policy::Policy::load(path) {

@@ -1,7 +1,9 @@
-//! Token administration: enrolment and its confirmation, listing, deletion, enabling and
-//! disabling, HOTP resynchronisation, unlocking, backup codes.
+//! Token administration: enrolment (by an admin, by the user with proof, by invitation) and
+//! its confirmation, listing, deletion, enabling and disabling, HOTP resynchronisation,
+//! unlocking, backup codes.
 
 use super::*;
+use crate::accounts::{Account, PasswordState};
 
 /// How far ahead `Resync` searches for two consecutive HOTP codes.
 const RESYNC_WINDOW: u64 = 1000;
@@ -25,6 +27,24 @@ pub(super) async fn admin_only(
     .await
 }
 
+/// How long an invitation to self-enrol stays valid, in seconds.
+const INVITATION_TTL: u64 = 24 * 3600;
+
+/// What a self-enrolment proved, checked again inside the store call that creates the token.
+enum Proof {
+    /// Root or the admin group enrols someone: no proof from the user.
+    Admin,
+    /// The user enrols themself.
+    Own {
+        /// SHA-256 of the invitation that replaces the password, used up by the same step.
+        invitation: Option<[u8; 32]>,
+        /// A code of an active token, where the rules ask for one before a further token.
+        code: Option<Zeroizing<Vec<u8>>>,
+        /// The rules allow it only while the user has no active token: checked atomically.
+        first_only: bool,
+    },
+}
+
 pub(super) async fn enroll(
     svc: &GuardService,
     req: Request<EnrollRequest>,
@@ -37,32 +57,107 @@ pub(super) async fn enroll(
         algorithm,
         digits,
         period,
-        ..
+        password,
+        invitation,
+        invite,
+        code,
     } = req.into_inner();
+    let (password, invitation, code) = (
+        Zeroizing::new(password),
+        Zeroizing::new(invitation),
+        Zeroizing::new(code),
+    );
     validate_name("user", &user)?;
     validate_label(&label)?;
     let (kind, params) = token_kind(&kind, &algorithm, digits, period)?;
-    // Self-service enrolment only while the user has no token at all: a user who has one
-    // must not be able to add a second from a session that did not prove the first.
-    svc.authorize(
-        caller,
-        Action::Enroll,
-        Some(user.clone()),
-        "enroll",
-        |s, u| Ok(s.list(Some(u))?.is_empty()),
-    )
-    .await?;
+    let Some(account) = svc.account(&caller, &user).await? else {
+        audit::refused(&caller, "enroll", &user, "no such user");
+        return Err(Status::not_found(format!(
+            "no such user: {user} (enroll only users the system knows)"
+        )));
+    };
+    let user = account.name.clone();
+    let admin = caller.is_root() || {
+        let group = svc.admin_group.clone();
+        svc.blocking(&caller, None, move || Ok(caller.in_group(&group)))
+            .await?
+    };
+    if invite {
+        if !admin {
+            audit::refused(&caller, "invite", &user, "not an administrator");
+            return Err(Status::permission_denied(
+                "permission denied: only root or the guardd admin group may invite",
+            ));
+        }
+        return issue_invitation(svc, caller, account).await;
+    }
+    let proof = if admin {
+        Proof::Admin
+    } else if caller.uid == account.uid {
+        own_proof(svc, &caller, &account, password, invitation, code).await?
+    } else {
+        audit::refused(&caller, "enroll", &user, "another user's account");
+        return Err(Status::permission_denied(
+            "permission denied: run this as root or as a member of the guardd admin group",
+        ));
+    };
     let issuer = svc.issuer.clone();
-    let now = svc.clock.now();
+    let (now, uid) = (svc.clock.now(), account.uid);
+    let (windows, backoff) = (svc.windows, svc.backoff);
     let u = user.clone();
-    system(move || require_system_user(&u)).await?;
-    let (info, uri) = svc
+    let created = svc
         .store(move |store| {
+            if let Some(other) = store.foreign_uid(&u, Some(uid))? {
+                return Ok(Err(Status::failed_precondition(foreign_reason(
+                    Some(other),
+                    &u,
+                    Some(uid),
+                ))));
+            }
+            if let Proof::Own {
+                invitation,
+                code,
+                first_only,
+            } = &proof
+            {
+                if let Some(hash) = invitation {
+                    if !store.use_invitation(&u, uid, hash, now as i64)? {
+                        store.record_failure(&u, Some(uid), &backoff, now as i64)?;
+                        return Ok(Err(Status::permission_denied(
+                            "the invitation is wrong, expired or already used; ask your administrator for a new one",
+                        )));
+                    }
+                }
+                if let Some(code) = code {
+                    if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                        return Ok(Err(locked_status(wait)));
+                    }
+                    let used =
+                        consume_code(store, &u, TokenState::Active, code, now, windows)?;
+                    if used.is_none() {
+                        store.record_failure(&u, Some(uid), &backoff, now as i64)?;
+                        return Ok(Err(Status::permission_denied(
+                            "the code of your active token is wrong, expired or already used",
+                        )));
+                    }
+                } else if *first_only && store.has_active(&u)? {
+                    return Ok(Err(Status::failed_precondition(
+                        "you already have an active token: enrolling another needs a code from it (guardctl enroll --code)",
+                    )));
+                }
+                // One pending enrolment at a time: a new one replaces it.
+                for t in store.list(Some(&u))? {
+                    if t.state == TokenState::Pending.as_str() {
+                        store.delete(&u, &t.id)?;
+                    }
+                }
+            }
             let secret = otp::new_secret()
                 .map_err(|_| Status::internal("the system random source failed"))?;
             let info = store.add_pending(
                 NewToken {
-                    user: &user,
+                    user: &u,
+                    uid: Some(uid),
                     label: &label,
                     kind,
                     params,
@@ -70,10 +165,17 @@ pub(super) async fn enroll(
                 },
                 now as i64,
             )?;
-            let uri = otp::otpauth_uri(&issuer, &user, &secret, kind, params);
-            Ok((info, uri))
+            let uri = otp::otpauth_uri(&issuer, &u, &secret, kind, params);
+            Ok(Ok((info, uri)))
         })
         .await?;
+    let (info, uri) = match created {
+        Ok(created) => created,
+        Err(status) => {
+            audit::refused(&caller, "enroll", &user, status.message());
+            return Err(status);
+        }
+    };
     audit::record(
         &Event {
             action: "enroll",
@@ -92,6 +194,162 @@ pub(super) async fn enroll(
     }))
 }
 
+/// What a user enrolling their own token must prove, by the rules for the service `enroll`:
+/// the account's password (checked through the system's PAM stack, the failure counted first)
+/// or an admin's invitation, and, where the rules ask for an OTP from a user who has a token,
+/// a code of it. guardd builds the request the rules see; nothing of it comes from the caller.
+async fn own_proof(
+    svc: &GuardService,
+    caller: &Caller,
+    account: &Account,
+    password: Zeroizing<Vec<u8>>,
+    invitation: Zeroizing<Vec<u8>>,
+    code: Zeroizing<Vec<u8>>,
+) -> Result<Proof, Status> {
+    let user = account.name.clone();
+    let ctx = LoginContext {
+        user: user.clone(),
+        service: "enroll".into(),
+        ..LoginContext::default()
+    };
+    let (_, decision, facts) = svc.decide(caller, &ctx, Some(account.uid)).await?;
+    let refuse = |status: Status| {
+        audit::refused(caller, "enroll", &user, status.message());
+        Err(status)
+    };
+    let (needs_code, first_only) = match &decision.verdict {
+        Rule::Deny { message } => {
+            return refuse(Status::permission_denied(
+                message
+                    .clone()
+                    .unwrap_or_else(|| "the site's rules do not allow you to enrol a token yourself; ask your administrator".into()),
+            ))
+        }
+        Rule::Permit => (false, false),
+        Rule::Otp { .. } if facts.enrolled => (true, false),
+        Rule::Otp {
+            unenrolled: Unenrolled::Permit,
+        } => (false, true),
+        Rule::Otp {
+            unenrolled: Unenrolled::Deny,
+        } => {
+            return refuse(Status::permission_denied(
+                "the site's rules let only an administrator enrol your first token",
+            ))
+        }
+    };
+    if needs_code && code.is_empty() {
+        return refuse(Status::failed_precondition(
+            "you already have an active token: enrolling another needs a code from it (guardctl enroll --code)",
+        ));
+    }
+    let code = needs_code.then_some(code);
+    if !invitation.is_empty() {
+        let Some(normal) = backup::normalize(&invitation) else {
+            return refuse(Status::invalid_argument(
+                "an invitation looks like xxxxx-xxxxx",
+            ));
+        };
+        return Ok(Proof::Own {
+            invitation: Some(invitation_hash(&normal)),
+            code,
+            first_only,
+        });
+    }
+    let (accounts, u) = (svc.accounts.clone(), user.clone());
+    let state = svc
+        .blocking(caller, Some(&user), move || Ok(accounts.password_state(&u)))
+        .await?;
+    if matches!(state, PasswordState::Locked | PasswordState::Empty) {
+        return refuse(Status::failed_precondition(
+            "your account has no usable password (it is locked or empty), so it cannot prove itself here; ask your administrator for an invitation (guardctl enroll USER --invite)",
+        ));
+    }
+    if password.is_empty() {
+        return refuse(Status::failed_precondition(
+            "enrolling your own token needs your current password (guardctl asks for it), or an invitation from your administrator",
+        ));
+    }
+    // Counted before the slow check, forgiven after a right password: no password oracle.
+    let (backoff, now, uid) = (svc.backoff, svc.clock.now() as i64, account.uid);
+    let u = user.clone();
+    let locked = svc
+        .store(move |store| {
+            if let Some(wait) = store.lockout(&u)?.remaining(now) {
+                return Ok(Some(wait));
+            }
+            store.record_failure(&u, Some(uid), &backoff, now)?;
+            Ok(None)
+        })
+        .await?;
+    if let Some(wait) = locked {
+        return refuse(locked_status(wait));
+    }
+    let (accounts, u) = (svc.accounts.clone(), user.clone());
+    let right = svc
+        .blocking(caller, Some(&user), move || {
+            accounts.check_password(&u, &password).map_err(|e| {
+                tracing::error!(user = u, "{e}");
+                Status::unavailable("the password could not be checked; see the guardd log")
+            })
+        })
+        .await?;
+    if !right {
+        return refuse(Status::permission_denied("the password is wrong"));
+    }
+    let u = user.clone();
+    svc.store(move |store| Ok(store.forgive_failure(&u)?))
+        .await?;
+    Ok(Proof::Own {
+        invitation: None,
+        code,
+        first_only,
+    })
+}
+
+/// An admin's invitation for `account` to enrol from its own session: a single-use code, bound
+/// to the account's uid, valid for a day. Only its hash is kept.
+async fn issue_invitation(
+    svc: &GuardService,
+    caller: Caller,
+    account: Account,
+) -> Result<Response<EnrollReply>, Status> {
+    let code = backup::random_code().map_err(backup_status)?;
+    let normal = backup::normalize(code.as_bytes())
+        .ok_or_else(|| Status::internal("an invitation could not be made"))?;
+    let hash = invitation_hash(&normal);
+    let expires = (svc.clock.now() + INVITATION_TTL) as i64;
+    let (user, uid) = (account.name.clone(), account.uid);
+    svc.store(move |store| Ok(store.add_invitation(&user, uid, &hash, expires)?))
+        .await?;
+    audit::record(
+        &Event {
+            action: "invite",
+            user: &account.name,
+            outcome: "ok",
+            reason: "single-use invitation to self-enrol issued",
+            ..Event::default()
+        }
+        .caller(&caller),
+    );
+    Ok(Response::new(EnrollReply {
+        invitation: code.to_string(),
+        invitation_expires: expires,
+        ..EnrollReply::default()
+    }))
+}
+
+fn invitation_hash(normal: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(normal.as_bytes()).into()
+}
+
+fn locked_status(wait: i64) -> Status {
+    Status::permission_denied(format!(
+        "too many failed attempts; try again in {wait} s"
+    ))
+}
+
 pub(super) async fn confirm(
     svc: &GuardService,
     req: Request<ConfirmRequest>,
@@ -108,14 +366,24 @@ pub(super) async fn confirm(
         |_, _| Ok(true),
     )
     .await?;
-    let (windows, now) = (svc.windows, svc.clock.now());
+    let (windows, backoff, now) = (svc.windows, svc.backoff, svc.clock.now());
     let u = user.clone();
     let confirmed = svc
         .store(move |store| {
+            // A wrong confirmation counts toward the back-off like a wrong login.
+            if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                return Err(locked_status(wait));
+            }
             let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)?;
             match id {
                 Some(id) => Ok(Ok(store.get(&u, &id)?)),
-                None => Ok(Err(store.secrets(&u, TokenState::Pending)?.is_empty())),
+                None => {
+                    let none = store.secrets(&u, TokenState::Pending)?.is_empty();
+                    if !none {
+                        store.record_failure(&u, None, &backoff, now as i64)?;
+                    }
+                    Ok(Err(none))
+                }
             }
         })
         .await?;
@@ -323,14 +591,19 @@ pub(super) async fn issue_backup_codes(
     let user = req.into_inner().user;
     admin_only(svc, caller, &user, "backup-codes").await?;
     let (u, now) = (user.clone(), svc.clock.now());
-    // Hashing ten codes with Argon2 takes a while: not on the store thread.
-    let (codes, hashes) = system(move || {
-        require_system_user(&u)?;
-        backup::generate().map_err(|e| Status::internal(e.to_string()))
-    })
-    .await?;
+    svc.blocking(&caller, Some(&user), move || require_system_user(&u))
+        .await?;
+    // Hashing ten codes with Argon2 takes a while: on the hasher thread, not the store's.
+    let (codes, hashes) = {
+        let _holding = svc
+            .hashing_budget
+            .acquire(caller.budget_keys(Some(&user)), caller.is_root())
+            .map_err(exhausted)?;
+        svc.hasher.generate().await.map_err(backup_status)?
+    };
     let u = user.clone();
-    svc.store(move |store| Ok(store.replace_backup_codes(&u, &hashes, now as i64)?))
+    let uid = svc.account(&caller, &user).await?.map(|a| a.uid);
+    svc.store(move |store| Ok(store.replace_backup_codes(&u, uid, &hashes, now as i64)?))
         .await?;
     admin_audit(&caller, "backup-codes", &user, true, "");
     Ok(Response::new(BackupCodesReply {

@@ -1,7 +1,10 @@
-//! Password recovery by OTP (DESIGN §7): the rules and the device are checked, the code is
-//! verified like a login's, then the new password is asked twice and set with chpasswd.
+//! Password recovery by OTP: the rules and the device are checked, the code is verified like a
+//! login's, then the new password is asked twice and set with chpasswd. A token is a second
+//! factor, never a way to mint a first one: an account whose password is locked or empty gets
+//! no password from it (`passwd -l` holds; root unlocks with the system's tools).
 
 use super::*;
+use crate::accounts::{self, PasswordState};
 
 /// `Recover`: for one's own account (the caller's uid) or, as root, anyone's; the rules see the
 /// service `recovery`. Ends in an OTP prompt whose answer goes through `Answer`.
@@ -13,7 +16,7 @@ pub(super) async fn begin(
     let requested = req.into_inner().user;
     let own = requested.is_empty();
     let user = if own {
-        system(move || {
+        svc.blocking(&caller, None, move || {
             caller
                 .name()
                 .ok_or_else(|| Status::permission_denied("your uid has no user name"))
@@ -32,21 +35,23 @@ pub(super) async fn begin(
         |_, _| Ok(false),
     )
     .await?;
+    // guardd builds the context itself: nothing of it comes from the caller but the name.
+    let account = svc.account(&caller, &user).await?;
+    let user = account.as_ref().map_or(user, |a| a.name.clone());
+    let uid = account.as_ref().map(|a| a.uid);
     let ctx = LoginContext {
         user: user.clone(),
         service: "recovery".into(),
         ..LoginContext::default()
     };
-    let (policy, decision, _) = svc.decide(&ctx).await?;
+    let (policy, decision, facts) = svc.decide(&caller, &ctx, uid).await?;
     // Recovery always needs an OTP: the rules may only forbid it. Unknown users and users
     // without a device take the same path (both look-ups always run).
-    let u = user.clone();
-    let known = system(move || Ok(matches!(nix::unistd::User::from_name(&u), Ok(Some(_))))).await?;
-    let u = user.clone();
-    let device = svc
-        .store(move |store| Ok(store.has_active(&u)? || !store.backup_codes(&u)?.is_empty()))
+    let (accounts, u) = (svc.accounts.clone(), user.clone());
+    let password = svc
+        .blocking(&caller, Some(&user), move || Ok(accounts.password_state(&u)))
         .await?;
-    let has_device = known && device;
+    let has_device = account.is_some() && facts.can_answer && facts.foreign.is_none();
     let rule = decision.rule_label();
     let event = |outcome, reason: &str| {
         audit::record(
@@ -72,6 +77,24 @@ pub(super) async fn begin(
             DenyReason::Policy,
         )));
     }
+    if facts.foreign.is_some() {
+        event("deny", &foreign_reason(facts.foreign, &user, uid));
+        return Ok(Response::new(deny(FOREIGN_MESSAGE, DenyReason::Policy)));
+    }
+    if has_device && password != PasswordState::Usable {
+        let why = match password {
+            PasswordState::Locked => "the password is locked",
+            PasswordState::Empty => "the account has no password",
+            _ => "the password is not a local one guardd can set",
+        };
+        event("deny", why);
+        return Ok(Response::new(deny(
+            &format!(
+                "Password recovery is not possible: {why}. A one-time password does not create or unlock a password; ask your administrator."
+            ),
+            DenyReason::Policy,
+        )));
+    }
     if !has_device {
         event("deny", "no otp device");
         let message = if own {
@@ -82,7 +105,14 @@ pub(super) async fn begin(
         return Ok(Response::new(deny(message, DenyReason::NotEnrolled)));
     }
     event("prompt", "otp required for recovery");
-    let challenge = svc.open_session(ctx, caller.uid, svc.max_tries, Flow::RecoverCode)?;
+    let challenge = svc.open_session(
+        ctx,
+        &caller,
+        svc.max_tries,
+        Flow::RecoverCode,
+        uid,
+        None,
+    )?;
     Ok(Response::new(prompt(
         challenge,
         PROMPT_TEXT,
@@ -98,6 +128,8 @@ pub(super) async fn password(
     ctx: LoginContext,
     flow: Flow,
     response: Zeroizing<Vec<u8>>,
+    uid: Option<u32>,
+    permit: Holding,
 ) -> Result<Step, Status> {
     let audit = |outcome, reason: &str| {
         audit::record(
@@ -112,7 +144,7 @@ pub(super) async fn password(
             .caller(&caller),
         )
     };
-    let typed = match crate::recovery::new_password(&response) {
+    let typed = match accounts::new_password(&response) {
         Ok(p) => p,
         Err(e) => {
             audit("deny", "unusable new password");
@@ -124,8 +156,14 @@ pub(super) async fn password(
     };
     match flow {
         Flow::RecoverNew => {
-            let challenge =
-                svc.open_session(ctx.clone(), caller.uid, 1, Flow::RecoverConfirm(typed))?;
+            let challenge = svc.open_session(
+                ctx.clone(),
+                &caller,
+                1,
+                Flow::RecoverConfirm(typed),
+                uid,
+                Some(permit),
+            )?;
             Ok(prompt(
                 challenge,
                 "Retype new password: ",
@@ -141,8 +179,24 @@ pub(super) async fn password(
                     DenyReason::Policy,
                 ));
             }
-            let user = ctx.user.clone();
-            let result = system(move || Ok(crate::recovery::set_password(&user, &first))).await?;
+            // Checked again right before the change: the account may have been locked or
+            // replaced while the user typed.
+            let (accounts, user) = (svc.accounts.clone(), ctx.user.clone());
+            let result = svc
+                .blocking(&caller, Some(&ctx.user), move || {
+                    let same = accounts
+                        .by_name(&user)
+                        .ok()
+                        .flatten()
+                        .is_some_and(|a| Some(a.uid) == uid);
+                    if !same || accounts.password_state(&user) != PasswordState::Usable {
+                        return Ok(Err(accounts::AccountError::Refused(
+                            "the account changed or its password was locked meanwhile".into(),
+                        )));
+                    }
+                    Ok(accounts.set_password(&user, &first))
+                })
+                .await?;
             match result {
                 Ok(()) => {
                     audit("ok", "password changed");

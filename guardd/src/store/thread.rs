@@ -200,6 +200,7 @@ mod tests {
 
     fn token(store: &SqliteStore, user: &str) -> String {
         let new = NewToken {
+            uid: None,
             user,
             label: "phone",
             kind: Kind::Hotp,
