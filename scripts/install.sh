@@ -22,6 +22,7 @@ install -d -m 0755 /etc/soffid-otp
 [ -e /etc/soffid-otp/rules.toml ] || install -m 0644 packaging/rules.toml /etc/soffid-otp/rules.toml
 guardd --check-policy /etc/soffid-otp/rules.toml
 install -D -m 0644 packaging/guardd.service /lib/systemd/system/guardd.service
+[ -e /etc/pam.d/soffid-otp ] || install -m 0644 packaging/pam.d-soffid-otp /etc/pam.d/soffid-otp
 
 echo "== starting guardd"
 socket=/run/soffid-otp/guardd.sock
@@ -36,6 +37,10 @@ else
     for _ in $(seq 50); do [ -S "$socket" ] || break; sleep 0.1; done
   fi
   install -d -m 0755 /run/soffid-otp
+  # The log holds the audit trail: root and group adm only.
+  touch /var/log/guardd.log
+  chown root:adm /var/log/guardd.log
+  chmod 0640 /var/log/guardd.log
   nohup /usr/sbin/guardd >>/var/log/guardd.log 2>&1 </dev/null &
   echo $! > /run/soffid-otp/guardd.pid
 fi

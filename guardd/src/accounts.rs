@@ -150,7 +150,10 @@ impl Accounts for System {
         }
         let started = Instant::now();
         loop {
-            match child.try_wait().map_err(|e| AccountError::Tool("guardd", e))? {
+            match child
+                .try_wait()
+                .map_err(|e| AccountError::Tool("guardd", e))?
+            {
                 Some(status) => {
                     return match status.code() {
                         Some(0) => Ok(true),
@@ -301,7 +304,10 @@ mod tests {
             parse_passwd_status("ann L 2026-11-29 0 99999 7 -1"),
             PasswordState::Locked
         );
-        assert_eq!(parse_passwd_status("ann NP 2026-11-29"), PasswordState::Empty);
+        assert_eq!(
+            parse_passwd_status("ann NP 2026-11-29"),
+            PasswordState::Empty
+        );
         assert_eq!(parse_passwd_status(""), PasswordState::Unknown);
     }
 

@@ -137,7 +137,13 @@ struct Memory(Vec<Block>);
 
 impl Memory {
     /// Hashes `code` with `salt` under `params` into `out`, in the kept buffer.
-    fn hash(&mut self, params: Params, code: &[u8], salt: &[u8], out: &mut [u8]) -> Result<(), BackupError> {
+    fn hash(
+        &mut self,
+        params: Params,
+        code: &[u8],
+        salt: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), BackupError> {
         if params.m_cost() > MAX_M_COST {
             return Err(BackupError::Hash(format!(
                 "memory cost {} KiB is above {MAX_M_COST}",
@@ -279,7 +285,10 @@ mod tests {
         assert!(!memory.matches("abcdefghjm", &old));
         assert!(!memory.matches("abcdefghjk", "not a hash"));
         let greedy = old.replace("m=19456", "m=4000000");
-        assert!(!memory.matches("abcdefghjk", &greedy), "a huge memory cost is refused");
+        assert!(
+            !memory.matches("abcdefghjk", &greedy),
+            "a huge memory cost is refused"
+        );
     }
 
     #[tokio::test]
@@ -287,7 +296,11 @@ mod tests {
         let hasher = Hasher::start().unwrap();
         let (codes, hashes) = hasher.generate().await.unwrap();
         let code = normalize(codes[3].as_bytes()).unwrap();
-        let ids: Vec<(i64, String)> = hashes.into_iter().enumerate().map(|(i, h)| (i as i64, h)).collect();
+        let ids: Vec<(i64, String)> = hashes
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| (i as i64, h))
+            .collect();
         assert_eq!(hasher.find(code, ids.clone()).await.unwrap(), Some(3));
         // Many at once: some wait in the queue, the rest are refused at once, none is lost.
         let (mut waiting, mut busy) = (Vec::new(), 0);
@@ -309,7 +322,6 @@ mod tests {
             assert_eq!(answer.await.unwrap(), None);
         }
     }
-
 
     #[test]
     fn normalize_accepts_typing_variants_and_rejects_otp_codes() {

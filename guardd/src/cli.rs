@@ -40,9 +40,22 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a pending TOTP token and show its otpauth:// URI and QR code
+    /// Create a pending TOTP token and show its otpauth:// URI and QR code. A user enrolling
+    /// their own token proves the account's password (asked), or types an admin's invitation
     Enroll {
-        user: String,
+        /// Whose token [default: yours]
+        user: Option<String>,
+        /// Admins: issue USER a single-use invitation to enrol from their own session instead
+        /// (for accounts without a password; the admin never sees the user's secret)
+        #[arg(long)]
+        invite: bool,
+        /// Prove yourself with the invitation your administrator gave you (asked) instead of
+        /// your password
+        #[arg(long, conflicts_with = "invite")]
+        invitation: bool,
+        /// Also type a code of your active token (where the rules ask for one before another)
+        #[arg(long, conflicts_with = "invite")]
+        code: bool,
         /// A name for the device, e.g. "work phone"
         #[arg(long, default_value = "")]
         label: String,
@@ -179,9 +192,35 @@ fn run(cli: Cli) -> Result<(), CliError> {
         }),
         _ => None,
     };
+    let proof = match &cli.command {
+        Command::Enroll {
+            user,
+            invite: false,
+            invitation,
+            code,
+            ..
+        } if own_enrolment(user.as_deref()) => Some(OwnProof {
+            password: if *invitation {
+                Zeroizing::default()
+            } else {
+                read_secret("Your password: ")?
+            },
+            invitation: if *invitation {
+                read_secret("Invitation: ")?
+            } else {
+                Zeroizing::default()
+            },
+            code: if *code {
+                read_secret("Code of your active token: ")?
+            } else {
+                Zeroizing::default()
+            },
+        }),
+        _ => None,
+    };
     runtime.block_on(async move {
         let mut guardd = Connection::open(&socket, Duration::from_secs(cli.timeout)).await?;
-        execute(&mut guardd, cli.command, code).await
+        execute(&mut guardd, cli.command, code, proof).await
     })
 }
 
@@ -191,10 +230,42 @@ async fn client(guardd: &mut Connection) -> Result<GuardClient<Channel>, CliErro
     Ok(GuardClient::new(guardd.channel().await?))
 }
 
+/// What a user enrolling their own token typed.
+struct OwnProof {
+    password: Zeroizing<Vec<u8>>,
+    invitation: Zeroizing<Vec<u8>>,
+    code: Zeroizing<Vec<u8>>,
+}
+
+/// Whether `user` (None: oneself) is the caller's own account and the caller is not root.
+fn own_enrolment(user: Option<&str>) -> bool {
+    let uid = nix::unistd::getuid();
+    if uid.is_root() {
+        return false;
+    }
+    match user {
+        None => true,
+        Some(name) => nix::unistd::User::from_uid(uid)
+            .ok()
+            .flatten()
+            .is_some_and(|me| me.name == name),
+    }
+}
+
+/// The caller's own login name.
+fn own_name() -> Result<String, CliError> {
+    nix::unistd::User::from_uid(nix::unistd::getuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .ok_or_else(|| CliError::Local("your uid has no user name; name the user".into()))
+}
+
 async fn execute(
     guardd: &mut Connection,
     command: Command,
     code: Option<Zeroizing<Vec<u8>>>,
+    proof: Option<OwnProof>,
 ) -> Result<(), CliError> {
     match command {
         Command::Enroll {
@@ -204,7 +275,18 @@ async fn execute(
             algorithm,
             digits,
             period,
+            invite,
+            ..
         } => {
+            let user = match user {
+                Some(u) => u,
+                None => own_name()?,
+            };
+            let proof = proof.unwrap_or(OwnProof {
+                password: Zeroizing::default(),
+                invitation: Zeroizing::default(),
+                code: Zeroizing::default(),
+            });
             let reply = client(guardd)
                 .await?
                 .enroll(EnrollRequest {
@@ -214,10 +296,21 @@ async fn execute(
                     algorithm,
                     digits,
                     period,
-                    ..EnrollRequest::default()
+                    invite,
+                    password: proof.password.to_vec(),
+                    invitation: proof.invitation.to_vec(),
+                    code: proof.code.to_vec(),
                 })
                 .await?
                 .into_inner();
+            if invite {
+                println!(
+                    "Invitation {} (single use, valid until {}). Give it to the user in person; \nthey run `guardctl enroll --invitation` from their own session.",
+                    reply.invitation,
+                    format_time(reply.invitation_expires)
+                );
+                return Ok(());
+            }
             let uri = Zeroizing::new(reply.uri);
             let token = reply.token.unwrap_or_default();
             println!(

@@ -26,7 +26,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Every connection is closed (HTTP/2 GOAWAY, calls in flight finish) this long after it was
 /// opened, so idle connections cost nothing for long; clients reconnect for their next call
 /// (the conversation lives here, under its challenge id, not in the connection).
-const MAX_CONNECTION_AGE: Duration = Duration::from_secs(20);
+const MAX_CONNECTION_AGE: Duration = proto::MAX_CONNECTION_AGE;
 /// How long calls in flight may finish once a connection is past its age.
 const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
 /// The largest request guardd reads. The protocol's biggest real request is a login context

@@ -372,10 +372,9 @@ impl GuardService {
         let now = self.clock.now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         match sessions.open.get(challenge) {
-            Some(s) if s.caller_uid == caller_uid => sessions
-                .open
-                .remove(challenge)
-                .filter(|s| s.expires > now),
+            Some(s) if s.caller_uid == caller_uid => {
+                sessions.open.remove(challenge).filter(|s| s.expires > now)
+            }
             _ => None,
         }
     }
@@ -465,9 +464,7 @@ impl Guard for GuardService {
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
         let (caller, ctx, account) = self.login_request(req, "check").await?;
-        let (policy, decision, _) = self
-            .decide(&caller, &ctx, account.map(|a| a.uid))
-            .await?;
+        let (policy, decision, _) = self.decide(&caller, &ctx, account.map(|a| a.uid)).await?;
         let Rule::Deny { message } = &decision.verdict else {
             return Ok(Response::new(Step {
                 kind: Some(step::Kind::Permit(Permit::default())),
@@ -610,8 +607,7 @@ impl Guard for GuardService {
             Verdict::Wrong if tries_left > 1 => {
                 // Another try in the same conversation, under a new challenge id.
                 let left = tries_left - 1;
-                let challenge =
-                    self.open_session(ctx, &caller, left, flow, uid, Some(permit))?;
+                let challenge = self.open_session(ctx, &caller, left, flow, uid, Some(permit))?;
                 prompt(
                     challenge,
                     PROMPT_TEXT,
@@ -813,7 +809,11 @@ impl GuardService {
             .store(move |store| {
                 let foreign = store.foreign_uid(&u, uid)?;
                 let active = store.has_active(&u)?;
-                Ok((foreign, active, active || !store.backup_codes(&u)?.is_empty()))
+                Ok((
+                    foreign,
+                    active,
+                    active || !store.backup_codes(&u)?.is_empty(),
+                ))
             })
             .await?;
         Ok(LoginFacts {

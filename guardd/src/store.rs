@@ -218,7 +218,8 @@ pub trait Store: Send + Sync {
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE tokens (
     id        TEXT PRIMARY KEY,
     user      TEXT NOT NULL,
@@ -251,7 +252,8 @@ CREATE TABLE meta (
     key       TEXT PRIMARY KEY,
     value     BLOB NOT NULL
 );
-", "
+",
+    "
 -- The account's uid, so that a new account that reuses a name does not inherit its tokens,
 -- backup codes or back-off. NULL: recorded before uids were (belongs to whoever has the name).
 ALTER TABLE tokens ADD COLUMN uid INTEGER;
@@ -263,7 +265,8 @@ CREATE TABLE invitations (
     hash      BLOB NOT NULL,      -- SHA-256 of the invitation code
     expires   INTEGER NOT NULL
 );
-"];
+",
+];
 
 /// Associated data of the key-check value, which proves at start-up that the key file fits.
 const KEY_CHECK: &[u8] = b"soffid-otp key check";
@@ -935,10 +938,20 @@ mod tests {
         let (_d, s) = temp_store();
         let b = Backoff::default();
         for i in 1..5 {
-            assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 0, "{i}");
+            assert_eq!(
+                s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+                0,
+                "{i}"
+            );
         }
-        assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 1030);
-        assert_eq!(s.record_failure("ann", Some(1000), &b, 1000).unwrap().until, 1060);
+        assert_eq!(
+            s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+            1030
+        );
+        assert_eq!(
+            s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+            1060
+        );
         assert_eq!(s.lockout("bob").unwrap(), Lockout::default());
         assert!(s.clear_failures("ann").unwrap());
         assert_eq!(s.lockout("ann").unwrap(), Lockout::default());
@@ -952,10 +965,12 @@ mod tests {
         assert_eq!(s.foreign_uid("ann", Some(1001)).unwrap(), Some(1000));
         assert_eq!(s.foreign_uid("ann", None).unwrap(), Some(1000));
         assert_eq!(s.foreign_uid("bob", None).unwrap(), None);
-        s.record_failure("bob", Some(5), &Backoff::default(), 1).unwrap();
+        s.record_failure("bob", Some(5), &Backoff::default(), 1)
+            .unwrap();
         assert_eq!(s.foreign_uid("bob", Some(6)).unwrap(), Some(5));
         // Rows without a uid bind to no account.
-        s.replace_backup_codes("cat", None, &["h".into()], 1).unwrap();
+        s.replace_backup_codes("cat", None, &["h".into()], 1)
+            .unwrap();
         assert_eq!(s.foreign_uid("cat", Some(9)).unwrap(), None);
         assert_eq!(s.foreign_uid("cat", None).unwrap(), None);
     }
@@ -964,9 +979,18 @@ mod tests {
     fn invitations_are_single_use_bound_to_the_uid_and_expire() {
         let (_d, s) = temp_store();
         s.add_invitation("ann", 1000, b"h1", 100).unwrap();
-        assert!(!s.use_invitation("ann", 1001, b"h1", 50).unwrap(), "other uid");
-        assert!(!s.use_invitation("ann", 1000, b"h2", 50).unwrap(), "other code");
-        assert!(!s.use_invitation("ann", 1000, b"h1", 100).unwrap(), "expired");
+        assert!(
+            !s.use_invitation("ann", 1001, b"h1", 50).unwrap(),
+            "other uid"
+        );
+        assert!(
+            !s.use_invitation("ann", 1000, b"h2", 50).unwrap(),
+            "other code"
+        );
+        assert!(
+            !s.use_invitation("ann", 1000, b"h1", 100).unwrap(),
+            "expired"
+        );
         assert!(s.use_invitation("ann", 1000, b"h1", 99).unwrap());
         assert!(!s.use_invitation("ann", 1000, b"h1", 99).unwrap(), "used");
     }
@@ -976,7 +1000,8 @@ mod tests {
         let (_d, s) = temp_store();
         s.replace_backup_codes("ann", None, &["h1".into(), "h2".into()], 1)
             .unwrap();
-        s.replace_backup_codes("ann", None, &["h3".into()], 2).unwrap();
+        s.replace_backup_codes("ann", None, &["h3".into()], 2)
+            .unwrap();
         let codes = s.backup_codes("ann").unwrap();
         assert_eq!(codes.len(), 1);
         assert!(s.use_backup_code(codes[0].0).unwrap());

@@ -4,6 +4,9 @@ use zeroize::Zeroizing;
 
 use crate::options::{FailMode, FirstPass, Options};
 
+/// The PAM service guardd runs its own password checks under; the module steps aside there.
+const PASSWORD_SERVICE: &str = "soffid-otp";
+
 /// The most steps one login may take; a daemon that never ends the conversation is cut off.
 const MAX_STEPS: usize = 16;
 
@@ -133,6 +136,11 @@ fn login_context<H: PamHandle>(
     host: &str,
     options: &Options,
 ) -> Result<LoginContext, PamResultCode> {
+    // guardd checks passwords (before self-enrolment) through this PAM service: asking guardd
+    // from inside that check would call back into it.
+    if pamh.item(Item::Service).as_deref() == Some(PASSWORD_SERVICE) {
+        return Err(PamResultCode::PAM_IGNORE);
+    }
     let user = match pamh.user() {
         Ok(user) if !user.is_empty() => user,
         Ok(_) => return Err(PamResultCode::PAM_USER_UNKNOWN),

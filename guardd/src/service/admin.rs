@@ -345,9 +345,7 @@ fn invitation_hash(normal: &str) -> [u8; 32] {
 }
 
 fn locked_status(wait: i64) -> Status {
-    Status::permission_denied(format!(
-        "too many failed attempts; try again in {wait} s"
-    ))
+    Status::permission_denied(format!("too many failed attempts; try again in {wait} s"))
 }
 
 pub(super) async fn confirm(

@@ -49,7 +49,11 @@ pub(super) async fn begin(
     // without a device take the same path (both look-ups always run).
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let password = svc
-        .blocking(&caller, Some(&user), move || Ok(accounts.password_state(&u)))
+        .blocking(
+            &caller,
+            Some(&user),
+            move || Ok(accounts.password_state(&u)),
+        )
         .await?;
     let has_device = account.is_some() && facts.can_answer && facts.foreign.is_none();
     let rule = decision.rule_label();
@@ -105,14 +109,7 @@ pub(super) async fn begin(
         return Ok(Response::new(deny(message, DenyReason::NotEnrolled)));
     }
     event("prompt", "otp required for recovery");
-    let challenge = svc.open_session(
-        ctx,
-        &caller,
-        svc.max_tries,
-        Flow::RecoverCode,
-        uid,
-        None,
-    )?;
+    let challenge = svc.open_session(ctx, &caller, svc.max_tries, Flow::RecoverCode, uid, None)?;
     Ok(Response::new(prompt(
         challenge,
         PROMPT_TEXT,
