@@ -98,7 +98,7 @@ pam-auth-update --enable soffid-otp
 kill "$pid"; wait "$pid" || true; pid=""
 dpkg --purge soffid-otp >/dev/null
 for f in /usr/sbin/guardd /usr/bin/guardctl /usr/lib/x86_64-linux-gnu/security/pam_soffid_otp.so \
-         /etc/soffid-otp /var/lib/soffid-otp /usr/share/pam-configs/soffid-otp; do
+         /etc/soffid-otp /var/lib/soffid-otp /usr/share/pam-configs/soffid-otp /etc/pam.d/soffid-otp; do
   [ -e "$f" ] && fail "$f left after purge"
 done
 grep -q pam_soffid_otp.so /etc/pam.d/common-auth && fail "purge left the module in common-auth"
