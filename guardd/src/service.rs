@@ -31,6 +31,8 @@ use crate::store::{NewToken, Store, StoreError, StoreThread, TokenInfo, TokenSta
 mod admin;
 mod explain;
 mod recovery;
+#[cfg(test)]
+mod tests;
 
 /// How long a user has to type the code after the prompt appears, in seconds.
 const SESSION_TTL: u64 = 300;
@@ -211,6 +213,13 @@ impl GuardService {
         }
     }
 
+    /// The same service over another view of the system's accounts (tests use a fake
+    /// directory: case-insensitive names, reused names, passwords).
+    pub fn with_accounts(mut self, accounts: Arc<dyn Accounts>) -> Self {
+        self.accounts = accounts;
+        self
+    }
+
     /// The rules in force.
     pub fn policy(&self) -> Arc<Policy> {
         self.policy
@@ -275,8 +284,13 @@ impl GuardService {
                 }
                 None => false,
             };
+            let accounts = self.accounts.clone();
             self.blocking(&caller, None, move || {
-                authorize(&caller, action, u.as_deref(), &group, own)
+                let is_self = u.as_deref().is_some_and(
+                    |name| matches!(accounts.by_name(name), Ok(Some(a)) if a.uid == caller.uid),
+                );
+                let admin = is_admin(accounts.as_ref(), &caller, &group);
+                authorize(&caller, action, is_self, admin, own)
             })
             .await
         }
@@ -710,6 +724,15 @@ fn backup_status(e: BackupError) -> Status {
     }
 }
 
+/// Whether `caller` is root or its uid's account is in the admin `group` by NSS (the account's
+/// primary and supplementary groups): the connecting process's gid does not count, so a setgid
+/// program or `setpriv --regid` makes no administrator.
+fn is_admin(accounts: &dyn Accounts, caller: &Caller, group: &str) -> bool {
+    caller.is_root()
+        || matches!(accounts.by_uid(caller.uid), Ok(Some(account))
+            if accounts.groups(&account).is_ok_and(|g| g.iter().any(|n| n == group)))
+}
+
 /// The audit reason of a refusal for records that belong to another uid, with the fix.
 fn foreign_reason(foreign: Option<u32>, user: &str, uid: Option<u32>) -> String {
     let recorded = match foreign {
@@ -1000,7 +1023,8 @@ impl From<StoreError> for Status {
     }
 }
 
-fn validate_context(ctx: &LoginContext) -> Result<(), Status> {
+/// Checks a login context's fields before anything else sees them (public for the fuzz targets).
+pub fn validate_context(ctx: &LoginContext) -> Result<(), Status> {
     validate_name("user", &ctx.user)?;
     for (name, value) in [
         ("service", &ctx.service),
@@ -1021,7 +1045,7 @@ fn validate_context(ctx: &LoginContext) -> Result<(), Status> {
 }
 
 /// A user name or id: non-empty, bounded, no control characters.
-fn validate_name(what: &str, value: &str) -> Result<(), Status> {
+pub fn validate_name(what: &str, value: &str) -> Result<(), Status> {
     if value.is_empty() || value.len() > MAX_FIELD || value.chars().any(char::is_control) {
         return Err(Status::invalid_argument(format!(
             "{what} must be 1 to {MAX_FIELD} bytes without control characters"

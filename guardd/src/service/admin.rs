@@ -78,9 +78,11 @@ pub(super) async fn enroll(
     };
     let user = account.name.clone();
     let admin = caller.is_root() || {
-        let group = svc.admin_group.clone();
-        svc.blocking(&caller, None, move || Ok(caller.in_group(&group)))
-            .await?
+        let (accounts, group) = (svc.accounts.clone(), svc.admin_group.clone());
+        svc.blocking(&caller, None, move || {
+            Ok(is_admin(accounts.as_ref(), &caller, &group))
+        })
+        .await?
     };
     if invite {
         if !admin {

@@ -16,10 +16,10 @@ pub(super) async fn begin(
     let requested = req.into_inner().user;
     let own = requested.is_empty();
     let user = if own {
-        svc.blocking(&caller, None, move || {
-            caller
-                .name()
-                .ok_or_else(|| Status::permission_denied("your uid has no user name"))
+        let accounts = svc.accounts.clone();
+        svc.blocking(&caller, None, move || match accounts.by_uid(caller.uid) {
+            Ok(Some(account)) => Ok(account.name),
+            _ => Err(Status::permission_denied("your uid has no user name")),
         })
         .await?
     } else {

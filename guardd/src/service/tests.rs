@@ -1,0 +1,346 @@
+//! The identity rules and budgets of the service, over a fake directory of accounts (what no
+//! real test machine offers: a case-insensitive directory, a name reused with another uid) and a
+//! real store on a temporary file.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use proto::v1::guard_server::Guard;
+
+use super::*;
+use crate::accounts::{AccountError, PasswordState};
+use crate::store::SqliteStore;
+
+/// A directory that answers names case-insensitively, as some LDAP and AD setups do.
+#[derive(Default)]
+struct Directory {
+    accounts: Mutex<HashMap<String, (Account, String)>>,
+    checks: Mutex<u32>,
+}
+
+impl Directory {
+    fn add(&self, name: &str, uid: u32, password: &str) {
+        let account = Account {
+            name: name.into(),
+            uid,
+            gid: uid,
+        };
+        self.accounts
+            .lock()
+            .unwrap()
+            .insert(name.to_lowercase(), (account, password.into()));
+    }
+}
+
+impl Accounts for Directory {
+    fn by_name(&self, name: &str) -> Result<Option<Account>, LookupError> {
+        let accounts = self.accounts.lock().unwrap();
+        Ok(accounts.get(&name.to_lowercase()).map(|(a, _)| a.clone()))
+    }
+    fn by_uid(&self, uid: u32) -> Result<Option<Account>, LookupError> {
+        let accounts = self.accounts.lock().unwrap();
+        Ok(accounts
+            .values()
+            .find(|(a, _)| a.uid == uid)
+            .map(|(a, _)| a.clone()))
+    }
+    fn groups(&self, _account: &Account) -> Result<Vec<String>, LookupError> {
+        Ok(Vec::new())
+    }
+    fn password_state(&self, name: &str) -> PasswordState {
+        match self.accounts.lock().unwrap().get(&name.to_lowercase()) {
+            Some((_, p)) if p.is_empty() => PasswordState::Locked,
+            Some(_) => PasswordState::Usable,
+            None => PasswordState::Unknown,
+        }
+    }
+    fn check_password(&self, name: &str, password: &[u8]) -> Result<bool, AccountError> {
+        *self.checks.lock().unwrap() += 1;
+        let accounts = self.accounts.lock().unwrap();
+        Ok(accounts
+            .get(&name.to_lowercase())
+            .is_some_and(|(_, p)| !p.is_empty() && p.as_bytes() == password))
+    }
+    fn set_password(&self, _name: &str, _password: &str) -> Result<(), AccountError> {
+        Ok(())
+    }
+}
+
+const NOW: u64 = 1_800_000_000;
+
+const RULES: &str = r#"
+version = 1
+default = "permit"
+
+[[rule]]
+id = "otp-if-enrolled"
+effect = "otp"
+unenrolled = "permit"
+match = { service = ["sshd", "enroll"] }
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    svc: GuardService,
+    directory: Arc<Directory>,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        database: dir.path().join("t.db"),
+        key_file: dir.path().join("k"),
+        ..Config::default()
+    };
+    let store = SqliteStore::open(&config.database, &config.key_file).unwrap();
+    let directory = Arc::new(Directory::default());
+    let svc = GuardService::new(
+        StoreThread::start(store).unwrap(),
+        Hasher::start().unwrap(),
+        &config,
+        Policy::parse("rules.toml", RULES).unwrap(),
+        Clock::from_fn(|| NOW),
+    )
+    .with_accounts(directory.clone());
+    Fixture {
+        _dir: dir,
+        svc,
+        directory,
+    }
+}
+
+const ROOT: Caller = Caller {
+    uid: 0,
+    gid: 0,
+    pid: None,
+    real_uid: Some(0),
+};
+
+fn user(uid: u32) -> Caller {
+    Caller {
+        uid,
+        gid: uid,
+        pid: None,
+        real_uid: Some(uid),
+    }
+}
+
+fn request<T>(caller: Caller, message: T) -> Request<T> {
+    let mut r = Request::new(message);
+    r.extensions_mut().insert(caller);
+    r
+}
+
+fn begin(user: &str) -> BeginRequest {
+    BeginRequest {
+        context: Some(LoginContext {
+            user: user.into(),
+            service: "sshd".into(),
+            ..LoginContext::default()
+        }),
+    }
+}
+
+fn kind(step: &Step) -> &'static str {
+    match &step.kind {
+        Some(step::Kind::Prompt(_)) => "prompt",
+        Some(step::Kind::Permit(_)) => "permit",
+        Some(step::Kind::Deny(_)) => "deny",
+        None => "none",
+    }
+}
+
+impl Fixture {
+    /// Enrols `name` as root and activates the token with the previous step's code.
+    async fn enroll_active(&self, name: &str) -> Vec<u8> {
+        let reply = self
+            .svc
+            .enroll(request(
+                ROOT,
+                EnrollRequest {
+                    user: name.into(),
+                    ..EnrollRequest::default()
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let b32 = reply
+            .uri
+            .split("secret=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        let secret = data_encoding::BASE32_NOPAD.decode(b32.as_bytes()).unwrap();
+        let code = otp::totp_code(&secret, OtpParams::default(), NOW - 30).unwrap();
+        self.svc
+            .confirm(request(
+                ROOT,
+                ConfirmRequest {
+                    user: name.into(),
+                    code: code.into_bytes(),
+                },
+            ))
+            .await
+            .unwrap();
+        secret
+    }
+
+    async fn begin(&self, caller: Caller, name: &str) -> Result<Step, Status> {
+        self.svc
+            .begin(request(caller, begin(name)))
+            .await
+            .map(Response::into_inner)
+    }
+}
+
+#[tokio::test]
+async fn a_differently_cased_name_is_the_same_account() {
+    let f = fixture();
+    f.directory.add("alice", 1000, "pw");
+    f.enroll_active("alice").await;
+    // Under a case-insensitive directory "ALICE" is alice: asked for her code, not let through
+    // as a user without a token.
+    assert_eq!(kind(&f.begin(ROOT, "ALICE").await.unwrap()), "prompt");
+    assert_eq!(kind(&f.begin(ROOT, "Alice").await.unwrap()), "prompt");
+}
+
+#[tokio::test]
+async fn a_name_reused_with_another_uid_is_refused_not_unenrolled() {
+    let f = fixture();
+    f.directory.add("bob", 1000, "pw");
+    f.enroll_active("bob").await;
+    // userdel bob; useradd bob (another uid): the old tokens are not the new account's.
+    f.directory.add("bob", 1001, "pw");
+    let step = f.begin(ROOT, "bob").await.unwrap();
+    assert_eq!(kind(&step), "deny");
+    let Some(step::Kind::Deny(d)) = step.kind else {
+        unreachable!()
+    };
+    assert_eq!(d.message, FOREIGN_MESSAGE);
+    // The name gone altogether: still refused.
+    f.directory.accounts.lock().unwrap().clear();
+    assert_eq!(kind(&f.begin(ROOT, "bob").await.unwrap()), "deny");
+}
+
+#[tokio::test]
+async fn one_uid_cannot_hold_more_open_logins_than_its_share_and_root_is_served() {
+    let f = fixture();
+    f.directory.add("mallory", 1000, "pw");
+    f.directory.add("root", 0, "pw");
+    f.enroll_active("mallory").await;
+    f.enroll_active("root").await;
+    let mallory = user(1000);
+    for _ in 0..SESSIONS.per_key {
+        assert_eq!(kind(&f.begin(mallory, "mallory").await.unwrap()), "prompt");
+    }
+    let refused = f.begin(mallory, "mallory").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(kind(&f.begin(ROOT, "root").await.unwrap()), "prompt");
+    // sudo started by mallory is root, but counts against mallory's uid.
+    let sudo = Caller {
+        real_uid: Some(1000),
+        ..ROOT
+    };
+    let refused = f.begin(sudo, "root").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+}
+
+#[tokio::test]
+async fn self_enrolment_counts_a_wrong_password_before_checking_and_stops_at_the_back_off() {
+    let f = fixture();
+    f.directory.add("carol", 1000, "right");
+    let enroll = |password: &str| {
+        request(
+            user(1000),
+            EnrollRequest {
+                user: "carol".into(),
+                password: password.as_bytes().to_vec(),
+                ..EnrollRequest::default()
+            },
+        )
+    };
+    for _ in 0..5 {
+        let e = f.svc.enroll(enroll("wrong")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    }
+    // Locked out: the right password is not even checked.
+    let checks = *f.directory.checks.lock().unwrap();
+    let e = f.svc.enroll(enroll("right")).await.unwrap_err();
+    assert!(e.message().contains("too many failed attempts"), "{e:?}");
+    assert_eq!(*f.directory.checks.lock().unwrap(), checks);
+}
+
+#[tokio::test]
+async fn a_right_password_enrols_once_and_is_forgiven() {
+    let f = fixture();
+    f.directory.add("dave", 1000, "right");
+    let enroll = |password: &str| {
+        request(
+            user(1000),
+            EnrollRequest {
+                user: "dave".into(),
+                password: password.as_bytes().to_vec(),
+                ..EnrollRequest::default()
+            },
+        )
+    };
+    assert!(f.svc.enroll(enroll("wrong")).await.is_err());
+    assert!(f.svc.enroll(enroll("right")).await.is_ok());
+    let failures = f
+        .svc
+        .store(|s| Ok::<_, Status>(s.lockout("dave")?.failures))
+        .await
+        .unwrap();
+    assert_eq!(
+        failures, 1,
+        "the right password takes back only its own count"
+    );
+    // Another user cannot enrol dave, whatever the password.
+    let e = f
+        .svc
+        .enroll(request(
+            user(1001),
+            EnrollRequest {
+                user: "dave".into(),
+                password: b"right".to_vec(),
+                ..EnrollRequest::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
+
+#[tokio::test]
+async fn a_locked_password_cannot_enrol_and_explain_is_for_admins() {
+    let f = fixture();
+    f.directory.add("erin", 1000, "");
+    let e = f
+        .svc
+        .enroll(request(
+            user(1000),
+            EnrollRequest {
+                user: "erin".into(),
+                password: b"anything".to_vec(),
+                ..EnrollRequest::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("invitation"), "{e:?}");
+    let e = f
+        .svc
+        .explain(request(
+            user(1000),
+            ExplainRequest {
+                context: begin("erin").context,
+                time: 0,
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+}
