@@ -50,6 +50,9 @@ const BLOCKING: Limits = Limits {
     shared: 32,
     total: 64,
 };
+/// How long an account look-up is reused, and how many names are kept at most.
+const ACCOUNT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const ACCOUNT_CACHE: usize = 4096;
 /// Argon2 hashes queued or running (one thread computes them; see `backup::Hasher`).
 const HASHING: Limits = Limits {
     per_key: 1,
@@ -147,6 +150,9 @@ pub struct GuardService {
     hasher: Hasher,
     /// NSS, the password state and check, chpasswd.
     accounts: Arc<dyn Accounts>,
+    /// Recent account look-ups by name (see `account`).
+    account_cache: Mutex<HashMap<String, (Option<Account>, std::time::Instant)>>,
+    account_ttl: std::time::Duration,
     admin_group: String,
     issuer: String,
     windows: Windows,
@@ -201,6 +207,8 @@ impl GuardService {
             accounts: Arc::new(System {
                 password_service: config.password_service.clone(),
             }),
+            account_cache: Mutex::default(),
+            account_ttl: ACCOUNT_TTL,
             admin_group: config.admin_group.clone(),
             issuer: config.issuer(),
             windows: Windows {
@@ -215,8 +223,10 @@ impl GuardService {
 
     /// The same service over another view of the system's accounts (tests use a fake
     /// directory: case-insensitive names, reused names, passwords).
+    /// Such a directory's changes are seen at once (no reuse of answers).
     pub fn with_accounts(mut self, accounts: Arc<dyn Accounts>) -> Self {
         self.accounts = accounts;
+        self.account_ttl = std::time::Duration::ZERO;
         self
     }
 
@@ -778,15 +788,37 @@ impl GuardService {
     }
 
     /// The account called `name`, by NSS (on the blocking pool, within the caller's budget).
+    /// An answer is reused for `ACCOUNT_TTL`: a login storm costs one look-up per user and
+    /// second, not a hop to the blocking pool per call; a renamed or re-created account is seen
+    /// within that second.
     async fn account(&self, caller: &Caller, name: &str) -> Result<Option<Account>, Status> {
+        let now = std::time::Instant::now();
+        if let Some((account, at)) = self
+            .account_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            if now.duration_since(*at) < self.account_ttl {
+                return Ok(account.clone());
+            }
+        }
         let (accounts, n) = (self.accounts.clone(), name.to_owned());
-        self.blocking(caller, Some(name), move || {
-            accounts.by_name(&n).map_err(|e| {
-                tracing::error!("{}", e.0);
-                Status::unavailable("the account look-up failed; see the guardd log")
+        let account = self
+            .blocking(caller, Some(name), move || {
+                accounts.by_name(&n).map_err(|e| {
+                    tracing::error!("{}", e.0);
+                    Status::unavailable("the account look-up failed; see the guardd log")
+                })
             })
-        })
-        .await
+            .await?;
+        let mut cache = self.account_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= ACCOUNT_CACHE {
+            // Names sprayed by a caller cannot grow it: start over.
+            cache.clear();
+        }
+        cache.insert(name.to_owned(), (account.clone(), now));
+        Ok(account)
     }
 
     /// Decides a login by the rules in force. Also tells whether the user could answer an OTP
