@@ -1027,6 +1027,8 @@ fn a_new_account_reusing_an_enrolled_name_is_denied() {
         &name,
     ]));
     harness::run(Command::new("usermod").args(["-p", "*", &name]));
+    // guardd reuses an account look-up for one second (see the README's trust model).
+    std::thread::sleep(std::time::Duration::from_millis(1100));
     let step = rt.block_on(d.login(&name, &secret.code_at(0)));
     assert!(
         is_deny(&step),
