@@ -33,8 +33,35 @@ impl Event<'_> {
     }
 }
 
-/// Writes `event` to the audit trail.
+impl Event<'_> {
+    /// Whether the event records something only a secret could do: a code or backup code that
+    /// verified (`answer` permitted), or a change made after a proof (enrolment, confirmation,
+    /// recovery, deletion: `ok`). Such events cannot be repeated at will, so they are always
+    /// audited; what any local user can make as fast as they like (a refused or denied call, a
+    /// prompt, a permit the rules give without a code, a listing) is rate-limited per uid.
+    fn proves_a_secret(&self) -> bool {
+        match self.outcome {
+            "ok" => self.action != "list",
+            "permit" => self.action == "answer",
+            _ => false,
+        }
+    }
+}
+
+/// Writes `event` to the audit trail. Events of unprivileged callers that anyone can repeat at
+/// will (see `Event::proves_a_secret`) count toward the caller's uid like refusals, at most
+/// `REFUSALS_LOGGED` lines per `REFUSAL_INTERVAL`, the rest summed up: otherwise one user could
+/// write thousands of lines a second, filling the disk and making journald drop guardd's lines
+/// for everyone (its rate limit is per service), root's logins included.
 pub fn record(event: &Event<'_>) {
+    let limited = event.caller_uid.is_some_and(|uid| uid != 0) && !event.proves_a_secret();
+    if limited && !admit(event.caller_uid.unwrap_or_default()) {
+        return;
+    }
+    write(event);
+}
+
+fn write(event: &Event<'_>) {
     tracing::info!(
         target: "audit",
         action = event.action,
@@ -73,36 +100,8 @@ static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<u32, Refusals
 /// rest are summed up in one line per interval, so a flood of refused calls cannot flood the
 /// log (any local user can make them).
 pub fn refused(caller: &Caller, action: &str, user: &str, reason: &str) {
-    let now = std::time::Instant::now();
-    let log = {
-        let mut guard = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
-        let map = guard.get_or_insert_with(Default::default);
-        if map.len() >= REFUSAL_UIDS && !map.contains_key(&caller.uid) {
-            summarize(map, now, true);
-        }
-        let entry = map.entry(caller.uid).or_insert(Refusals {
-            since: now,
-            logged: 0,
-            suppressed: 0,
-        });
-        if now.duration_since(entry.since) >= REFUSAL_INTERVAL {
-            summary(caller.uid, entry);
-            *entry = Refusals {
-                since: now,
-                logged: 0,
-                suppressed: 0,
-            };
-        }
-        if entry.logged < REFUSALS_LOGGED {
-            entry.logged += 1;
-            true
-        } else {
-            entry.suppressed += 1;
-            false
-        }
-    };
-    if log {
-        record(
+    if admit(caller.uid) {
+        write(
             &Event {
                 action,
                 user,
@@ -112,6 +111,37 @@ pub fn refused(caller: &Caller, action: &str, user: &str, reason: &str) {
             }
             .caller(caller),
         );
+    }
+}
+
+/// Whether one more rate-limited line of `uid` may be written now; if not, it is counted for
+/// the summary.
+fn admit(uid: u32) -> bool {
+    let now = std::time::Instant::now();
+    let mut guard = REFUSALS.lock().unwrap_or_else(|p| p.into_inner());
+    let map = guard.get_or_insert_with(Default::default);
+    if map.len() >= REFUSAL_UIDS && !map.contains_key(&uid) {
+        summarize(map, now, true);
+    }
+    let entry = map.entry(uid).or_insert(Refusals {
+        since: now,
+        logged: 0,
+        suppressed: 0,
+    });
+    if now.duration_since(entry.since) >= REFUSAL_INTERVAL {
+        summary(uid, entry);
+        *entry = Refusals {
+            since: now,
+            logged: 0,
+            suppressed: 0,
+        };
+    }
+    if entry.logged < REFUSALS_LOGGED {
+        entry.logged += 1;
+        true
+    } else {
+        entry.suppressed += 1;
+        false
     }
 }
 
@@ -144,7 +174,7 @@ fn summary(uid: u32, r: &Refusals) {
             target: "audit",
             action = "refusals",
             outcome = "refused",
-            reason = "rate-limited: further refusals of this uid not audited one by one",
+            reason = "rate-limited: further refused or unproven calls of this uid not audited one by one",
             suppressed = r.suppressed,
             caller_uid = uid,
         );
@@ -184,5 +214,44 @@ mod tests {
         let guard = REFUSALS.lock().unwrap();
         let r = &guard.as_ref().unwrap()[&caller.uid];
         assert_eq!((r.logged, r.suppressed), (REFUSALS_LOGGED, 90));
+    }
+
+    /// Any user can make guardd deny them as fast as they like (an answer to a made-up
+    /// challenge, a confirmation with nothing pending, a login the rules permit): those lines
+    /// are limited per uid like refusals. What took a secret is always written, and root's
+    /// callers (sshd, sudo) are never limited.
+    #[test]
+    fn events_anyone_can_repeat_are_limited_per_uid_but_proven_ones_and_roots_are_not() {
+        let event = |uid, action, outcome| Event {
+            action,
+            outcome,
+            caller_uid: Some(uid),
+            ..Event::default()
+        };
+        let counts = |uid| {
+            let guard = REFUSALS.lock().unwrap();
+            guard
+                .as_ref()
+                .and_then(|m| m.get(&uid))
+                .map(|r| (r.logged, r.suppressed))
+        };
+        for _ in 0..50 {
+            record(&event(4_000_200, "answer", "deny"));
+            record(&event(4_000_200, "confirm", "refused"));
+            record(&event(4_000_200, "begin", "permit"));
+            record(&event(4_000_200, "list", "ok"));
+        }
+        assert_eq!(counts(4_000_200), Some((REFUSALS_LOGGED, 190)));
+        for _ in 0..50 {
+            record(&event(4_000_201, "answer", "permit"));
+            record(&event(4_000_201, "enroll", "ok"));
+            record(&event(4_000_201, "recover", "ok"));
+        }
+        assert_eq!(counts(4_000_201), None, "proven events are not counted");
+        let before = counts(0);
+        for _ in 0..50 {
+            record(&event(0, "answer", "deny"));
+        }
+        assert_eq!(counts(0), before, "root's callers are not limited");
     }
 }

@@ -146,7 +146,7 @@ fn login_context<H: PamHandle>(
         Ok(_) => return Err(PamResultCode::PAM_USER_UNKNOWN),
         Err(code) => return Err(code),
     };
-    if options.ignore_unknown_user && !matches!(nix::unistd::User::from_name(&user), Ok(Some(_))) {
+    if options.ignore_unknown_user && unknown_to_the_system(nix::unistd::User::from_name(&user)) {
         debug(
             options,
             &format!("user={user}: unknown to the system, ignored"),
@@ -163,6 +163,15 @@ fn login_context<H: PamHandle>(
         ssh_connection: pamh.env("SSH_CONNECTION").unwrap_or_default(),
         command: pamh.env("SUDO_COMMAND").unwrap_or_default(),
     })
+}
+
+/// Whether an NSS look-up found that the user does not exist. A look-up that failed (a
+/// directory that is down, no descriptor left in the host process, whose limits the user may
+/// have lowered before running a setuid program) says nothing about the user: the module asks
+/// guardd as usual rather than stepping aside, or `ignore_unknown_user` would skip the OTP
+/// whenever NSS can be made to fail.
+fn unknown_to_the_system(lookup: nix::Result<Option<nix::unistd::User>>) -> bool {
+    matches!(lookup, Ok(None))
 }
 
 fn debug(options: &Options, message: &str) {
@@ -453,6 +462,15 @@ mod tests {
                 reason: reason as i32,
             })),
         }
+    }
+
+    #[test]
+    fn only_a_look_up_that_found_nothing_makes_a_user_unknown() {
+        assert!(unknown_to_the_system(Ok(None)));
+        assert!(!unknown_to_the_system(Err(nix::errno::Errno::EMFILE)));
+        assert!(!unknown_to_the_system(Err(nix::errno::Errno::EIO)));
+        let root = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(0));
+        assert!(!unknown_to_the_system(root));
     }
 
     #[test]

@@ -51,8 +51,8 @@ pub enum ConnectError {
     /// connect(2) and the HTTP/2 handshake together took longer than the timeout.
     #[error("no answer from {} within {timeout:?}", path.display())]
     TimedOut { path: PathBuf, timeout: Duration },
-    /// Anything else: connect(2) failed otherwise (EAGAIN: guardd's listen backlog is full, which
-    /// any local user can cause; EACCES; ...), the HTTP/2 handshake failed, or a reconnect found
+    /// Anything else: connect(2) failed otherwise (EACCES, ...; a full listen backlog, EAGAIN,
+    /// is tried again until the timeout), the HTTP/2 handshake failed, or a reconnect found
     /// guardd gone in the middle of a conversation.
     #[error("cannot connect to {}: {reason}", path.display())]
     Failed { path: PathBuf, reason: String },
@@ -73,8 +73,30 @@ pub async fn connect(path: impl Into<PathBuf>, timeout: Duration) -> Result<Chan
     }
 }
 
+/// The longest pause between two connect(2) attempts while guardd's listen backlog is full.
+const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(5);
+
+/// connect(2) to guardd's socket, tried again while its listen backlog is full (EAGAIN). Any
+/// local user can keep the backlog full by connecting in a loop (guardd accepts, counts and
+/// closes each connection, but the kernel queue refills faster than that), so a single EAGAIN
+/// says nothing about guardd and must not refuse a login; guardd takes a queued connection every
+/// few microseconds, and a retry a few milliseconds later gets in. The caller's timeout bounds
+/// the retries: a backlog that stays full to the end is a timeout, never an absent guardd.
+async fn connect_socket(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(BACKLOG_RETRY_MAX);
+            }
+            done => return done,
+        }
+    }
+}
+
 async fn open(path: PathBuf, timeout: Duration) -> Result<Channel, ConnectError> {
-    let stream = match UnixStream::connect(&path).await {
+    let stream = match connect_socket(&path).await {
         Ok(stream) => stream,
         Err(source) if is_absent(&source) => return Err(ConnectError::Absent { path, source }),
         Err(e) => {
@@ -98,7 +120,7 @@ async fn open(path: PathBuf, timeout: Duration) -> Result<Channel, ConnectError>
             async move {
                 let stream = match first {
                     Some(stream) => stream,
-                    None => UnixStream::connect(path).await?,
+                    None => connect_socket(&path).await?,
                 };
                 Ok::<_, std::io::Error>(TokioIo::new(NoSigPipe(stream)))
             }
@@ -112,8 +134,8 @@ async fn open(path: PathBuf, timeout: Duration) -> Result<Channel, ConnectError>
 
 /// Whether connect(2) failed because no guardd is running: no socket file (ENOENT), or a socket
 /// file nobody listens on, left behind by a guardd that died (ECONNREFUSED). Decided on the
-/// errno: every other failure (EAGAIN from a full listen backlog above all) means a guardd is
-/// there and failing.
+/// errno: every other failure means a guardd is there and failing (EAGAIN, a full listen
+/// backlog, is not even a failure: see `connect_socket`).
 fn is_absent(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED))
 }
@@ -291,9 +313,10 @@ mod tests {
         }
     }
 
-    /// A full listen backlog (connect(2) says EAGAIN) means guardd is there: a failure.
+    /// A full listen backlog (connect(2) says EAGAIN) means guardd is there: connecting goes on
+    /// trying, and a backlog full to the end is a timeout, never an absence.
     #[tokio::test]
-    async fn a_full_backlog_is_a_failure_not_an_absence() {
+    async fn a_full_backlog_is_a_timeout_not_an_absence() {
         use nix::sys::socket::{listen, Backlog};
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("full.sock");
@@ -309,10 +332,49 @@ mod tests {
         };
         assert_eq!(error.raw_os_error(), Some(libc::EAGAIN));
         assert!(!is_absent(&error));
-        match connect(&path, TIMEOUT).await {
-            Err(ConnectError::Failed { reason, .. }) => assert!(reason.contains("os error 11")),
+        let short = Duration::from_millis(300);
+        match connect(&path, short).await {
+            Err(ConnectError::TimedOut { timeout, .. }) => assert_eq!(timeout, short),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Any local user can fill guardd's listen backlog for a moment by connecting in a loop: a
+    /// connection that finds it full gets in as soon as guardd takes one from the queue, instead
+    /// of failing at once (which refused root logins while a user flooded the socket).
+    #[tokio::test]
+    async fn a_backlog_full_for_a_moment_delays_the_connection_but_does_not_fail_it() {
+        use nix::sys::socket::{listen, Backlog};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        listen(&listener, Backlog::new(0).unwrap()).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            match UnixStream::connect(&path).await {
+                Ok(stream) => queued.push(stream),
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::EAGAIN));
+                    break;
+                }
+            }
+        }
+        // guardd gets to its queue 200 ms later, and from then on accepts and holds.
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                held.push(conn);
+            }
+        });
+        let started = Instant::now();
+        let stream = connect_socket(&path)
+            .await
+            .expect("connected once there was room");
+        drop(stream);
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        assert!(started.elapsed() < TIMEOUT);
     }
 
     #[test]

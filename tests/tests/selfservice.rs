@@ -225,6 +225,33 @@ fn an_invitation_enrols_a_password_less_account_once() {
     assert!(s.d.leaked_into(&s.d.log()).is_empty());
 }
 
+/// Guessing an invitation counts toward the back-off, and once it runs no invitation is tried,
+/// not even the right one: guesses cannot go on at the speed guardd answers.
+#[test]
+fn invitation_guesses_stop_at_the_back_off() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    let (ok, out) = s.guardctl(None, &["enroll", &u.name, "--invite"], &[]);
+    assert!(ok, "{out}");
+    let invitation = out
+        .split_whitespace()
+        .nth(1)
+        .expect("Invitation xxxxx-xxxxx ...")
+        .to_owned();
+    s.d.remember(&invitation);
+    for _ in 0..5 {
+        let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &["abcde-fghjk"]);
+        assert!(!ok && out.contains("invitation is wrong"), "{out}");
+    }
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+    assert!(!ok && out.contains("too many failed attempts"), "{out}");
+    // The admin lifts the back-off; the invitation was not used up meanwhile.
+    let (ok, out) = s.guardctl(None, &["unlock", &u.name], &[]);
+    assert!(ok, "{out}");
+    let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+    assert!(ok && out.contains("otpauth://"), "{out}");
+}
+
 /// Confirming a pending token with wrong codes counts toward the back-off like a login.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_confirmations_count_toward_the_back_off() {
@@ -254,4 +281,75 @@ fn shadow_hash(user: &str) -> String {
         .nth(1)
         .unwrap_or_default()
         .to_owned()
+}
+
+/// A user who holds an HOTP token can compute its codes at will: without a bound, every code
+/// would buy one more token, as fast as guardd answers, and each later check of that user's
+/// codes would unseal and try every one of them on the store thread all logins wait for. Past
+/// the bound, self-enrolment is refused before the code is used up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn self_enrolment_stops_at_a_bounded_number_of_tokens() {
+    let Some(s) = setup() else { return };
+    let u = User::create_named("otpself");
+    set_password(&u.name, "Right-Pass-42");
+    let (first, _) =
+        s.d.enroll(proto::v1::EnrollRequest {
+            user: u.name.clone(),
+            kind: "hotp".into(),
+            ..Default::default()
+        })
+        .await;
+    let (ok, out) = s.guardctl(None, &["confirm", &u.name, &first.hotp(0)], &[]);
+    assert!(ok, "{out}");
+    let mut counter = 0;
+    let mut enrolled = 1;
+    let refusal = loop {
+        counter += 1;
+        let code = first.hotp(counter);
+        let (ok, out) = s.guardctl(
+            Some(&u.name),
+            &["enroll", "--hotp", "--code"],
+            &["Right-Pass-42", &code],
+        );
+        if !ok {
+            break out;
+        }
+        let uri = out
+            .split_whitespace()
+            .find(|w| w.starts_with("otpauth://"))
+            .expect("the URI");
+        let new = harness::Secret::from_uri(uri);
+        s.d.remember(&new.base32());
+        let (ok, out) = s.guardctl(Some(&u.name), &["confirm", &u.name, &new.hotp(0)], &[]);
+        assert!(ok, "{out}");
+        enrolled += 1;
+        assert!(enrolled <= 10, "a user enrolled {enrolled} tokens themself");
+    };
+    assert_eq!(enrolled, 10, "{refusal}");
+    assert!(refusal.contains("tokens"), "{refusal}");
+    // The refused enrolment used nothing up: the same code still logs the user in by ssh.
+    let mut client = s.d.client().await;
+    let step = client
+        .begin(proto::v1::BeginRequest {
+            context: Some(proto::v1::LoginContext {
+                user: u.name.clone(),
+                service: "sshd".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("begin")
+        .into_inner();
+    let Some(proto::v1::step::Kind::Prompt(prompt)) = step.kind else {
+        panic!("no prompt: {step:?}");
+    };
+    let step = client
+        .answer(proto::v1::AnswerRequest {
+            challenge: prompt.challenge,
+            response: first.hotp(counter).into_bytes(),
+        })
+        .await
+        .expect("answer")
+        .into_inner();
+    assert!(harness::is_permit(&step), "{step:?}");
 }

@@ -29,6 +29,11 @@ pub(super) async fn admin_only(
 
 /// How long an invitation to self-enrol stays valid, in seconds.
 const INVITATION_TTL: u64 = 24 * 3600;
+/// Tokens (of every state) a user may hold and still enrol another themself. Without a bound,
+/// a user with an HOTP token (whose codes they can compute at will) could enrol tokens as fast
+/// as guardd answers, and every later check of that user's codes unseals and tries each one on
+/// the store thread that every login waits for. Admins may enrol past it.
+const MAX_OWN_TOKENS: usize = 10;
 
 /// What a self-enrolment proved, checked again inside the store call that creates the token.
 enum Proof {
@@ -122,7 +127,23 @@ pub(super) async fn enroll(
                 first_only,
             } = &proof
             {
+                // Checked before anything is used up: a refusal here costs no code or invitation.
+                // A pending token does not count: this enrolment replaces it.
+                let held = store
+                    .list(Some(&u))?
+                    .iter()
+                    .filter(|t| t.state != TokenState::Pending.as_str())
+                    .count();
+                if held >= MAX_OWN_TOKENS {
+                    return Ok(Err(Status::failed_precondition(format!(
+                        "you already have {held} tokens; ask your administrator to delete one you no longer use"
+                    ))));
+                }
                 if let Some(hash) = invitation {
+                    // Wrong invitations count toward the back-off: once it runs, none is tried.
+                    if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                        return Ok(Err(locked_status(wait)));
+                    }
                     if !store.use_invitation(&u, uid, hash, now as i64)? {
                         store.record_failure(&u, Some(uid), &backoff, now as i64)?;
                         return Ok(Err(Status::permission_denied(
