@@ -16,6 +16,9 @@ pub enum Key {
     Uid(u32),
     /// The user a login is for (sshd and login act for users as root).
     User(String),
+    /// The user a remote login is for, from one remote host: abandoned ssh prompts from one
+    /// address cannot use up that user's share for logins from elsewhere.
+    Remote(String, String),
 }
 
 /// The limits of one budget.
@@ -86,6 +89,7 @@ impl Budget {
                     key: match key {
                         Key::Uid(uid) => format!("uid {uid}"),
                         Key::User(user) => format!("user {user}"),
+                        Key::Remote(user, rhost) => format!("user {user} from {rhost}"),
                     },
                 });
             }

@@ -51,6 +51,21 @@ impl Caller {
         }
     }
 
+    /// Whom an open login counts against: as `budget_keys`, with a root caller's remote logins
+    /// counted per remote host (an sshd prompt left unanswered by one client must not refuse
+    /// the user's logins from everywhere for the prompt's lifetime).
+    pub fn login_keys(&self, user: &str, rhost: &str) -> Vec<Key> {
+        let mut keys = self.budget_keys(Some(user));
+        if self.is_root() && !rhost.is_empty() {
+            for key in &mut keys {
+                if let Key::User(u) = key {
+                    *key = Key::Remote(std::mem::take(u), rhost.to_owned());
+                }
+            }
+        }
+        keys
+    }
+
     /// Whom this caller's holdings count against: an unprivileged caller against its uid; a root
     /// caller acting for `target` against that user and, when a user started it (sudo, su),
     /// against that user's uid, so parked sudo prompts cannot use up root's reserve.
@@ -185,5 +200,13 @@ mod tests {
         };
         assert_eq!(sshd.budget_keys(Some("ann")), vec![Key::User("ann".into())]);
         assert_eq!(NOBODY.budget_keys(Some("root")), vec![Key::Uid(65534)]);
+        assert_eq!(
+            sshd.login_keys("ann", "192.0.2.7"),
+            vec![Key::Remote("ann".into(), "192.0.2.7".into())]
+        );
+        assert_eq!(
+            NOBODY.login_keys("nobody", "192.0.2.7"),
+            vec![Key::Uid(65534)]
+        );
     }
 }

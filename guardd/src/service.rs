@@ -372,7 +372,10 @@ impl GuardService {
             Some(permit) => permit,
             None => self
                 .session_budget
-                .acquire(caller.budget_keys(Some(&context.user)), caller.is_root())
+                .acquire(
+                    caller.login_keys(&context.user, &context.rhost),
+                    caller.is_root(),
+                )
                 .map_err(exhausted)?,
         };
         let challenge =
@@ -454,15 +457,16 @@ impl Guard for GuardService {
                 )
             }
             Rule::Otp { .. } if can_answer => {
+                let opened =
+                    self.open_session(ctx.clone(), &caller, self.max_tries, Flow::Login, uid, None);
+                let challenge = match opened {
+                    Ok(challenge) => challenge,
+                    Err(status) => {
+                        event("refused", status.message());
+                        return Err(status);
+                    }
+                };
                 event("prompt", "otp required");
-                let challenge = self.open_session(
-                    ctx.clone(),
-                    &caller,
-                    self.max_tries,
-                    Flow::Login,
-                    uid,
-                    None,
-                )?;
                 prompt(challenge, PROMPT_TEXT, String::new(), PromptKind::Code)
             }
             Rule::Otp {

@@ -163,8 +163,8 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Result<Lockout, StoreError>;
     /// Takes back one failure counted before a slow check that then succeeded (a password);
-    /// a wait already imposed stays.
-    fn forgive_failure(&self, user: &str) -> Result<(), StoreError>;
+    /// the wait it started ends with it, a wait earlier failures imposed stays.
+    fn forgive_failure(&self, user: &str, backoff: &Backoff) -> Result<(), StoreError>;
     /// A uid other than `uid` that `user`'s tokens, backup codes or failure record belong to
     /// (`uid` None: the name has no account now, so any record with a uid is someone else's).
     /// Rows without a uid (recorded before uids were, or bulk imports) bind to no account.
@@ -619,11 +619,20 @@ impl Store for SqliteStore {
         Ok(Lockout { failures, until })
     }
 
-    fn forgive_failure(&self, user: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE lockouts SET failures = failures - 1 WHERE user = ?1 AND failures > 0",
-            [user],
-        )?;
+    fn forgive_failure(&self, user: &str, backoff: &Backoff) -> Result<(), StoreError> {
+        let failures: Option<u32> = self
+            .conn()
+            .query_row(
+                "UPDATE lockouts SET failures = failures - 1 WHERE user = ?1 AND failures > 0
+                 RETURNING failures",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if failures.is_some_and(|f| backoff.delay(f).is_none()) {
+            self.conn()
+                .execute("UPDATE lockouts SET until = 0 WHERE user = ?1", [user])?;
+        }
         Ok(())
     }
 
@@ -973,6 +982,30 @@ mod tests {
             .unwrap();
         assert_eq!(s.foreign_uid("cat", Some(9)).unwrap(), None);
         assert_eq!(s.foreign_uid("cat", None).unwrap(), None);
+    }
+
+    #[test]
+    fn a_forgiven_failure_ends_the_wait_it_started() {
+        let (_d, s) = temp_store();
+        let b = Backoff::default();
+        for _ in 0..5 {
+            s.record_failure("ann", None, &b, 1000).unwrap();
+        }
+        assert_eq!(s.lockout("ann").unwrap().until, 1030);
+        s.forgive_failure("ann", &b).unwrap();
+        assert_eq!(
+            s.lockout("ann").unwrap(),
+            Lockout {
+                failures: 4,
+                until: 0
+            }
+        );
+        // Two failures past the free ones: forgiving one leaves the first wait.
+        s.record_failure("ann", None, &b, 1000).unwrap();
+        s.record_failure("ann", None, &b, 1000).unwrap();
+        s.forgive_failure("ann", &b).unwrap();
+        assert_eq!(s.lockout("ann").unwrap().failures, 5);
+        assert_ne!(s.lockout("ann").unwrap().until, 0);
     }
 
     #[test]

@@ -321,7 +321,7 @@ async fn own_proof(
         return refuse(Status::permission_denied("the password is wrong"));
     }
     let u = user.clone();
-    svc.store(move |store| Ok(store.forgive_failure(&u)?))
+    svc.store(move |store| Ok(store.forgive_failure(&u, &backoff)?))
         .await?;
     Ok(Proof::Own {
         invitation: None,

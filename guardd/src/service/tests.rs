@@ -344,3 +344,37 @@ async fn a_locked_password_cannot_enrol_and_explain_is_for_admins() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn prompts_left_open_from_one_address_do_not_refuse_the_user_elsewhere() {
+    let f = fixture();
+    f.directory.add("root", 0, "pw");
+    f.enroll_active("root").await;
+    let from = |rhost: &str| BeginRequest {
+        context: Some(LoginContext {
+            user: "root".into(),
+            service: "sshd".into(),
+            rhost: rhost.into(),
+            ..LoginContext::default()
+        }),
+    };
+    // sshd (root) left these prompts unanswered: one client that disconnects at each prompt.
+    for _ in 0..SESSIONS.per_key {
+        let step = f
+            .svc
+            .begin(request(ROOT, from("198.51.100.9")))
+            .await
+            .unwrap();
+        assert_eq!(kind(&step.into_inner()), "prompt");
+    }
+    let refused = f
+        .svc
+        .begin(request(ROOT, from("198.51.100.9")))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    let elsewhere = f.svc.begin(request(ROOT, from("192.0.2.1"))).await.unwrap();
+    assert_eq!(kind(&elsewhere.into_inner()), "prompt");
+    let console = f.svc.begin(request(ROOT, begin("root"))).await.unwrap();
+    assert_eq!(kind(&console.into_inner()), "prompt");
+}
