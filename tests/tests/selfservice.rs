@@ -23,7 +23,11 @@ fn setup() -> Option<Setup> {
         eprintln!("skipped: needs root (real users, /etc/pam.d)");
         return None;
     }
-    let service = format!("otp-selfservice-{}", std::process::id());
+    // One service file per test: tests run in parallel, and a shared name would be restored
+    // by one test's clean-up to another's content and left behind.
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let service = format!("otp-selfservice-{}-{n}", std::process::id());
     let pam = EtcFile::write(
         &format!("/etc/pam.d/{service}"),
         "auth required pam_unix.so\naccount required pam_unix.so\n",
