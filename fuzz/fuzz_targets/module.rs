@@ -34,10 +34,14 @@ impl PamHandle for Pam {
         self.items.get(i).cloned()
     }
     fn authtok(&self) -> Option<Zeroizing<Vec<u8>>> {
-        self.items.get(4).map(|s| Zeroizing::new(s.as_bytes().to_vec()))
+        self.items
+            .get(4)
+            .map(|s| Zeroizing::new(s.as_bytes().to_vec()))
     }
     fn env(&self, name: &str) -> Option<String> {
-        (name == "SSH_CONNECTION").then(|| self.items.get(5).cloned()).flatten()
+        (name == "SSH_CONNECTION")
+            .then(|| self.items.get(5).cloned())
+            .flatten()
     }
     fn converse(
         &self,
@@ -45,11 +49,9 @@ impl PamHandle for Pam {
         _text: &str,
     ) -> Result<Option<Zeroizing<Vec<u8>>>, PamResultCode> {
         match style {
-            Style::EchoOff | Style::EchoOn => Ok(self
-                .answers
-                .borrow_mut()
-                .pop_front()
-                .map(Zeroizing::new)),
+            Style::EchoOff | Style::EchoOn => {
+                Ok(self.answers.borrow_mut().pop_front().map(Zeroizing::new))
+            }
             _ => Ok(None),
         }
     }
