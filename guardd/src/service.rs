@@ -53,6 +53,14 @@ const BLOCKING: Limits = Limits {
 /// How long an account look-up is reused, and how many names are kept at most.
 const ACCOUNT_TTL: std::time::Duration = std::time::Duration::from_secs(1);
 const ACCOUNT_CACHE: usize = 4096;
+/// Password checks running (each runs the site's PAM stack in a child process): one per caller,
+/// so a user who knows their own password (a right one never locks) cannot keep several of
+/// root's CPUs busy with checks.
+const PASSWORD_CHECKS: Limits = Limits {
+    per_key: 1,
+    shared: 2,
+    total: 4,
+};
 /// Argon2 hashes queued or running (one thread computes them; see `backup::Hasher`).
 const HASHING: Limits = Limits {
     per_key: 1,
@@ -146,6 +154,7 @@ pub struct GuardService {
     session_budget: Arc<Budget>,
     blocking_budget: Arc<Budget>,
     hashing_budget: Arc<Budget>,
+    password_budget: Arc<Budget>,
     /// The one thread that computes Argon2 hashes.
     hasher: Hasher,
     /// NSS, the password state and check, chpasswd.
@@ -203,6 +212,7 @@ impl GuardService {
             session_budget: Budget::new("logins in progress", SESSIONS),
             blocking_budget: Budget::new("system look-ups", BLOCKING),
             hashing_budget: Budget::new("backup-code checks", HASHING),
+            password_budget: Budget::new("password checks", PASSWORD_CHECKS),
             hasher,
             accounts: Arc::new(System {
                 password_service: config.password_service.clone(),

@@ -293,6 +293,10 @@ async fn own_proof(
             "enrolling your own token needs your current password (guardctl asks for it), or an invitation from your administrator",
         ));
     }
+    let _one_at_a_time = svc
+        .password_budget
+        .acquire(caller.budget_keys(None), caller.is_root())
+        .map_err(exhausted)?;
     // Counted before the slow check, forgiven after a right password: no password oracle.
     let (backoff, now, uid) = (svc.backoff, svc.clock.now() as i64, account.uid);
     let u = user.clone();

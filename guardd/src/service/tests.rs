@@ -378,3 +378,29 @@ async fn prompts_left_open_from_one_address_do_not_refuse_the_user_elsewhere() {
     let console = f.svc.begin(request(ROOT, begin("root"))).await.unwrap();
     assert_eq!(kind(&console.into_inner()), "prompt");
 }
+
+#[tokio::test]
+async fn one_password_check_at_a_time_per_caller() {
+    let f = fixture();
+    f.directory.add("frank", 1000, "right");
+    let holding = f
+        .svc
+        .password_budget
+        .acquire(user(1000).budget_keys(None), false)
+        .unwrap();
+    let e = f
+        .svc
+        .enroll(request(
+            user(1000),
+            EnrollRequest {
+                user: "frank".into(),
+                password: b"right".to_vec(),
+                ..EnrollRequest::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert_eq!(*f.directory.checks.lock().unwrap(), 0);
+    drop(holding);
+}
