@@ -117,7 +117,7 @@ struct Session {
     /// The uid the user's account had when the conversation began.
     uid: Option<u32>,
     /// Its place in the sessions budget, given back when the conversation ends.
-    permit: Holding,
+    holding: Holding,
 }
 
 /// The conversations waiting for an answer, by challenge id.
@@ -292,7 +292,6 @@ impl GuardService {
             // Root may do everything (DESIGN §3): no look-up, no hop to a blocking thread.
             return Ok(());
         }
-        let group = self.admin_group.clone();
         let u = user.clone();
         let result = async {
             // Whether the user may do this to their own tokens; it only counts if the caller
@@ -304,15 +303,15 @@ impl GuardService {
                 }
                 None => false,
             };
-            let accounts = self.accounts.clone();
-            self.blocking(&caller, None, move || {
-                let is_self = u.as_deref().is_some_and(
-                    |name| matches!(accounts.by_name(name), Ok(Some(a)) if a.uid == caller.uid),
-                );
-                let admin = is_admin(accounts.as_ref(), &caller, &group);
-                authorize(&caller, action, is_self, admin, own)
-            })
-            .await
+            let is_self = match u.as_deref() {
+                Some(name) => self
+                    .account(&caller, name)
+                    .await?
+                    .is_some_and(|a| a.uid == caller.uid),
+                None => false,
+            };
+            let admin = action != Action::Login && self.is_admin(&caller).await?;
+            authorize(&caller, action, is_self, admin, own)
         }
         .await;
         if let Err(status) = &result {
@@ -332,10 +331,9 @@ impl GuardService {
     async fn blocking<T: Send + 'static>(
         &self,
         caller: &Caller,
-        _target: Option<&str>,
         f: impl FnOnce() -> Result<T, Status> + Send + 'static,
     ) -> Result<T, Status> {
-        let _permit = self
+        let _holding = self
             .blocking_budget
             .acquire(caller.budget_keys(None), caller.is_root())
             .map_err(exhausted)?;
@@ -352,14 +350,14 @@ impl GuardService {
         code: Zeroizing<String>,
         hashes: Vec<(i64, String)>,
     ) -> Result<Option<i64>, Status> {
-        let _permit = self
+        let _holding = self
             .hashing_budget
             .acquire(caller.budget_keys(Some(user)), caller.is_root())
             .map_err(exhausted)?;
         self.hasher.find(code, hashes).await.map_err(backup_status)
     }
 
-    /// Stores a conversation waiting for an answer under a fresh challenge id. `permit` carries
+    /// Stores a conversation waiting for an answer under a fresh challenge id. `holding` carries
     /// the place of a conversation that goes on (a retry, the next stage of recovery); a new
     /// one takes a place in `caller`'s share of the sessions budget.
     fn open_session(
@@ -369,7 +367,7 @@ impl GuardService {
         tries_left: u32,
         flow: Flow,
         uid: Option<u32>,
-        permit: Option<Holding>,
+        holding: Option<Holding>,
     ) -> Result<String, Status> {
         let now = self.clock.now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -378,8 +376,8 @@ impl GuardService {
             sessions.open.retain(|_, s| s.expires > now);
             sessions.swept = now;
         }
-        let permit = match permit {
-            Some(permit) => permit,
+        let holding = match holding {
+            Some(holding) => holding,
             None => self
                 .session_budget
                 .acquire(
@@ -399,7 +397,7 @@ impl GuardService {
                 tries_left,
                 flow,
                 uid,
-                permit,
+                holding,
             },
         );
         Ok(challenge)
@@ -423,7 +421,7 @@ impl Guard for GuardService {
     async fn begin(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
         let (caller, ctx, account) = self.login_request(req, "begin").await?;
         let uid = account.as_ref().map(|a| a.uid);
-        let (policy, decision, facts) = self.decide(&caller, &ctx, uid).await?;
+        let (policy, decision, facts) = self.decide(&caller, &ctx, account.as_ref()).await?;
         let can_answer = facts.can_answer;
         let rule = decision.rule_label();
         let event = |outcome, reason: &str| {
@@ -503,7 +501,7 @@ impl Guard for GuardService {
 
     async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
         let (caller, ctx, account) = self.login_request(req, "check").await?;
-        let (policy, decision, _) = self.decide(&caller, &ctx, account.map(|a| a.uid)).await?;
+        let (policy, decision, _) = self.decide(&caller, &ctx, account.as_ref()).await?;
         let Rule::Deny { message } = &decision.verdict else {
             return Ok(Response::new(Step {
                 kind: Some(step::Kind::Permit(Permit::default())),
@@ -578,7 +576,7 @@ impl Guard for GuardService {
             return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
         };
         let tries_left = session.tries_left;
-        let permit = session.permit;
+        let holding = session.holding;
         let uid = session.uid;
         let flow = match session.flow {
             Flow::Login => Flow::Login,
@@ -591,7 +589,7 @@ impl Guard for GuardService {
                     other,
                     response,
                     uid,
-                    permit,
+                    holding,
                 )
                 .await
                 .map(Response::new)
@@ -627,7 +625,7 @@ impl Guard for GuardService {
         Ok(Response::new(match verdict {
             Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
                 let challenge =
-                    self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(permit))?;
+                    self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(holding))?;
                 prompt(
                     challenge,
                     "New password: ",
@@ -646,7 +644,7 @@ impl Guard for GuardService {
             Verdict::Wrong if tries_left > 1 => {
                 // Another try in the same conversation, under a new challenge id.
                 let left = tries_left - 1;
-                let challenge = self.open_session(ctx, &caller, left, flow, uid, Some(permit))?;
+                let challenge = self.open_session(ctx, &caller, left, flow, uid, Some(holding))?;
                 prompt(
                     challenge,
                     PROMPT_TEXT,
@@ -748,15 +746,6 @@ fn backup_status(e: BackupError) -> Status {
     }
 }
 
-/// Whether `caller` is root or its uid's account is in the admin `group` by NSS (the account's
-/// primary and supplementary groups): the connecting process's gid does not count, so a setgid
-/// program or `setpriv --regid` makes no administrator.
-fn is_admin(accounts: &dyn Accounts, caller: &Caller, group: &str) -> bool {
-    caller.is_root()
-        || matches!(accounts.by_uid(caller.uid), Ok(Some(account))
-            if accounts.groups(&account).is_ok_and(|g| g.iter().any(|n| n == group)))
-}
-
 /// The audit reason of a refusal for records that belong to another uid, with the fix.
 fn foreign_reason(foreign: Option<u32>, user: &str, uid: Option<u32>) -> String {
     let recorded = match foreign {
@@ -801,6 +790,21 @@ impl GuardService {
         Ok((caller, ctx, account))
     }
 
+    /// Whether `caller` is root or its uid's account is in the admin group by NSS (the account's
+    /// primary and supplementary groups): the connecting process's gid does not count, so a
+    /// setgid program or `setpriv --regid` makes no administrator.
+    async fn is_admin(&self, caller: &Caller) -> Result<bool, Status> {
+        if caller.is_root() {
+            return Ok(true);
+        }
+        let (accounts, group, uid) = (self.accounts.clone(), self.admin_group.clone(), caller.uid);
+        self.blocking(caller, move || {
+            Ok(matches!(accounts.by_uid(uid), Ok(Some(account))
+                if accounts.groups(&account).is_ok_and(|g| g.contains(&group))))
+        })
+        .await
+    }
+
     /// The account called `name`, by NSS (on the blocking pool, within the caller's budget).
     /// An answer is reused for `ACCOUNT_TTL`: a login storm costs one look-up per user and
     /// second, not a hop to the blocking pool per call; a renamed or re-created account is seen
@@ -819,7 +823,7 @@ impl GuardService {
         }
         let (accounts, n) = (self.accounts.clone(), name.to_owned());
         let account = self
-            .blocking(caller, Some(name), move || {
+            .blocking(caller, move || {
                 accounts.by_name(&n).map_err(|e| {
                     tracing::error!("{}", e.0);
                     Status::unavailable("the account look-up failed; see the guardd log")
@@ -841,35 +845,32 @@ impl GuardService {
         &self,
         caller: &Caller,
         ctx: &LoginContext,
-        uid: Option<u32>,
+        account: Option<&Account>,
     ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), Status> {
         let policy = self.policy();
         let request = self.rules_request(ctx, self.clock.now() as i64);
-        let mut facts = self.facts(&ctx.user, uid).await?;
+        let mut facts = self.facts(&ctx.user, account.map(|a| a.uid)).await?;
         let mut decision = policy.evaluate(&request, &facts, false);
         if facts.wanted_groups.get() {
             // A rule asked for the groups: look them up (NSS may be slow) and decide again.
-            facts.groups = Some(self.groups(caller, &ctx.user).await?);
+            facts.groups = Some(self.groups(caller, account).await?);
             decision = policy.evaluate(&request, &facts, false);
         }
         Ok((policy, decision, facts))
     }
 
-    /// The groups of `user` by NSS (none for an unknown user).
+    /// The groups of `account` by NSS (none for an unknown user).
     async fn groups(
         &self,
         caller: &Caller,
-        user: &str,
+        account: Option<&Account>,
     ) -> Result<Result<Vec<String>, LookupError>, Status> {
-        let (accounts, u) = (self.accounts.clone(), user.to_owned());
-        self.blocking(caller, Some(user), move || {
-            Ok(match accounts.by_name(&u) {
-                Ok(Some(account)) => accounts.groups(&account),
-                Ok(None) => Ok(Vec::new()),
-                Err(e) => Err(e),
-            })
-        })
-        .await
+        let Some(account) = account.cloned() else {
+            return Ok(Ok(Vec::new()));
+        };
+        let accounts = self.accounts.clone();
+        self.blocking(caller, move || Ok(accounts.groups(&account)))
+            .await
     }
 
     /// What the store knows about `user` for a decision, read in one call.

@@ -75,20 +75,11 @@ pub(super) async fn enroll(
     validate_name("user", &user)?;
     validate_label(&label)?;
     let (kind, params) = token_kind(&kind, &algorithm, digits, period)?;
-    let Some(account) = svc.account(&caller, &user).await? else {
-        audit::refused(&caller, "enroll", &user, "no such user");
-        return Err(Status::not_found(format!(
-            "no such user: {user} (enroll only users the system knows)"
-        )));
-    };
+    let account = require_account(svc, &caller, &user)
+        .await
+        .inspect_err(|_| audit::refused(&caller, "enroll", &user, "no such user"))?;
     let user = account.name.clone();
-    let admin = caller.is_root() || {
-        let (accounts, group) = (svc.accounts.clone(), svc.admin_group.clone());
-        svc.blocking(&caller, None, move || {
-            Ok(is_admin(accounts.as_ref(), &caller, &group))
-        })
-        .await?
-    };
+    let admin = svc.is_admin(&caller).await?;
     if invite {
         if !admin {
             audit::refused(&caller, "invite", &user, "not an administrator");
@@ -129,11 +120,9 @@ pub(super) async fn enroll(
             {
                 // Checked before anything is used up: a refusal here costs no code or invitation.
                 // A pending token does not count: this enrolment replaces it.
-                let held = store
-                    .list(Some(&u))?
-                    .iter()
-                    .filter(|t| t.state != TokenState::Pending.as_str())
-                    .count();
+                let tokens = store.list(Some(&u))?;
+                let pending = TokenState::Pending.as_str();
+                let held = tokens.iter().filter(|t| t.state != pending).count();
                 if held >= MAX_OWN_TOKENS {
                     return Ok(Err(Status::failed_precondition(format!(
                         "you already have {held} tokens; ask your administrator to delete one you no longer use"
@@ -169,10 +158,8 @@ pub(super) async fn enroll(
                     )));
                 }
                 // One pending enrolment at a time: a new one replaces it.
-                for t in store.list(Some(&u))? {
-                    if t.state == TokenState::Pending.as_str() {
-                        store.delete(&u, &t.id)?;
-                    }
+                for t in tokens.iter().filter(|t| t.state == pending) {
+                    store.delete(&u, &t.id)?;
                 }
             }
             let secret = otp::new_secret()
@@ -235,7 +222,7 @@ async fn own_proof(
         service: "enroll".into(),
         ..LoginContext::default()
     };
-    let (_, decision, facts) = svc.decide(caller, &ctx, Some(account.uid)).await?;
+    let (_, decision, facts) = svc.decide(caller, &ctx, Some(account)).await?;
     let refuse = |status: Status| {
         audit::refused(caller, "enroll", &user, status.message());
         Err(status)
@@ -281,7 +268,7 @@ async fn own_proof(
     }
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let state = svc
-        .blocking(caller, Some(&user), move || Ok(accounts.password_state(&u)))
+        .blocking(caller, move || Ok(accounts.password_state(&u)))
         .await?;
     if matches!(state, PasswordState::Locked | PasswordState::Empty) {
         return refuse(Status::failed_precondition(
@@ -314,7 +301,7 @@ async fn own_proof(
     }
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let right = svc
-        .blocking(caller, Some(&user), move || {
+        .blocking(caller, move || {
             accounts.check_password(&u, &password).map_err(|e| {
                 tracing::error!(user = u, "{e}");
                 Status::unavailable("the password could not be checked; see the guardd log")
@@ -615,9 +602,8 @@ pub(super) async fn issue_backup_codes(
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
     admin_only(svc, caller, &user, "backup-codes").await?;
-    let (u, now) = (user.clone(), svc.clock.now());
-    svc.blocking(&caller, Some(&user), move || require_system_user(&u))
-        .await?;
+    let now = svc.clock.now();
+    let uid = require_account(svc, &caller, &user).await?.uid;
     // Hashing ten codes with Argon2 takes a while: on the hasher thread, not the store's.
     let (codes, hashes) = {
         let _holding = svc
@@ -627,8 +613,7 @@ pub(super) async fn issue_backup_codes(
         svc.hasher.generate().await.map_err(backup_status)?
     };
     let u = user.clone();
-    let uid = svc.account(&caller, &user).await?.map(|a| a.uid);
-    svc.store(move |store| Ok(store.replace_backup_codes(&u, uid, &hashes, now as i64)?))
+    svc.store(move |store| Ok(store.replace_backup_codes(&u, Some(uid), &hashes, now as i64)?))
         .await?;
     admin_audit(&caller, "backup-codes", &user, true, "");
     Ok(Response::new(BackupCodesReply {
@@ -636,14 +621,17 @@ pub(super) async fn issue_backup_codes(
     }))
 }
 
-/// Tokens and codes are only issued to users the system knows (NSS).
-fn require_system_user(user: &str) -> Result<(), Status> {
-    match nix::unistd::User::from_name(user) {
-        Ok(Some(_)) => Ok(()),
-        _ => Err(Status::not_found(format!(
+/// The account of `user`: tokens and codes are only issued to users the system knows (NSS).
+async fn require_account(
+    svc: &GuardService,
+    caller: &Caller,
+    user: &str,
+) -> Result<Account, Status> {
+    svc.account(caller, user).await?.ok_or_else(|| {
+        Status::not_found(format!(
             "no such user: {user} (enroll only users the system knows)"
-        ))),
-    }
+        ))
+    })
 }
 
 /// Reads the token kind and parameters of an enrolment; empty or zero fields take defaults.

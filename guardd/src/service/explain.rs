@@ -30,9 +30,11 @@ pub(super) async fn explain(
     }
     let policy = svc.policy();
     // An explanation shows the groups and the enrolment whether or not a rule asks.
-    let uid = svc.account(&caller, &request.user).await?.map(|a| a.uid);
-    let mut facts = svc.facts(&request.user, uid).await?;
-    facts.groups = Some(svc.groups(&caller, &request.user).await?);
+    let account = svc.account(&caller, &request.user).await?;
+    let mut facts = svc
+        .facts(&request.user, account.as_ref().map(|a| a.uid))
+        .await?;
+    facts.groups = Some(svc.groups(&caller, account.as_ref()).await?);
     let d = policy.evaluate(&request, &facts, true);
     let yes_no = |r: Result<bool, LookupError>| match r {
         Ok(true) => "yes".to_owned(),

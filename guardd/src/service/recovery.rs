@@ -17,7 +17,7 @@ pub(super) async fn begin(
     let own = requested.is_empty();
     let user = if own {
         let accounts = svc.accounts.clone();
-        svc.blocking(&caller, None, move || match accounts.by_uid(caller.uid) {
+        svc.blocking(&caller, move || match accounts.by_uid(caller.uid) {
             Ok(Some(account)) => Ok(account.name),
             _ => Err(Status::permission_denied("your uid has no user name")),
         })
@@ -44,16 +44,12 @@ pub(super) async fn begin(
         service: "recovery".into(),
         ..LoginContext::default()
     };
-    let (policy, decision, facts) = svc.decide(&caller, &ctx, uid).await?;
+    let (policy, decision, facts) = svc.decide(&caller, &ctx, account.as_ref()).await?;
     // Recovery always needs an OTP: the rules may only forbid it. Unknown users and users
     // without a device take the same path (both look-ups always run).
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let password = svc
-        .blocking(
-            &caller,
-            Some(&user),
-            move || Ok(accounts.password_state(&u)),
-        )
+        .blocking(&caller, move || Ok(accounts.password_state(&u)))
         .await?;
     let has_device = account.is_some() && facts.can_answer && facts.foreign.is_none();
     let rule = decision.rule_label();
@@ -126,7 +122,7 @@ pub(super) async fn password(
     flow: Flow,
     response: Zeroizing<Vec<u8>>,
     uid: Option<u32>,
-    permit: Holding,
+    holding: Holding,
 ) -> Result<Step, Status> {
     let audit = |outcome, reason: &str| {
         audit::record(
@@ -159,7 +155,7 @@ pub(super) async fn password(
                 1,
                 Flow::RecoverConfirm(typed),
                 uid,
-                Some(permit),
+                Some(holding),
             )?;
             Ok(prompt(
                 challenge,
@@ -180,7 +176,7 @@ pub(super) async fn password(
             // replaced while the user typed.
             let (accounts, user) = (svc.accounts.clone(), ctx.user.clone());
             let result = svc
-                .blocking(&caller, Some(&ctx.user), move || {
+                .blocking(&caller, move || {
                     let same = accounts
                         .by_name(&user)
                         .ok()
