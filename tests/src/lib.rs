@@ -79,6 +79,34 @@ impl Drop for User {
     }
 }
 
+/// Sets `user`'s password with the system's chpasswd.
+pub fn set_password(user: &str, password: &str) {
+    use std::io::Write;
+    let mut child = Command::new("chpasswd")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ = child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{user}:{password}\n").as_bytes());
+    assert!(child.wait().unwrap().success());
+}
+
+/// `user`'s password hash as /etc/shadow holds it (to show that nothing changed).
+pub fn shadow_hash(user: &str) -> String {
+    let out = Command::new("getent")
+        .args(["shadow", user])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(':')
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// A file under /etc, removed on drop (or, when it existed, put back as it was).
 pub struct EtcFile {
     path: PathBuf,
@@ -298,6 +326,57 @@ impl std::ops::Deref for Daemon {
 }
 
 impl Daemon {
+    /// A copy of `exe` in the daemon's 0755 scratch dir, so another uid may run it wherever
+    /// the checkout lives.
+    pub fn world_executable_copy(&self, exe: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let copy = self.dir.path().join(exe.file_name().unwrap());
+        if !copy.exists() {
+            std::fs::copy(exe, &copy).unwrap();
+            std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        copy
+    }
+
+    /// `guardctl ARGS` on this daemon as `runner` (None: root), typing `lines` (remembered as
+    /// secrets); whether it succeeded, and its stdout and stderr.
+    pub fn guardctl_as(
+        &self,
+        runner: Option<&str>,
+        args: &[&str],
+        lines: &[&str],
+    ) -> (bool, String) {
+        use std::io::Write;
+        let guardctl = self.world_executable_copy(&artefact("guardctl"));
+        let mut cmd = match runner {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(guardctl);
+                c
+            }
+            None => Command::new(guardctl),
+        };
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
+        let out = child.wait_with_output().unwrap();
+        for l in lines {
+            self.remember(l);
+        }
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
     /// Starts guardd and waits until its socket accepts connections.
     pub fn start() -> Daemon {
         Daemon::with_rules(STRICT_RULES)

@@ -171,7 +171,7 @@ async fn another_uid_cannot_act_for_someone_else() {
     let d = Daemon::start();
     let _ = d.enroll_active("daemon").await;
     // The checkout may sit under a private home: run copies from the daemon's 0755 scratch dir.
-    let helper = world_executable_copy(&d, &std::env::current_exe().unwrap());
+    let helper = d.world_executable_copy(&std::env::current_exe().unwrap());
     let out = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
         .arg(helper)
@@ -197,7 +197,7 @@ async fn another_uid_cannot_act_for_someone_else() {
 
     let as_nobody = Command::new("setpriv")
         .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(world_executable_copy(&d, &artefact("guardctl")))
+        .arg(d.world_executable_copy(&artefact("guardctl")))
         .arg("--socket")
         .arg(&d.socket)
         .args(["list", "daemon"])
@@ -236,14 +236,6 @@ async fn helper_begin_as_caller() {
     let own = client.begin(begin("nobody")).await.unwrap().into_inner();
     assert!(is_deny(&own));
     println!("helper: checked");
-}
-
-fn world_executable_copy(d: &Daemon, exe: &std::path::Path) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let copy = d.dir.path().join(exe.file_name().unwrap());
-    std::fs::copy(exe, &copy).unwrap();
-    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    copy
 }
 
 fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {

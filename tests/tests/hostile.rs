@@ -21,7 +21,7 @@
 //! guardd_cpu_ms=… attacker=<guardd-attack's summary>` line per attack.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{mpsc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -103,18 +103,6 @@ impl Local {
     }
 }
 
-/// A copy of `exe` in the daemon's 0755 scratch dir, so another uid may run it wherever the
-/// checkout lives.
-fn world_executable_copy(d: &Daemon, exe: &Path) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let copy = d.dir.path().join(exe.file_name().unwrap());
-    if !copy.exists() {
-        std::fs::copy(exe, &copy).unwrap();
-        std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
-    }
-    copy
-}
-
 /// guardd-attack running as the attacker; killed on drop, also when the test fails.
 struct Attack {
     child: Option<Child>,
@@ -126,7 +114,7 @@ struct Attack {
 
 impl Attack {
     fn start(d: &Daemon, attacker: &Local, attack: &str, args: &[&str]) -> Attack {
-        let tool = world_executable_copy(d, Path::new(env!("CARGO_BIN_EXE_guardd-attack")));
+        let tool = d.world_executable_copy(Path::new(env!("CARGO_BIN_EXE_guardd-attack")));
         let mut child = attacker
             .run_as()
             .arg(tool)
@@ -831,7 +819,7 @@ fn root_inside_a_user_namespace_is_still_its_real_uid() {
     let _turn = one_at_a_time();
     let d = Daemon::start();
     let user = Local::create("otpns");
-    let guardctl = world_executable_copy(&d, &artefact("guardctl"));
+    let guardctl = d.world_executable_copy(&artefact("guardctl"));
     let probe = user
         .run_as()
         .args(["unshare", "-r", "id", "-u"])
@@ -912,7 +900,7 @@ fn the_admin_groups_id_as_process_gid_makes_no_administrator() {
     let d = Daemon::start();
     let rt = runtime();
     rt.block_on(d.enroll_active("daemon"));
-    let guardctl = world_executable_copy(&d, &artefact("guardctl"));
+    let guardctl = d.world_executable_copy(&artefact("guardctl"));
     let member = Local::create("otpadm");
     harness::run(Command::new("usermod").args(["-aG", ADMIN_GROUP, member.name()]));
     let outsider = Local::create("otpout");
@@ -957,7 +945,7 @@ fn explain_is_for_administrators_even_about_oneself() {
     let user = Local::create("otpexp");
     let rt = runtime();
     rt.block_on(d.enroll_active(user.name()));
-    let guardctl = world_executable_copy(&d, &artefact("guardctl"));
+    let guardctl = d.world_executable_copy(&artefact("guardctl"));
     let explain = |cmd: &mut Command| {
         cmd.arg(&guardctl)
             .arg("--socket")

@@ -1,11 +1,7 @@
 //! Password recovery with an OTP, as root in CI, with a real local user: the new password is
 //! proven through pam_unix with pamtester, and "nothing changed" is proven on /etc/shadow.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-
-use harness::{artefact, is_root, Daemon, EtcFile, User};
+use harness::{is_root, Daemon, EtcFile, User};
 
 const RULES: &str = r#"
 version = 1
@@ -18,94 +14,32 @@ message = "recovery is disabled for this account"
 match = { service = ["recovery"], user = ["*blocked*"] }
 "#;
 
-struct Setup {
-    d: Daemon,
-    guardctl: PathBuf,
-}
-
-fn setup() -> Option<Setup> {
+fn setup() -> Option<Daemon> {
     if !is_root() || !std::path::Path::new("/usr/sbin/chpasswd").exists() {
         eprintln!("skipped: needs root and chpasswd");
         return None;
     }
-    let d = Daemon::with_config(RULES, "max_tries = 1\n");
-    // Users run guardctl too: give them a copy they can execute.
-    let guardctl = d.dir.path().join("guardctl");
-    std::fs::copy(artefact("guardctl"), &guardctl).unwrap();
-    std::fs::set_permissions(
-        &guardctl,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    Some(Setup { d, guardctl })
+    Some(Daemon::with_config(RULES, "max_tries = 1\n"))
 }
 
-impl Setup {
-    /// `guardctl recover [--user target]`, as `runner` (None: root), typing `lines`.
-    fn recover(
-        &self,
-        runner: Option<&str>,
-        target: Option<&str>,
-        lines: &[&str],
-    ) -> (bool, String) {
-        let mut cmd = match runner {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(&self.guardctl);
-                c
-            }
-            None => Command::new(&self.guardctl),
-        };
-        cmd.arg("--socket").arg(&self.d.socket).arg("recover");
-        if let Some(t) = target {
-            cmd.args(["--user", t]);
-        }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-        let out = child.wait_with_output().unwrap();
-        for l in lines {
-            self.d.remember(l);
-        }
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+/// `guardctl recover [--user target]`, as `runner` (None: root), typing `lines`.
+fn recover(
+    d: &Daemon,
+    runner: Option<&str>,
+    target: Option<&str>,
+    lines: &[&str],
+) -> (bool, String) {
+    let mut args = vec!["recover"];
+    if let Some(t) = target {
+        args.extend(["--user", t]);
     }
+    d.guardctl_as(runner, &args, lines)
 }
 
 /// Gives `user` a usable password, the one they "forgot": recovery replaces only a usable
 /// password, never a locked one (the harness's users are created locked).
 fn forgotten_password(user: &str) {
-    let mut child = Command::new("chpasswd")
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let _ = child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{user}:Forgotten-Pass-1\n").as_bytes());
-    assert!(child.wait().unwrap().success());
-}
-
-fn shadow_hash(user: &str) -> String {
-    let out = Command::new("getent")
-        .args(["shadow", user])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(':')
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned()
+    harness::set_password(user, "Forgotten-Pass-1");
 }
 
 /// Whether `password` opens `user`'s account through pam_unix (a real /etc/pam.d service).
@@ -123,53 +57,57 @@ fn password_works(user: &str, password: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_and_the_user_recover_with_an_otp_and_the_new_password_works() {
-    let Some(s) = setup() else { return };
+    let Some(d) = setup() else { return };
     let user = User::create();
     forgotten_password(&user.name);
-    let secret = s.d.enroll_active(&user.name).await;
-    let (ok, text) = s.recover(
+    let secret = d.enroll_active(&user.name).await;
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.code_at(0), "Fresh-Pass-41", "Fresh-Pass-41"],
     );
-    assert!(ok, "{text}\n{}", s.d.log());
+    assert!(ok, "{text}\n{}", d.log());
     assert!(text.contains("was changed"), "{text}");
     assert!(password_works(&user.name, "Fresh-Pass-41"));
     assert!(!password_works(&user.name, "Fresh-Pass-40"));
 
     // The user themself, identified by SO_PEERCRED.
-    let (ok, text) = s.recover(
+    let (ok, text) = recover(
+        &d,
         Some(&user.name),
         None,
         &[&secret.code_at(30), "Other-Pass-77", "Other-Pass-77"],
     );
     assert!(ok, "{text}");
     assert!(password_works(&user.name, "Other-Pass-77"));
-    let log = s.d.log();
+    let log = d.log();
     assert!(log.contains("action=\"recover\"") && log.contains("password changed"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_codes_mismatches_and_system_refusals_change_nothing() {
-    let Some(s) = setup() else { return };
+    let Some(d) = setup() else { return };
     let user = User::create();
     forgotten_password(&user.name);
-    let secret = s.d.enroll_active(&user.name).await;
-    let before = shadow_hash(&user.name);
+    let secret = d.enroll_active(&user.name).await;
+    let before = harness::shadow_hash(&user.name);
 
-    let (ok, text) = s.recover(
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.wrong_code(), "Pass-1-aaaa", "Pass-1-aaaa"],
     );
     assert!(!ok && text.contains("wrong"), "{text}");
-    let (ok, text) = s.recover(
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.code_at(0), "Pass-1-aaaa", "Pass-1-bbbb"],
     );
     assert!(!ok && text.contains("do not match"), "{text}");
-    assert_eq!(shadow_hash(&user.name), before);
+    assert_eq!(harness::shadow_hash(&user.name), before);
 
     // The system's own password stack refuses (here: a chpasswd stack that denies everything).
     let chpasswd = EtcFile::write(
@@ -177,7 +115,8 @@ async fn wrong_codes_mismatches_and_system_refusals_change_nothing() {
         "password requisite pam_deny.so\n@include common-password\n",
         0o644,
     );
-    let (ok, text) = s.recover(
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.code_at(30), "Pass-2-cccc", "Pass-2-cccc"],
@@ -189,28 +128,29 @@ async fn wrong_codes_mismatches_and_system_refusals_change_nothing() {
         "{text}"
     );
     assert!(text.contains("nothing was changed"), "{text}");
-    assert_eq!(shadow_hash(&user.name), before);
+    assert_eq!(harness::shadow_hash(&user.name), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_device_other_users_rules_and_back_off_are_enforced() {
-    let Some(s) = setup() else { return };
+    let Some(d) = setup() else { return };
     let user = User::create();
     forgotten_password(&user.name);
     // No token yet: the user is told, root gets the same words for an unknown user.
-    let (ok, text) = s.recover(Some(&user.name), None, &[]);
+    let (ok, text) = recover(&d, Some(&user.name), None, &[]);
     assert!(
         !ok && text.contains("No OTP device is configured for your account"),
         "{text}"
     );
-    let (_, tokenless) = s.recover(None, Some(&user.name), &[]);
-    let (_, unknown) = s.recover(None, Some("no-such-user-otp"), &[]);
+    let (_, tokenless) = recover(&d, None, Some(&user.name), &[]);
+    let (_, unknown) = recover(&d, None, Some("no-such-user-otp"), &[]);
     assert_eq!(tokenless, unknown);
 
-    let secret = s.d.enroll_active(&user.name).await;
+    let secret = d.enroll_active(&user.name).await;
     // Not someone else's password.
-    let root_before = shadow_hash("root");
-    let (ok, text) = s.recover(
+    let root_before = harness::shadow_hash("root");
+    let (ok, text) = recover(
+        &d,
         Some(&user.name),
         Some("root"),
         &[&secret.code_at(0), "x-Pass-9", "x-Pass-9"],
@@ -219,33 +159,36 @@ async fn no_device_other_users_rules_and_back_off_are_enforced() {
         !ok && text.contains("only root or the user themself"),
         "{text}"
     );
-    assert_eq!(shadow_hash("root"), root_before);
+    assert_eq!(harness::shadow_hash("root"), root_before);
 
     // Failures count toward the back-off shared with logins.
-    let before = shadow_hash(&user.name);
+    let before = harness::shadow_hash(&user.name);
     for _ in 0..5 {
-        let (ok, _) = s.recover(
+        let (ok, _) = recover(
+            &d,
             None,
             Some(&user.name),
             &[&secret.wrong_code(), "p-1", "p-1"],
         );
         assert!(!ok);
     }
-    let (ok, text) = s.recover(
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.code_at(0), "Pass-3-dddd", "Pass-3-dddd"],
     );
     assert!(!ok && text.contains("too many failed attempts"), "{text}");
-    assert_eq!(shadow_hash(&user.name), before);
+    assert_eq!(harness::shadow_hash(&user.name), before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deny_rule_blocks_recovery() {
-    let Some(s) = setup() else { return };
+    let Some(d) = setup() else { return };
     let user = User::create_named("otpblocked");
-    let secret = s.d.enroll_active(&user.name).await;
-    let (ok, text) = s.recover(
+    let secret = d.enroll_active(&user.name).await;
+    let (ok, text) = recover(
+        &d,
         None,
         Some(&user.name),
         &[&secret.code_at(0), "Pass-4-eeee", "Pass-4-eeee"],

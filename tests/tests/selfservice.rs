@@ -3,18 +3,15 @@
 //! pam_unix) or an admin's single-use invitation, is one atomic step, and recovery never sets a
 //! password on a locked account. As root in CI, with real local users and a real guardd.
 
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
-use harness::{artefact, is_root, Daemon, EtcFile, User};
+use harness::{is_root, Daemon, EtcFile, User};
 
 /// The shipped default rules: self-enrolment of a first token, an OTP for another.
 const RULES: &str = include_str!("../../packaging/rules.toml");
 
 struct Setup {
     d: Daemon,
-    guardctl: PathBuf,
     _pam: EtcFile,
 }
 
@@ -34,50 +31,13 @@ fn setup() -> Option<Setup> {
         0o644,
     );
     let d = Daemon::with_config(RULES, &format!("password_service = \"{service}\"\n"));
-    let guardctl = d.dir.path().join("guardctl");
-    std::fs::copy(artefact("guardctl"), &guardctl).unwrap();
-    std::fs::set_permissions(
-        &guardctl,
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    Some(Setup {
-        d,
-        guardctl,
-        _pam: pam,
-    })
+    Some(Setup { d, _pam: pam })
 }
 
 impl Setup {
     /// `guardctl ARGS` as `runner` (None: root), typing `lines`; (success, output).
     fn guardctl(&self, runner: Option<&str>, args: &[&str], lines: &[&str]) -> (bool, String) {
-        let mut cmd = match runner {
-            Some(u) => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", u, "--"]).arg(&self.guardctl);
-                c
-            }
-            None => Command::new(&self.guardctl),
-        };
-        cmd.arg("--socket").arg(&self.d.socket).args(args);
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-        let out = child.wait_with_output().unwrap();
-        for l in lines {
-            self.d.remember(l);
-        }
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        self.d.guardctl_as(runner, args, lines)
     }
 
     fn pending_tokens(&self, user: &str) -> usize {
@@ -86,27 +46,13 @@ impl Setup {
     }
 }
 
-fn set_password(user: &str, password: &str) {
-    let mut child = Command::new("chpasswd")
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{user}:{password}\n").as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
-}
-
 /// Code running as the user (a web shell, a cron job) cannot enrol a token without the password,
 /// so it cannot go on to mint a password with `guardctl recover`.
 #[test]
 fn self_enrolment_needs_the_password_and_wrong_ones_count() {
     let Some(s) = setup() else { return };
     let u = User::create_named("otpself");
-    set_password(&u.name, "Right-Pass-42");
+    harness::set_password(&u.name, "Right-Pass-42");
     // No password typed: refused.
     let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &[""]);
     assert!(!ok && out.contains("password"), "{out}");
@@ -135,7 +81,7 @@ fn self_enrolment_needs_the_password_and_wrong_ones_count() {
 fn password_guesses_stop_at_the_back_off() {
     let Some(s) = setup() else { return };
     let u = User::create_named("otpself");
-    set_password(&u.name, "Right-Pass-42");
+    harness::set_password(&u.name, "Right-Pass-42");
     for _ in 0..5 {
         let (ok, _) = s.guardctl(Some(&u.name), &["enroll"], &["guess"]);
         assert!(!ok);
@@ -149,7 +95,7 @@ fn password_guesses_stop_at_the_back_off() {
 fn parallel_self_enrolments_make_one_pending_token() {
     let Some(s) = setup() else { return };
     let u = User::create_named("otpself");
-    set_password(&u.name, "Right-Pass-42");
+    harness::set_password(&u.name, "Right-Pass-42");
     std::thread::scope(|scope| {
         for _ in 0..20 {
             scope.spawn(|| s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]));
@@ -164,13 +110,13 @@ fn parallel_self_enrolments_make_one_pending_token() {
 async fn a_locked_password_is_never_replaced_or_used_to_enrol() {
     let Some(s) = setup() else { return };
     let u = User::create_named("otpself");
-    set_password(&u.name, "Right-Pass-42");
+    harness::set_password(&u.name, "Right-Pass-42");
     let secret = s.d.enroll_active(&u.name).await;
     harness::run(Command::new("passwd").args(["-l", &u.name]));
-    let before = shadow_hash(&u.name);
+    let before = harness::shadow_hash(&u.name);
     // A user without a token whose password is locked cannot enrol with the old password.
     let fresh = User::create_named("otpself");
-    set_password(&fresh.name, "Right-Pass-42");
+    harness::set_password(&fresh.name, "Right-Pass-42");
     harness::run(Command::new("passwd").args(["-l", &fresh.name]));
     let (ok, out) = s.guardctl(Some(&fresh.name), &["enroll"], &["Right-Pass-42"]);
     assert!(!ok && out.contains("locked"), "{out}");
@@ -188,7 +134,7 @@ async fn a_locked_password_is_never_replaced_or_used_to_enrol() {
     );
     assert!(!ok && out.contains("locked"), "{out}");
     assert_eq!(
-        shadow_hash(&u.name),
+        harness::shadow_hash(&u.name),
         before,
         "the locked hash must not change"
     );
@@ -273,87 +219,4 @@ async fn wrong_confirmations_count_toward_the_back_off() {
     }
     let (ok, out) = s.guardctl(None, &["confirm", &u.name], &[&secret.code_at(0)]);
     assert!(!ok && out.contains("too many failed attempts"), "{out}");
-}
-
-fn shadow_hash(user: &str) -> String {
-    let out = Command::new("getent")
-        .args(["shadow", user])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(':')
-        .nth(1)
-        .unwrap_or_default()
-        .to_owned()
-}
-
-/// A user who holds an HOTP token can compute its codes at will: without a bound, every code
-/// would buy one more token, as fast as guardd answers, and each later check of that user's
-/// codes would unseal and try every one of them on the store thread all logins wait for. Past
-/// the bound, self-enrolment is refused before the code is used up.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn self_enrolment_stops_at_a_bounded_number_of_tokens() {
-    let Some(s) = setup() else { return };
-    let u = User::create_named("otpself");
-    set_password(&u.name, "Right-Pass-42");
-    let (first, _) =
-        s.d.enroll(proto::v1::EnrollRequest {
-            user: u.name.clone(),
-            kind: "hotp".into(),
-            ..Default::default()
-        })
-        .await;
-    let (ok, out) = s.guardctl(None, &["confirm", &u.name, &first.hotp(0)], &[]);
-    assert!(ok, "{out}");
-    let mut counter = 0;
-    let mut enrolled = 1;
-    let refusal = loop {
-        counter += 1;
-        let code = first.hotp(counter);
-        let (ok, out) = s.guardctl(
-            Some(&u.name),
-            &["enroll", "--hotp", "--code"],
-            &["Right-Pass-42", &code],
-        );
-        if !ok {
-            break out;
-        }
-        let uri = out
-            .split_whitespace()
-            .find(|w| w.starts_with("otpauth://"))
-            .expect("the URI");
-        let new = harness::Secret::from_uri(uri);
-        s.d.remember(&new.base32());
-        let (ok, out) = s.guardctl(Some(&u.name), &["confirm", &u.name, &new.hotp(0)], &[]);
-        assert!(ok, "{out}");
-        enrolled += 1;
-        assert!(enrolled <= 10, "a user enrolled {enrolled} tokens themself");
-    };
-    assert_eq!(enrolled, 10, "{refusal}");
-    assert!(refusal.contains("tokens"), "{refusal}");
-    // The refused enrolment used nothing up: the same code still logs the user in by ssh.
-    let mut client = s.d.client().await;
-    let step = client
-        .begin(proto::v1::BeginRequest {
-            context: Some(proto::v1::LoginContext {
-                user: u.name.clone(),
-                service: "sshd".into(),
-                ..Default::default()
-            }),
-        })
-        .await
-        .expect("begin")
-        .into_inner();
-    let Some(proto::v1::step::Kind::Prompt(prompt)) = step.kind else {
-        panic!("no prompt: {step:?}");
-    };
-    let step = client
-        .answer(proto::v1::AnswerRequest {
-            challenge: prompt.challenge,
-            response: first.hotp(counter).into_bytes(),
-        })
-        .await
-        .expect("answer")
-        .into_inner();
-    assert!(harness::is_permit(&step), "{step:?}");
 }
