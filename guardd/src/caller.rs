@@ -90,14 +90,8 @@ impl Caller {
 
 /// The real uid of process `pid`, from the `Uid:` line of its status file.
 fn real_uid_of(pid: i32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+    let uid = crate::procfs::status_number(u32::try_from(pid).ok()?, "Uid:")?;
+    u32::try_from(uid).ok()
 }
 
 /// Decides whether `caller` may do `action` for a user: `is_self` when the caller's uid is that

@@ -26,6 +26,8 @@ pub mod logging;
 pub mod otp;
 /// The rules: XACML-style permit / otp / deny decisions with explanations.
 pub mod policy;
+/// What /proc says about a process: real uid, peak memory, CPU time.
+pub mod procfs;
 /// Secrets at rest: XChaCha20-Poly1305 under a key file.
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.

@@ -342,15 +342,12 @@ fn root_logins(d: &Daemon, victim: &mut Victim) -> RootLogins {
 
 /// guardd's peak resident set (VmHWM), in KiB; 0 when guardd is gone.
 fn peak_rss_kib(d: &Daemon) -> u64 {
-    std::fs::read_to_string(format!("/proc/{}/status", d.pid()))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    guardd::procfs::peak_rss_kib(d.pid().as_raw() as u32)
+}
+
+/// The CPU time (user + system) guardd has used so far, in milliseconds; 0 when it is gone.
+fn cpu_ms(d: &Daemon) -> u64 {
+    guardd::procfs::cpu_us(d.pid().as_raw() as u32) / 1000
 }
 
 /// Whether guardd still runs (not exited, not killed: a zombie until the harness reaps it).
@@ -362,20 +359,6 @@ fn alive(d: &Daemon) -> bool {
                 .map(|(_, rest)| rest.trim_start().to_owned())
         })
         .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
-}
-
-/// The CPU time (user + system) guardd has used so far, in milliseconds; 0 when it is gone.
-fn cpu_ms(d: &Daemon) -> u64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{}/stat", d.pid())) else {
-        return 0;
-    };
-    // The fields after the command name (which may hold spaces) start after the last ')';
-    // utime and stime are fields 14 and 15, in USER_HZ (100 on Linux) ticks.
-    let rest: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let field = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (field(11) + field(12)) * 10
 }
 
 /// The end of guardd's log, for failure messages.

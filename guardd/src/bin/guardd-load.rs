@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use guardd::otp::{self, Kind, OtpParams};
+use guardd::procfs;
 use guardd::store::{NewToken, SqliteStore};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{step, AnswerRequest, BeginRequest, LoginContext};
@@ -132,13 +133,13 @@ fn main() -> anyhow::Result<()> {
     let baseline = match args.baseline_seconds {
         0 => None,
         s => {
-            let cpu = cpu_us(child.id());
+            let cpu = procfs::cpu_us(child.id());
             let (l, e, _) =
                 runtime.block_on(drive(&args, &socket, Work::Baseline, s, &secrets, &names))?;
-            Some((l, e, cpu_us(child.id()) - cpu))
+            Some((l, e, procfs::cpu_us(child.id()) - cpu))
         }
     };
-    let cpu = cpu_us(child.id());
+    let cpu = procfs::cpu_us(child.id());
     let (latencies, errors, wrong_sent) = runtime.block_on(drive(
         &args,
         &socket,
@@ -147,8 +148,8 @@ fn main() -> anyhow::Result<()> {
         &secrets,
         &names,
     ))?;
-    let cpu = cpu_us(child.id()) - cpu;
-    let rss = peak_rss_kib(child.id());
+    let cpu = procfs::cpu_us(child.id()) - cpu;
+    let rss = procfs::peak_rss_kib(child.id());
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::SIGTERM,
@@ -353,35 +354,4 @@ async fn login(
         .await?
         .into_inner();
     Ok(matches!(done.kind, Some(step::Kind::Permit(_))))
-}
-
-/// CPU time (user + system) process `pid` has used so far, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces) close with ')'.
-            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            let field = |n: usize| rest.get(n)?.parse::<u64>().ok();
-            Some(field(11)? + field(12)?)
-        })
-        .unwrap_or(0);
-    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
-        .flatten()
-        .unwrap_or(100) as u64;
-    ticks * 1_000_000 / hz.max(1)
-}
-
-/// guardd's peak resident set (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
 }
