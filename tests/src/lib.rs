@@ -282,31 +282,40 @@ impl Guard {
 
     /// One whole login through the daemon: Begin, then answer the prompt with `code`.
     pub async fn login(&self, user: &str, code: &str) -> Step {
-        let mut client = self.client().await;
-        let step = client
-            .begin(BeginRequest {
-                context: Some(LoginContext {
-                    user: user.into(),
-                    service: "test".into(),
-                    ..LoginContext::default()
-                }),
-            })
-            .await
-            .expect("begin")
-            .into_inner();
-        let Some(step::Kind::Prompt(prompt)) = step.kind else {
-            return step;
-        };
         self.remember(code);
-        client
-            .answer(AnswerRequest {
-                challenge: prompt.challenge,
-                response: code.as_bytes().to_vec(),
-            })
+        login_with(&mut self.client().await, user, code)
             .await
-            .expect("answer")
-            .into_inner()
+            .expect("login")
     }
+}
+
+/// Begin (service `test`), then answer the prompt with `code` on `client`; the step that ends
+/// the login, or the call's error (tests that stop guardd in the middle).
+pub async fn login_with(
+    client: &mut GuardClient<Channel>,
+    user: &str,
+    code: &str,
+) -> Result<Step, tonic::Status> {
+    let step = client
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: user.into(),
+                service: "test".into(),
+                ..LoginContext::default()
+            }),
+        })
+        .await?
+        .into_inner();
+    let Some(step::Kind::Prompt(prompt)) = step.kind else {
+        return Ok(step);
+    };
+    Ok(client
+        .answer(AnswerRequest {
+            challenge: prompt.challenge,
+            response: code.as_bytes().to_vec(),
+        })
+        .await?
+        .into_inner())
 }
 
 /// A guardd child process on a scratch socket and database.

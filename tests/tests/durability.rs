@@ -8,9 +8,6 @@ use std::time::{Duration, Instant};
 use guardd::otp::{self, Kind, OtpParams};
 use guardd::store::{NewToken, SqliteStore};
 use harness::{Daemon, STRICT_RULES};
-use proto::v1::guard_client::GuardClient;
-use proto::v1::{step, AnswerRequest, BeginRequest, LoginContext, Step};
-use tonic::transport::Channel;
 
 const USERS: usize = 200;
 const CLIENTS: usize = 8;
@@ -56,7 +53,7 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
     let accepted = Arc::new(Mutex::new(Vec::<(usize, u64)>::new()));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let mut client = client(&d).await;
+        let mut client = d.client().await;
         let (accepted, names) = (accepted.clone(), names.clone());
         let codes: Vec<Vec<String>> = (c..USERS)
             .step_by(CLIENTS)
@@ -72,7 +69,7 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
                 let Some(code) = codes[slot].get(next[slot] as usize - 1) else {
                     break;
                 };
-                match login(&mut client, &names[mine[slot]], code).await {
+                match harness::login_with(&mut client, &names[mine[slot]], code).await {
                     Ok(step) if harness::is_permit(&step) => {
                         accepted.lock().unwrap().push((mine[slot], next[slot]));
                         next[slot] += 1;
@@ -117,7 +114,7 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
     let reaccepted = Arc::new(Mutex::new(Vec::new()));
     let mut tasks = Vec::new();
     for c in 0..CLIENTS {
-        let mut client = client(&d).await;
+        let mut client = d.client().await;
         let mine: Vec<(usize, u64, String)> = accepted
             .iter()
             .skip(c)
@@ -127,7 +124,9 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
         let (names, reaccepted) = (names.clone(), reaccepted.clone());
         tasks.push(tokio::spawn(async move {
             for (u, n, code) in mine {
-                let step = login(&mut client, &names[u], &code).await.unwrap();
+                let step = harness::login_with(&mut client, &names[u], &code)
+                    .await
+                    .unwrap();
                 if !harness::is_deny(&step) {
                     reaccepted
                         .lock()
@@ -148,40 +147,4 @@ async fn no_code_accepted_before_a_kill_9_is_accepted_after_the_restart() {
         accepted.len(),
         reaccepted.join("\n")
     );
-}
-
-async fn client(d: &Daemon) -> GuardClient<Channel> {
-    GuardClient::new(
-        proto::connect(&d.socket, Duration::from_secs(5))
-            .await
-            .expect("connect to guardd"),
-    )
-}
-
-/// Begin, then answer the prompt with `code`; the step that ends the login.
-async fn login(
-    client: &mut GuardClient<Channel>,
-    user: &str,
-    code: &str,
-) -> Result<Step, tonic::Status> {
-    let step = client
-        .begin(BeginRequest {
-            context: Some(LoginContext {
-                user: user.into(),
-                service: "crash".into(),
-                ..LoginContext::default()
-            }),
-        })
-        .await?
-        .into_inner();
-    let Some(step::Kind::Prompt(prompt)) = step.kind else {
-        return Ok(step);
-    };
-    Ok(client
-        .answer(AnswerRequest {
-            challenge: prompt.challenge,
-            response: code.as_bytes().to_vec(),
-        })
-        .await?
-        .into_inner())
 }
