@@ -13,8 +13,16 @@ pub const DEFAULT_RULES: &str = "/etc/soffid-otp/rules.toml";
 pub struct Config {
     /// The Unix socket guardd serves on.
     pub socket: PathBuf,
-    /// The SQLite database holding the tokens.
-    pub database: PathBuf,
+    /// Where the tokens are: a SQLite file (the embedded default) or, for a fleet, a
+    /// `postgresql://` URL of a shared database (no password in it).
+    pub database: Database,
+    /// For PostgreSQL: the file holding the role's password (owned by root, mode 0600).
+    pub database_password_file: Option<PathBuf>,
+    /// For PostgreSQL over the network: the CA that signed the server's certificate. TLS is
+    /// then required, and the certificate and host name are verified.
+    pub database_ca_file: Option<PathBuf>,
+    /// For PostgreSQL: connections this guardd keeps open.
+    pub database_connections: u16,
     /// Members of this group may administer every user's tokens.
     pub admin_group: String,
     /// The PAM service (a file in /etc/pam.d) guardd checks a user's password with before
@@ -47,7 +55,10 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             socket: PathBuf::from(proto::DEFAULT_SOCKET),
-            database: PathBuf::from("/var/lib/soffid-otp/guardd.db"),
+            database: Database::Sqlite(PathBuf::from("/var/lib/soffid-otp/guardd.db")),
+            database_password_file: None,
+            database_ca_file: None,
+            database_connections: 4,
             admin_group: "soffid-otp-admin".into(),
             password_service: crate::accounts::PASSWORD_SERVICE.into(),
             issuer: None,
@@ -134,6 +145,9 @@ impl Config {
         if self.lockout_max_seconds < self.lockout_seconds {
             return Err("lockout_max_seconds must not be below lockout_seconds".into());
         }
+        if !(1..=64).contains(&self.database_connections) {
+            return Err("database_connections must be 1 to 64".into());
+        }
         Ok(())
     }
 
@@ -143,6 +157,19 @@ impl Config {
             free_failures: self.max_failures,
             first_delay: self.lockout_seconds,
             max_delay: self.lockout_max_seconds,
+        }
+    }
+
+    /// The PostgreSQL settings, when `database` is a URL.
+    pub fn pg_settings(&self) -> Option<crate::store::PgSettings> {
+        match &self.database {
+            Database::Postgres(url) => Some(crate::store::PgSettings {
+                url: url.clone(),
+                password_file: self.database_password_file.clone(),
+                ca_file: self.database_ca_file.clone(),
+                host: self.host(),
+            }),
+            Database::Sqlite(_) => None,
         }
     }
 
@@ -170,6 +197,54 @@ impl Config {
             None if Path::new(DEFAULT_RULES).exists() => Policy::load(Path::new(DEFAULT_RULES)),
             None => Policy::parse("(built-in default policy)", DEFAULT_POLICY),
         }
+    }
+}
+
+/// Where the tokens are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// The embedded store: a SQLite file.
+    Sqlite(PathBuf),
+    /// A shared PostgreSQL database, by its libpq-style URL.
+    Postgres(String),
+}
+
+impl Database {
+    /// A `postgres://` or `postgresql://` URL, else a file path.
+    pub fn parse(text: &str) -> Database {
+        if text.starts_with("postgresql://") || text.starts_with("postgres://") {
+            Database::Postgres(text.to_owned())
+        } else {
+            Database::Sqlite(PathBuf::from(text))
+        }
+    }
+}
+
+impl std::fmt::Display for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => f.write_str(url),
+        }
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(path: PathBuf) -> Database {
+        Database::Sqlite(path)
+    }
+}
+
+impl std::str::FromStr for Database {
+    type Err = std::convert::Infallible;
+    fn from_str(text: &str) -> Result<Database, Self::Err> {
+        Ok(Database::parse(text))
+    }
+}
+
+impl<'de> Deserialize<'de> for Database {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Database, D::Error> {
+        Ok(Database::parse(&String::deserialize(d)?))
     }
 }
 

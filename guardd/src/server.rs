@@ -18,8 +18,8 @@ use crate::budget::{Budget, Holding, Limits};
 use crate::caller::Caller;
 use crate::config::Config;
 use crate::service::{Clock, GuardService};
-use crate::store::StoreThread;
-use crate::store::{SqliteStore, StoreError};
+use crate::config::Database;
+use crate::store::{PgPool, Runner, SqliteStore, StoreError, StoreThread};
 
 /// Longest time one RPC may take inside the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
@@ -118,15 +118,32 @@ pub fn init(config: &Config) -> Result<(), ServerError> {
     open_store(config).map(drop)
 }
 
-/// The store at the configured paths, with their private directories made if missing.
-fn open_store(config: &Config) -> Result<SqliteStore, ServerError> {
-    if let Some(dir) = config.database.parent() {
-        ensure_dir(dir, 0o700)?;
-    }
+/// The store the configuration names: the SQLite file (its private directory made if missing)
+/// on its own thread, or a pool of connections to the shared PostgreSQL.
+fn open_store(config: &Config) -> Result<Runner, ServerError> {
     if let Some(dir) = config.key_file.parent() {
         ensure_dir(dir, 0o700)?;
     }
-    Ok(SqliteStore::open(&config.database, &config.key_file)?)
+    match &config.database {
+        Database::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                ensure_dir(dir, 0o700)?;
+            }
+            let store = SqliteStore::open(path, &config.key_file)?;
+            let thread =
+                StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
+            Ok(Runner::Sqlite(thread))
+        }
+        Database::Postgres(_) => {
+            let settings = config.pg_settings().ok_or(StoreError::Stopped)?;
+            let pool = PgPool::open(
+                &settings,
+                &config.key_file,
+                usize::from(config.database_connections),
+            )?;
+            Ok(Runner::Postgres(pool))
+        }
+    }
 }
 
 /// Opens the store, serves the `Guard` service on the configured socket until `shutdown`
@@ -151,12 +168,17 @@ pub async fn run_with_clock(
         file = policy.file(),
         "rules loaded"
     );
-    let store = open_store(&config)?;
+    // Opening may block on the database (connect, migrate); off the async workers.
+    let store = std::thread::scope(|s| {
+        s.spawn(|| open_store(&config))
+            .join()
+            .unwrap_or_else(|_| Err(StoreError::Stopped.into()))
+    })?;
     // SIGHUP re-reads the rules, as `guardctl reload` does.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(io_err(Path::new("SIGHUP")))?;
-    let store = StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
     let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
+    let store_name = store.describe();
     let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));
     let listener = bind(&config.socket).await?;
     // systemd (Type=notify): the socket accepts connections from now on.
@@ -169,7 +191,7 @@ pub async fn run_with_clock(
     });
     tracing::info!(
         socket = %config.socket.display(),
-        database = %config.database.display(),
+        database = %store_name,
         "guardd listening"
     );
     let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();

@@ -26,7 +26,7 @@ use crate::otp::{self, HashAlg, Kind, OtpParams, Windows};
 use crate::policy::{
     self as rules, Facts, LookupError, Outcome, Policy, PolicyError, Unenrolled, Verdict as Rule,
 };
-use crate::store::{NewToken, Store, StoreError, StoreThread, TokenInfo, TokenState};
+use crate::store::{NewToken, Runner, Store, StoreError, TokenInfo, TokenState};
 
 mod admin;
 mod explain;
@@ -141,8 +141,8 @@ enum Flow {
 /// The `Guard` gRPC service: every login is decided by the rules in force (permit, deny, or an
 /// OTP prompt), codes are verified against the store, and every call is audited.
 pub struct GuardService {
-    /// Every store call runs on this one thread; see `StoreThread`.
-    store: StoreThread,
+    /// Where store calls run: the SQLite store's thread or the PostgreSQL pool.
+    store: Runner,
     /// The rules in force; replaced whole by a reload, never left half-loaded.
     policy: RwLock<Arc<Policy>>,
     /// Where reloads read the rules from.
@@ -197,7 +197,7 @@ enum Verdict {
 
 impl GuardService {
     pub fn new(
-        store: StoreThread,
+        store: Runner,
         hasher: Hasher,
         config: &Config,
         policy: Policy,
@@ -271,7 +271,7 @@ impl GuardService {
         }
     }
 
-    /// Runs `f` on the store thread, in the next group commit.
+    /// Runs `f` as one atomic store call.
     async fn store<T: Send + 'static>(
         &self,
         f: impl FnOnce(&dyn Store) -> Result<T, Status> + Send + 'static,
@@ -875,10 +875,10 @@ impl GuardService {
 
     /// What the store knows about `user` for a decision, read in one call.
     async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, Status> {
-        let u = user.to_owned();
+        let (u, host) = (user.to_owned(), self.host.clone());
         let (foreign, enrolled, can_answer) = self
             .store(move |store| {
-                let foreign = store.foreign_uid(&u, uid)?;
+                let foreign = store.foreign_uid(&u, &host, uid)?;
                 let active = store.has_active(&u)?;
                 Ok((
                     foreign,
@@ -906,12 +906,15 @@ impl GuardService {
         response: Zeroizing<Vec<u8>>,
     ) -> Result<Verdict, Status> {
         let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
-        let u = user.to_owned();
+        let (u, host) = (user.to_owned(), self.host.clone());
         let checked = self
             .store(move |store| {
-                Ok(check_code(
-                    store, &u, uid, &response, now, windows, &backoff,
-                )?)
+                let who = Who {
+                    user: &u,
+                    host: &host,
+                    uid,
+                };
+                Ok(check_code(store, who, &response, now, windows, &backoff)?)
             })
             .await?;
         let (code, hashes) = match checked {
@@ -968,17 +971,18 @@ fn admin_audit(caller: &Caller, action: &str, user: &str, ok: bool, token: &str)
 /// counted. An accepted code is used up in the same batch that answers.
 fn check_code(
     store: &dyn Store,
-    user: &str,
-    uid: Option<u32>,
+    who: Who<'_>,
     response: &[u8],
     now: u64,
     windows: Windows,
     backoff: &Backoff,
 ) -> Result<Checked, StoreError> {
-    if let Some(other) = store.foreign_uid(user, uid)? {
+    let Who { user, host, uid } = who;
+    if let Some(other) = store.foreign_uid(user, host, uid)? {
         return Ok(Checked::Done(Verdict::Foreign(other)));
     }
-    let lockout = store.lockout(user)?;
+    // Checks of this user on other hosts wait from here to the end of this call.
+    let lockout = store.lock_attempts(user)?;
     if let Some(wait) = lockout.remaining(now as i64) {
         return Ok(Checked::Done(Verdict::Locked(wait)));
     }
@@ -998,6 +1002,14 @@ fn check_code(
         }
     }
     Ok(Checked::Done(Verdict::Wrong))
+}
+
+/// Whose answer a store call checks: the name, this host, and the uid the name has here.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    user: &'a str,
+    host: &'a str,
+    uid: Option<u32>,
 }
 
 /// Verifies `code` against `user`'s tokens in `state` and, on a match, records the step or
@@ -1063,7 +1075,9 @@ impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
         tracing::error!("{e}");
         match e {
-            StoreError::Busy => Status::unavailable(e.to_string()),
+            StoreError::Busy | StoreError::Unavailable(_) | StoreError::Stopped => {
+                Status::unavailable(e.to_string())
+            }
             StoreError::Overloaded => Status::resource_exhausted(e.to_string()),
             _ => Status::internal("the token database failed; see the guardd log"),
         }

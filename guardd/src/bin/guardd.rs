@@ -19,9 +19,9 @@ struct Args {
     /// Unix socket to serve on (overrides the file's `socket`)
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// SQLite database of tokens (overrides the file's `database`)
-    #[arg(long)]
-    database: Option<PathBuf>,
+    /// Token store: a SQLite file or a postgresql:// URL (overrides the file's `database`)
+    #[arg(long, value_name = "FILE|URL")]
+    database: Option<guardd::config::Database>,
     /// Key file sealing the token secrets (overrides the file's `key_file`)
     #[arg(long)]
     key_file: Option<PathBuf>,

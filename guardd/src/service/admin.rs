@@ -102,10 +102,10 @@ pub(super) async fn enroll(
     let issuer = svc.issuer.clone();
     let (now, uid) = (svc.clock.now(), account.uid);
     let (windows, backoff) = (svc.windows, svc.backoff);
-    let u = user.clone();
+    let (u, host) = (user.clone(), svc.host.clone());
     let created = svc
         .store(move |store| {
-            if let Some(other) = store.foreign_uid(&u, Some(uid))? {
+            if let Some(other) = store.foreign_uid(&u, &host, Some(uid))? {
                 return Ok(Err(Status::failed_precondition(foreign_reason(
                     Some(other),
                     &u,
@@ -130,7 +130,7 @@ pub(super) async fn enroll(
                 }
                 if let Some(hash) = invitation {
                     // Wrong invitations count toward the back-off: once it runs, none is tried.
-                    if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                    if let Some(wait) = store.lock_attempts(&u)?.remaining(now as i64) {
                         return Ok(Err(locked_status(wait)));
                     }
                     if !store.use_invitation(&u, uid, hash, now as i64)? {
@@ -141,7 +141,7 @@ pub(super) async fn enroll(
                     }
                 }
                 if let Some(code) = code {
-                    if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+                    if let Some(wait) = store.lock_attempts(&u)?.remaining(now as i64) {
                         return Ok(Err(locked_status(wait)));
                     }
                     let used =
@@ -289,7 +289,7 @@ async fn own_proof(
     let u = user.clone();
     let locked = svc
         .store(move |store| {
-            if let Some(wait) = store.lockout(&u)?.remaining(now) {
+            if let Some(wait) = store.lock_attempts(&u)?.remaining(now) {
                 return Ok(Some(wait));
             }
             store.record_failure(&u, Some(uid), &backoff, now)?;
@@ -383,7 +383,7 @@ pub(super) async fn confirm(
     let confirmed = svc
         .store(move |store| {
             // A wrong confirmation counts toward the back-off like a wrong login.
-            if let Some(wait) = store.lockout(&u)?.remaining(now as i64) {
+            if let Some(wait) = store.lock_attempts(&u)?.remaining(now as i64) {
                 return Err(locked_status(wait));
             }
             let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)?;

@@ -9,7 +9,7 @@ use proto::v1::guard_server::Guard;
 
 use super::*;
 use crate::accounts::{AccountError, PasswordState};
-use crate::store::SqliteStore;
+use crate::store::{SqliteStore, StoreThread};
 
 /// A directory that answers names case-insensitively, as some LDAP and AD setups do.
 #[derive(Default)]
@@ -88,14 +88,14 @@ struct Fixture {
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
-        database: dir.path().join("t.db"),
+        database: dir.path().join("t.db").into(),
         key_file: dir.path().join("k"),
         ..Config::default()
     };
-    let store = SqliteStore::open(&config.database, &config.key_file).unwrap();
+    let store = SqliteStore::open(&dir.path().join("t.db"), &config.key_file).unwrap();
     let directory = Arc::new(Directory::default());
     let svc = GuardService::new(
-        StoreThread::start(store).unwrap(),
+        Runner::Sqlite(StoreThread::start(store).unwrap()),
         Hasher::start().unwrap(),
         &config,
         Policy::parse("rules.toml", RULES).unwrap(),

@@ -7,12 +7,10 @@
 //! Against a pool of blocking threads sharing one connection this saves the hand-offs: a login
 //! storm wakes one thread per batch instead of one per call, and nobody queues on a mutex.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use tokio::sync::oneshot;
-
+use super::call::{Call, Failure};
 use super::{Store, StoreError};
 
 /// Calls per batch at most: bounds what one commit adds to the first caller's wait.
@@ -22,60 +20,64 @@ const MAX_BATCH: usize = 256;
 /// storm of real logins keeps a few dozen waiting.
 const MAX_QUEUE: usize = 4096;
 
-/// The handle the service keeps: queue a call with [`StoreThread::run`].
+/// A store whose calls can be grouped into one transaction: what the store thread needs of the
+/// embedded store beyond the domain steps.
+pub trait Batched: Store {
+    /// Opens the transaction that holds the calls of one batch, so their writes reach the disk
+    /// together. Until `end_batch`, only the calling thread may use the store.
+    fn begin_batch(&self) -> Result<(), StoreError>;
+    /// Commits the batch (`keep`) or undoes all of it.
+    fn end_batch(&self, keep: bool) -> Result<(), StoreError>;
+    /// Marks where one call inside a batch starts, so that its writes can be undone alone.
+    fn begin_call(&self) -> Result<(), StoreError>;
+    /// Keeps (`keep`) or undoes the writes made since `begin_call`.
+    fn end_call(&self, keep: bool) -> Result<(), StoreError>;
+    /// What the store is, for logs.
+    fn describe(&self) -> String;
+}
+
+/// The handle of the store's thread: queue calls with [`Runner::run`](super::Runner::run).
 pub struct StoreThread {
     calls: Option<mpsc::SyncSender<Box<dyn Call>>>,
     thread: Option<JoinHandle<()>>,
+    describe: String,
 }
 
 impl StoreThread {
     /// Moves `store` onto a new thread that serves calls until the handle is dropped.
-    pub fn start(store: impl Store + 'static) -> std::io::Result<StoreThread> {
+    pub fn start(store: impl Batched + 'static) -> std::io::Result<StoreThread> {
         Self::with_queue(store, MAX_QUEUE)
     }
 
-    fn with_queue(store: impl Store + 'static, max_queue: usize) -> std::io::Result<StoreThread> {
+    fn with_queue(store: impl Batched + 'static, max_queue: usize) -> std::io::Result<StoreThread> {
         let (calls, queue) = mpsc::sync_channel(max_queue);
+        let describe = store.describe();
         let thread = std::thread::Builder::new()
             .name("guardd-store".into())
             .spawn(move || serve(&store, &queue))?;
         Ok(StoreThread {
             calls: Some(calls),
             thread: Some(thread),
+            describe,
         })
     }
 
-    /// Runs `f` on the store thread inside the next batch and returns its result once the batch
-    /// is committed. If `f` fails (or panics) its writes are undone and the rest of the batch
-    /// stands; if the commit fails, every call in the batch gets that error. With the queue full,
-    /// `f` does not run and the error is [`StoreError::Overloaded`].
-    pub async fn run<T, E>(
-        &self,
-        f: impl FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
-    ) -> Result<T, E>
-    where
-        T: Send + 'static,
-        E: From<StoreError> + Send + 'static,
-    {
-        let (reply, answer) = oneshot::channel();
-        let call = Box::new(Pending {
-            f: Some(f),
-            result: None,
-            reply,
-        });
-        let stopped = || {
-            E::from(StoreError::Batch(
-                "the store thread stopped; restart guardd".into(),
-            ))
-        };
+    /// Queues `call` for the next batch; with the queue full it does not run and the error is
+    /// [`StoreError::Overloaded`]. Its result arrives once the batch is committed; if it fails
+    /// (or panics) its writes are undone and the rest of the batch stands; if the commit fails,
+    /// every call in the batch gets that error.
+    pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
         let Some(calls) = &self.calls else {
-            return Err(stopped());
+            return Err(StoreError::Stopped);
         };
-        match calls.try_send(call) {
-            Ok(()) => answer.await.unwrap_or_else(|_| Err(stopped())),
-            Err(mpsc::TrySendError::Full(_)) => Err(E::from(StoreError::Overloaded)),
-            Err(mpsc::TrySendError::Disconnected(_)) => Err(stopped()),
-        }
+        calls.try_send(call).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => StoreError::Overloaded,
+            mpsc::TrySendError::Disconnected(_) => StoreError::Stopped,
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        self.describe.clone()
     }
 }
 
@@ -89,79 +91,13 @@ impl Drop for StoreThread {
     }
 }
 
-/// One queued call, its types erased.
-trait Call: Send {
-    /// Runs the call; true when it succeeded and its writes are to be kept.
-    fn run(&mut self, store: &dyn Store) -> bool;
-    /// Sends the caller its result, or `failed` when the batch was not committed.
-    fn reply(self: Box<Self>, failed: Option<&BatchError>);
-}
-
-struct Pending<F, T, E> {
-    f: Option<F>,
-    result: Option<Result<T, E>>,
-    reply: oneshot::Sender<Result<T, E>>,
-}
-
-impl<F, T, E> Call for Pending<F, T, E>
-where
-    F: FnOnce(&dyn Store) -> Result<T, E> + Send,
-    T: Send,
-    E: From<StoreError> + Send,
-{
-    fn run(&mut self, store: &dyn Store) -> bool {
-        let Some(f) = self.f.take() else {
-            return false;
-        };
-        let result = f(store);
-        let ok = result.is_ok();
-        self.result = Some(result);
-        ok
-    }
-
-    fn reply(self: Box<Self>, failed: Option<&BatchError>) {
-        let result = match (failed, self.result) {
-            (Some(e), _) => Err(E::from(e.to_error())),
-            (None, Some(result)) => result,
-            (None, None) => Err(E::from(StoreError::Batch(
-                "internal error in the store; see the guardd log".into(),
-            ))),
-        };
-        // The caller may have gone (its client hung up); the writes stand all the same.
-        let _ = self.reply.send(result);
-    }
-}
-
-/// A batch's failure, given to every call in it.
-struct BatchError {
-    busy: bool,
-    message: String,
-}
-
-impl BatchError {
-    fn of(e: StoreError) -> Self {
-        BatchError {
-            busy: matches!(e, StoreError::Busy),
-            message: e.to_string(),
-        }
-    }
-
-    fn to_error(&self) -> StoreError {
-        if self.busy {
-            StoreError::Busy
-        } else {
-            StoreError::Batch(self.message.clone())
-        }
-    }
-}
-
-fn serve(store: &dyn Store, queue: &mpsc::Receiver<Box<dyn Call>>) {
+fn serve(store: &dyn Batched, queue: &mpsc::Receiver<Box<dyn Call>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
         let failed = run_batch(store, &mut batch).err().map(|e| {
             tracing::error!(calls = batch.len(), "store batch not committed: {e}");
-            BatchError::of(e)
+            Failure::of(e)
         });
         for call in batch {
             call.reply(failed.as_ref());
@@ -170,14 +106,11 @@ fn serve(store: &dyn Store, queue: &mpsc::Receiver<Box<dyn Call>>) {
 }
 
 /// Runs `batch` in one transaction, each call under its own savepoint, and commits it.
-fn run_batch(store: &dyn Store, batch: &mut [Box<dyn Call>]) -> Result<(), StoreError> {
+fn run_batch(store: &dyn Batched, batch: &mut [Box<dyn Call>]) -> Result<(), StoreError> {
     store.begin_batch()?;
     for call in batch.iter_mut() {
         let ran = store.begin_call().and_then(|()| {
-            let ok = catch_unwind(AssertUnwindSafe(|| call.run(store))).unwrap_or_else(|_| {
-                tracing::error!("a store call panicked; its writes were undone");
-                false
-            });
+            let ok = super::pool::run_guarded(call.as_mut(), store);
             store.end_call(ok)
         });
         if let Err(e) = ran {
@@ -192,7 +125,8 @@ fn run_batch(store: &dyn Store, batch: &mut [Box<dyn Call>]) -> Result<(), Store
 mod tests {
     use super::*;
     use crate::otp::{Kind, OtpParams};
-    use crate::store::{NewToken, SqliteStore, TokenState};
+    use crate::store::{NewToken, Runner, SqliteStore, TokenState};
+    use tokio::sync::oneshot;
 
     fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap()
@@ -223,13 +157,7 @@ mod tests {
     fn call<T: Send + 'static>(
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> (Box<dyn Call>, oneshot::Receiver<Result<T, StoreError>>) {
-        let (reply, answer) = oneshot::channel();
-        let pending = Pending {
-            f: Some(f),
-            result: None,
-            reply,
-        };
-        (Box::new(pending), answer)
+        crate::store::call::Pending::new(f)
     }
 
     #[test]
@@ -280,7 +208,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         let (a, b) = (token(&store, "ann"), token(&store, "bob"));
-        let thread = std::sync::Arc::new(StoreThread::start(store).unwrap());
+        let thread = std::sync::Arc::new(Runner::Sqlite(StoreThread::start(store).unwrap()));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()
@@ -310,7 +238,7 @@ mod tests {
         });
         assert_eq!(wins, [1, 1]);
         // A full queue refuses at once, and the thread serves again once it drains.
-        let small = StoreThread::with_queue(open(&dir), 2).unwrap();
+        let small = Runner::Sqlite(StoreThread::with_queue(open(&dir), 2).unwrap());
         let (hold, held) = std::sync::mpsc::channel::<()>();
         let (started, has_started) = std::sync::mpsc::channel::<()>();
         let results = runtime.block_on(async {

@@ -1,0 +1,101 @@
+//! One queued store call with its types erased, shared by both runners.
+
+use tokio::sync::oneshot;
+
+use super::{Store, StoreError};
+
+/// A call waiting to run.
+pub(super) trait Call: Send {
+    /// Runs the call; true when it succeeded and its writes are to be kept.
+    fn run(&mut self, store: &dyn Store) -> bool;
+    /// Sends the caller its result, or `failed` when its writes were not committed.
+    fn reply(self: Box<Self>, failed: Option<&Failure>);
+}
+
+pub(super) struct Pending<F, T, E> {
+    f: Option<F>,
+    result: Option<Result<T, E>>,
+    reply: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Pending<F, T, E>
+where
+    F: FnOnce(&dyn Store) -> Result<T, E> + Send + 'static,
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+{
+    /// The call, and where its result will arrive.
+    pub(super) fn new(f: F) -> (Box<dyn Call>, oneshot::Receiver<Result<T, E>>) {
+        let (reply, answer) = oneshot::channel();
+        let call = Pending {
+            f: Some(f),
+            result: None,
+            reply,
+        };
+        (Box::new(call), answer)
+    }
+}
+
+impl<F, T, E> Call for Pending<F, T, E>
+where
+    F: FnOnce(&dyn Store) -> Result<T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run(&mut self, store: &dyn Store) -> bool {
+        let Some(f) = self.f.take() else {
+            return false;
+        };
+        let result = f(store);
+        let ok = result.is_ok();
+        self.result = Some(result);
+        ok
+    }
+
+    fn reply(self: Box<Self>, failed: Option<&Failure>) {
+        let result = match (failed, self.result) {
+            (Some(e), _) => Err(E::from(e.to_error())),
+            (None, Some(result)) => result,
+            (None, None) => Err(E::from(StoreError::Batch(
+                "internal error in the store; see the guardd log".into(),
+            ))),
+        };
+        // The caller may have gone (its client hung up); the writes stand all the same.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Why a call's writes were not committed, given to every call it concerns.
+pub(super) struct Failure {
+    kind: FailureKind,
+    message: String,
+}
+
+enum FailureKind {
+    Busy,
+    Unavailable,
+    Other,
+}
+
+impl Failure {
+    pub(super) fn of(e: StoreError) -> Self {
+        let kind = match e {
+            StoreError::Busy => FailureKind::Busy,
+            StoreError::Unavailable(_) => FailureKind::Unavailable,
+            _ => FailureKind::Other,
+        };
+        let message = match e {
+            StoreError::Unavailable(reason) => reason,
+            e => e.to_string(),
+        };
+        Failure { kind, message }
+    }
+
+    fn to_error(&self) -> StoreError {
+        match self.kind {
+            FailureKind::Busy => StoreError::Busy,
+            FailureKind::Unavailable => StoreError::Unavailable(self.message.clone()),
+            FailureKind::Other => StoreError::Batch(self.message.clone()),
+        }
+    }
+}

@@ -1,0 +1,188 @@
+//! A small pool of connections to the shared PostgreSQL store. Each worker thread owns one
+//! connection and runs one call at a time as one transaction; the calls of many guardds
+//! interleave on the server, which the store's conditional statements and per-user locks make
+//! safe. While the database is unreachable, calls fail at once with "unavailable" and the
+//! workers reconnect by themselves.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::call::{Call, Failure};
+use super::postgres::Connector;
+use super::{PgSettings, PgStore, Store, StoreError};
+use crate::seal::{SealError, Sealer};
+
+/// A caller waits at most this for its call, queueing included: under the PAM module's default
+/// 5 s timeout, so a login hears "unavailable" from guardd rather than timing out.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// After a failed connection, calls fail at once for this long before the next try.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+/// Calls waiting at most; more are refused at once with "overloaded".
+const MAX_QUEUE: usize = 1024;
+
+/// The handle the service keeps; see [`Runner`](super::Runner).
+pub struct PgPool {
+    calls: Option<mpsc::SyncSender<Box<dyn Call>>>,
+    workers: Vec<JoinHandle<()>>,
+    describe: String,
+}
+
+/// What the workers share.
+struct Shared {
+    queue: Mutex<mpsc::Receiver<Box<dyn Call>>>,
+    /// Until when calls fail at once, and why.
+    down: Mutex<Option<(Instant, String)>>,
+    /// Whether the schema and the key were checked against the database (at start, or on the
+    /// first connection if the database was unreachable then).
+    prepared: AtomicBool,
+    sealer: Arc<Sealer>,
+}
+
+impl PgPool {
+    /// Checks the settings, migrates the database and checks the key file against it (creating
+    /// the key only for a database without sealed secrets), then starts `connections` workers.
+    /// An unreachable database does not stop guardd from starting when the key file exists:
+    /// rules that need no stored fact keep working, and the check runs once it is reachable.
+    pub fn open(
+        settings: &PgSettings,
+        key_file: &Path,
+        connections: usize,
+    ) -> Result<PgPool, StoreError> {
+        let connector = Arc::new(Connector::new(settings)?);
+        let describe = connector.describe().to_owned();
+        let (sealer, prepared) = match super::postgres::prepare(connector.clone(), key_file) {
+            Ok(sealer) => (sealer, true),
+            Err(StoreError::Unavailable(reason)) => {
+                let sealer = Sealer::load(key_file, false).map_err(|e| match e {
+                    SealError::Read { source, .. }
+                        if source.kind() == std::io::ErrorKind::NotFound =>
+                    {
+                        StoreError::Settings(format!(
+                            "the database is unreachable ({reason}) and the key file {} is missing: copy the fleet's key file to this host, or start guardd when the database is reachable",
+                            key_file.display()
+                        ))
+                    }
+                    e => e.into(),
+                })?;
+                tracing::error!(
+                    database = describe,
+                    "the token database is unreachable ({reason}); guardd starts and retries"
+                );
+                (sealer, false)
+            }
+            Err(e) => return Err(e),
+        };
+        let (calls, queue) = mpsc::sync_channel(MAX_QUEUE);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(queue),
+            down: Mutex::new(None),
+            prepared: AtomicBool::new(prepared),
+            sealer: Arc::new(sealer),
+        });
+        let mut workers = Vec::with_capacity(connections);
+        for n in 0..connections.max(1) {
+            let store = PgStore::new(connector.clone(), shared.sealer.clone())
+                .map_err(io_unavailable)?;
+            let shared = shared.clone();
+            let worker = std::thread::Builder::new()
+                .name(format!("guardd-pg-{n}"))
+                .spawn(move || work(&shared, &store))
+                .map_err(io_unavailable)?;
+            workers.push(worker);
+        }
+        Ok(PgPool {
+            calls: Some(calls),
+            workers,
+            describe,
+        })
+    }
+
+    pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
+        let Some(calls) = &self.calls else {
+            return Err(StoreError::Stopped);
+        };
+        calls.try_send(call).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => StoreError::Overloaded,
+            mpsc::TrySendError::Disconnected(_) => StoreError::Stopped,
+        })
+    }
+
+    pub(super) fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+impl Drop for PgPool {
+    /// Lets the workers finish the calls already queued, then waits for them.
+    fn drop(&mut self) {
+        drop(self.calls.take());
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn io_unavailable(e: std::io::Error) -> StoreError {
+    StoreError::Unavailable(format!("cannot start a database worker: {e}"))
+}
+
+fn work(shared: &Shared, store: &PgStore) {
+    loop {
+        let next = shared
+            .queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recv();
+        let Ok(mut call) = next else {
+            return;
+        };
+        let failed = serve(shared, store, call.as_mut()).err().map(|e| {
+            if let StoreError::Unavailable(reason) = &e {
+                let mut down = shared.down.lock().unwrap_or_else(|p| p.into_inner());
+                if down.is_none() {
+                    tracing::error!("the token database is unreachable: {reason}");
+                }
+                *down = Some((Instant::now() + RETRY_AFTER, reason.clone()));
+            } else {
+                tracing::error!("store call not committed: {e}");
+            }
+            Failure::of(e)
+        });
+        if failed.is_none() {
+            let mut down = shared.down.lock().unwrap_or_else(|p| p.into_inner());
+            if down.take().is_some() {
+                tracing::info!("the token database is reachable again");
+            }
+        }
+        call.reply(failed.as_ref());
+    }
+}
+
+/// Runs `call` in a transaction of its own and commits it if it succeeded.
+fn serve(shared: &Shared, store: &PgStore, call: &mut dyn Call) -> Result<(), StoreError> {
+    if let Some((until, reason)) = &*shared.down.lock().unwrap_or_else(|p| p.into_inner()) {
+        if Instant::now() < *until {
+            return Err(StoreError::Unavailable(reason.clone()));
+        }
+    }
+    if !shared.prepared.load(Ordering::Acquire) {
+        store.check()?;
+        shared.prepared.store(true, Ordering::Release);
+        tracing::info!("the token database's schema and key check are in order");
+    }
+    store.begin()?;
+    let ok = run_guarded(call, store);
+    store.end(ok)
+}
+
+/// Runs `call`, turning a panic into a failed call whose writes are undone.
+pub(super) fn run_guarded(call: &mut dyn Call, store: &dyn Store) -> bool {
+    catch_unwind(AssertUnwindSafe(|| call.run(store))).unwrap_or_else(|_| {
+        tracing::error!("a store call panicked; its writes were undone");
+        false
+    })
+}

@@ -1,0 +1,739 @@
+//! The embedded store: one SQLite file.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use zeroize::Zeroizing;
+
+use super::{
+    row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret, TokenState,
+    KEY_CHECK, SCHEMA_VERSION,
+};
+use crate::lockout::{Backoff, Lockout};
+use crate::otp::{Counter, Kind};
+use crate::seal::{SealError, Sealer};
+
+/// How long a writer waits for a lock held by another process (a backup, an sqlite3 shell)
+/// before giving up; well under the PAM module's default 5 s timeout, so the login gets a clear
+/// "unavailable" rather than a timeout.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked) => {
+                StoreError::Busy
+            }
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+pub(super) const MIGRATIONS: &[&str] = &[
+    "
+CREATE TABLE tokens (
+    id        TEXT PRIMARY KEY,
+    user      TEXT NOT NULL,
+    label     TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    state     TEXT NOT NULL,
+    secret    BLOB NOT NULL,      -- sealed: nonce || ciphertext, bound to id
+    algorithm TEXT NOT NULL,
+    digits    INTEGER NOT NULL,
+    period    INTEGER NOT NULL,
+    last      INTEGER,            -- last accepted TOTP step or HOTP counter
+    drift     INTEGER NOT NULL DEFAULT 0,
+    created   INTEGER NOT NULL,
+    last_used INTEGER
+);
+CREATE INDEX tokens_user ON tokens(user);
+CREATE TABLE lockouts (
+    user      TEXT PRIMARY KEY,
+    failures  INTEGER NOT NULL,
+    until     INTEGER NOT NULL
+);
+CREATE TABLE backup_codes (
+    id        INTEGER PRIMARY KEY,
+    user      TEXT NOT NULL,
+    hash      TEXT NOT NULL,
+    created   INTEGER NOT NULL
+);
+CREATE INDEX backup_codes_user ON backup_codes(user);
+CREATE TABLE meta (
+    key       TEXT PRIMARY KEY,
+    value     BLOB NOT NULL
+);
+",
+    "
+-- The account's uid, so that a new account that reuses a name does not inherit its tokens,
+-- backup codes or back-off. NULL: recorded before uids were (belongs to whoever has the name).
+ALTER TABLE tokens ADD COLUMN uid INTEGER;
+ALTER TABLE lockouts ADD COLUMN uid INTEGER;
+ALTER TABLE backup_codes ADD COLUMN uid INTEGER;
+CREATE TABLE invitations (
+    user      TEXT PRIMARY KEY,
+    uid       INTEGER NOT NULL,
+    hash      BLOB NOT NULL,      -- SHA-256 of the invitation code
+    expires   INTEGER NOT NULL
+);
+",
+    "
+-- Which uid a name belongs to, per host: local accounts may have other uids on other hosts.
+-- host '': bound before hosts were recorded; the first host that looks claims it.
+CREATE TABLE bindings (
+    user      TEXT NOT NULL,
+    host      TEXT NOT NULL,
+    uid       INTEGER NOT NULL,
+    PRIMARY KEY (user, host)
+);
+INSERT OR IGNORE INTO bindings (user, host, uid)
+    SELECT user, '', uid FROM tokens WHERE uid IS NOT NULL
+    UNION ALL SELECT user, '', uid FROM backup_codes WHERE uid IS NOT NULL
+    UNION ALL SELECT user, '', uid FROM lockouts WHERE uid IS NOT NULL;
+",
+];
+
+/// Associated data of the key-check value, which proves at start-up that the key file fits.
+
+/// The embedded store: one SQLite file (WAL, synchronous=FULL, so an accepted code is on disk
+/// before the answer leaves the daemon) behind one connection; SQLite has one writer anyway.
+/// The daemon drives it from one [`StoreThread`](super::StoreThread), which groups commits.
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    sealer: Sealer,
+    path: String,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed, mode 0600) the database at `path`, migrates it, and loads the
+    /// sealing key from `key_file` (creating one only for a database without sealed secrets).
+    pub fn open(path: &Path, key_file: &Path) -> Result<SqliteStore, StoreError> {
+        let display = path.display().to_string();
+        let open_err = |source: Box<dyn std::error::Error + Send + Sync>| StoreError::Open {
+            path: display.clone(),
+            source,
+        };
+        // Create the file ourselves so it is never, even briefly, readable by others.
+        // SQLite gives the -wal and -shm files the same mode.
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| open_err(e.into()))?;
+        let mut conn = Connection::open(path).map_err(|e| open_err(e.into()))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+            .map_err(|e| open_err(e.into()))?;
+        migrate(&mut conn, &display).map_err(|e| match e {
+            StoreError::Sqlite(e) => open_err(e.into()),
+            e => e,
+        })?;
+
+        let check: Option<Vec<u8>> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'key_check'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let key_name = key_file.display().to_string();
+        let sealer = match Sealer::load(key_file, check.is_none()) {
+            Ok(sealer) => sealer,
+            Err(SealError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return Err(StoreError::KeyMissing {
+                    key_file: key_name,
+                    path: display,
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match check {
+            Some(sealed) => {
+                sealer
+                    .open(KEY_CHECK, &sealed)
+                    .map_err(|_| StoreError::WrongKey {
+                        key_file: key_name,
+                        path: display.clone(),
+                    })?;
+            }
+            None => {
+                let sealed = sealer.seal(KEY_CHECK, KEY_CHECK)?;
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+                    [sealed],
+                )?;
+            }
+        }
+        Ok(SqliteStore {
+            conn: Mutex::new(conn),
+            sealer,
+            path: display,
+        })
+    }
+
+    /// Adds many tokens, already active, in one transaction (imports, load tests). Returns
+    /// their ids in order.
+    pub fn add_active_many(
+        &self,
+        tokens: &[NewToken<'_>],
+        now: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.savepoint()?;
+        let mut ids = Vec::with_capacity(tokens.len());
+        for token in tokens {
+            let id = self.insert_token(&tx, token, TokenState::Active, now)?;
+            ids.push(id);
+        }
+        tx.commit()?;
+        Ok(ids)
+    }
+
+    /// Inserts `token` in `state` under a fresh id (its sealed secret bound to that id) and
+    /// returns the id. 48 random bits: short enough to type in `guardctl delete`; a collision is
+    /// retried.
+    fn insert_token(
+        &self,
+        conn: &Connection,
+        token: &NewToken<'_>,
+        state: TokenState,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        loop {
+            let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
+            let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO tokens
+                 (id, user, label, kind, state, secret, algorithm, digits, period, created, uid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                )?
+                .execute(params![
+                    id,
+                    token.user,
+                    token.label,
+                    token.kind.as_str(),
+                    state.as_str(),
+                    sealed,
+                    token.params.algorithm.as_str(),
+                    token.params.digits,
+                    token.params.period as i64,
+                    now,
+                    token.uid
+                ])?;
+            if inserted == 1 {
+                return Ok(id);
+            }
+        }
+    }
+
+    /// Runs one statement without parameters, parsed once and cached (the batch statements run
+    /// several times per login).
+    fn run(&self, sql: &str) -> Result<(), StoreError> {
+        self.conn().prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
+        // half-written: a poisoned lock is safe to reuse.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Brings the schema to the newest version, one transaction per migration.
+fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
+    let known = SCHEMA_VERSION;
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > known {
+        return Err(StoreError::SchemaTooNew {
+            path: path.into(),
+            found,
+            known,
+        });
+    }
+    let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))?;
+    if found == 0 && tables > 0 {
+        return Err(StoreError::Unversioned { path: path.into() });
+    }
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+impl Store for SqliteStore {
+    fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError> {
+        let id = self.insert_token(&self.conn(), &token, TokenState::Pending, now)?;
+        Ok(TokenInfo {
+            id,
+            user: token.user.into(),
+            label: token.label.into(),
+            kind: token.kind.as_str().into(),
+            state: TokenState::Pending.as_str().into(),
+            created: now,
+            last_used: None,
+        })
+    }
+
+    fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, kind, secret, algorithm, digits, period, last, drift FROM tokens
+             WHERE user = ?1 AND state = ?2 ORDER BY created DESC, id",
+        )?;
+        let rows = stmt.query_map(params![user, state.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                Zeroizing::new(r.get::<_, Vec<u8>>(2)?),
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, i64>(7)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, sealed, alg, digits, period, last, drift) = row?;
+            let params = row_params(&id, &alg, digits, period)?;
+            let kind = Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
+            let last = last
+                .map(u64::try_from)
+                .transpose()
+                .map_err(|_| StoreError::Corrupt(id.clone()))?;
+            let secret = self.sealer.open(id.as_bytes(), &sealed)?;
+            out.push(TokenSecret {
+                counter: Counter {
+                    kind,
+                    params,
+                    last,
+                    drift,
+                },
+                id,
+                secret,
+            });
+        }
+        Ok(out)
+    }
+
+    fn has_active(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT 1 FROM tokens WHERE user = ?1 AND state = 'active' LIMIT 1")?
+            .exists([user])?)
+    }
+
+    fn accept(
+        &self,
+        id: &str,
+        from: TokenState,
+        counter: u64,
+        drift: i64,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let counter = i64::try_from(counter).map_err(|_| StoreError::Corrupt(id.into()))?;
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "UPDATE tokens SET last = ?1, drift = ?2, last_used = ?3, state = 'active'
+                 WHERE id = ?4 AND state = ?5 AND (last IS NULL OR last < ?1)",
+            )?
+            .execute(params![counter, drift, now, id, from.as_str()])?
+            == 1)
+    }
+
+    fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, user, label, kind, state, created, last_used FROM tokens
+             WHERE ?1 IS NULL OR user = ?1 ORDER BY user, created, id",
+        )?;
+        let rows = stmt.query_map([user], |r| {
+            Ok(TokenInfo {
+                id: r.get(0)?,
+                user: r.get(1)?,
+                label: r.get(2)?,
+                kind: r.get(3)?,
+                state: r.get(4)?,
+                created: r.get(5)?,
+                last_used: r.get(6)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_state(
+        &self,
+        user: &str,
+        id: &str,
+        from: TokenState,
+        to: TokenState,
+    ) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE tokens SET state = ?1 WHERE user = ?2 AND id = ?3 AND state = ?4",
+            params![to.as_str(), user, id, from.as_str()],
+        )? == 1)
+    }
+
+    fn delete(&self, user: &str, id: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM tokens WHERE user = ?1 AND id = ?2",
+            params![user, id],
+        )? == 1)
+    }
+
+    fn lockout(&self, user: &str) -> Result<Lockout, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT failures, until FROM lockouts WHERE user = ?1")?
+            .query_row([user], |r| {
+                Ok(Lockout {
+                    failures: r.get(0)?,
+                    until: r.get(1)?,
+                })
+            })
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    fn lock_attempts(&self, user: &str) -> Result<Lockout, StoreError> {
+        // One thread serves every call of this store: checks of a user never interleave.
+        self.lockout(user)
+    }
+
+    fn record_failure(
+        &self,
+        user: &str,
+        uid: Option<u32>,
+        backoff: &Backoff,
+        now: i64,
+    ) -> Result<Lockout, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.savepoint()?;
+        let failures: u32 = tx.query_row(
+            "INSERT INTO lockouts (user, failures, until, uid) VALUES (?1, 1, 0, ?2)
+             ON CONFLICT(user) DO UPDATE SET failures = failures + 1
+             RETURNING failures",
+            params![user, uid],
+            |r| r.get(0),
+        )?;
+        let until = backoff
+            .delay(failures)
+            .map_or(0, |d| now.saturating_add(d as i64));
+        tx.execute(
+            "UPDATE lockouts SET until = ?1 WHERE user = ?2",
+            params![until, user],
+        )?;
+        tx.commit()?;
+        Ok(Lockout { failures, until })
+    }
+
+    fn forgive_failure(&self, user: &str, backoff: &Backoff) -> Result<(), StoreError> {
+        let failures: Option<u32> = self
+            .conn()
+            .query_row(
+                "UPDATE lockouts SET failures = failures - 1 WHERE user = ?1 AND failures > 0
+                 RETURNING failures",
+                [user],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if failures.is_some_and(|f| backoff.delay(f).is_none()) {
+            self.conn()
+                .execute("UPDATE lockouts SET until = 0 WHERE user = ?1", [user])?;
+        }
+        Ok(())
+    }
+
+    fn foreign_uid(
+        &self,
+        user: &str,
+        host: &str,
+        uid: Option<u32>,
+    ) -> Result<Option<u32>, StoreError> {
+        let conn = self.conn();
+        let has_records = conn
+            .prepare_cached(
+                "SELECT 1 FROM tokens WHERE user = ?1
+                 UNION ALL SELECT 1 FROM backup_codes WHERE user = ?1
+                 UNION ALL SELECT 1 FROM lockouts WHERE user = ?1 AND failures > 0
+                 LIMIT 1",
+            )?
+            .exists([user])?;
+        let mut bound: Option<i64> = conn
+            .prepare_cached("SELECT uid FROM bindings WHERE user = ?1 AND host = ?2")?
+            .query_row([user, host], |r| r.get(0))
+            .optional()?;
+        if bound.is_none() {
+            bound = conn
+                .prepare_cached(
+                    "UPDATE bindings SET host = ?2 WHERE user = ?1 AND host = '' RETURNING uid",
+                )?
+                .query_row([user, host], |r| r.get(0))
+                .optional()?;
+        }
+        let binding = super::Binding::decide(has_records, bound, uid);
+        match binding {
+            super::Binding::Forget => {
+                conn.prepare_cached("DELETE FROM bindings WHERE user = ?1 AND host = ?2")?
+                    .execute([user, host])?;
+            }
+            super::Binding::Bind(uid) => {
+                conn.prepare_cached(
+                    "INSERT OR IGNORE INTO bindings (user, host, uid) VALUES (?1, ?2, ?3)",
+                )?
+                .execute(params![user, host, uid])?;
+            }
+            super::Binding::Keep => {}
+        }
+        Ok(binding.foreign(bound, uid))
+    }
+
+    fn add_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        expires: i64,
+    ) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO invitations (user, uid, hash, expires) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(user) DO UPDATE SET uid = ?2, hash = ?3, expires = ?4",
+            params![user, uid, hash, expires],
+        )?;
+        Ok(())
+    }
+
+    fn use_invitation(
+        &self,
+        user: &str,
+        uid: u32,
+        hash: &[u8],
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM invitations WHERE user = ?1 AND uid = ?2 AND hash = ?3 AND expires > ?4",
+            params![user, uid, hash, now],
+        )? == 1)
+    }
+
+    fn clear_failures(&self, user: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM lockouts WHERE user = ?1", [user])?
+            > 0)
+    }
+
+    fn replace_backup_codes(
+        &self,
+        user: &str,
+        uid: Option<u32>,
+        hashes: &[String],
+        now: i64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.savepoint()?;
+        tx.execute("DELETE FROM backup_codes WHERE user = ?1", [user])?;
+        for hash in hashes {
+            tx.execute(
+                "INSERT INTO backup_codes (user, hash, created, uid) VALUES (?1, ?2, ?3, ?4)",
+                params![user, hash, now, uid],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT id, hash FROM backup_codes WHERE user = ?1")?;
+        let rows = stmt.query_map([user], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM backup_codes WHERE id = ?1", [id])?
+            == 1)
+    }
+}
+
+impl Batched for SqliteStore {
+    fn begin_batch(&self) -> Result<(), StoreError> {
+        // Deferred: reads need no lock in WAL mode, so while another process holds the write
+        // lock, logins that only read (a permit, a prompt) still go through; the first write
+        // waits for the lock (the busy timeout), and only the calls that write get "busy".
+        if !self.conn().is_autocommit() {
+            // A batch whose COMMIT and ROLLBACK both failed left its transaction open; without
+            // this, every later batch would fail to begin. Its callers were told it failed.
+            tracing::warn!("rolling back a transaction left open by a failed batch");
+            self.run("ROLLBACK")?;
+        }
+        self.run("BEGIN")
+    }
+
+    fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
+        if !keep {
+            return self.run("ROLLBACK");
+        }
+        self.run("COMMIT").inspect_err(|_| {
+            let _ = self.run("ROLLBACK");
+        })
+    }
+
+    fn begin_call(&self) -> Result<(), StoreError> {
+        self.run("SAVEPOINT call")
+    }
+
+    fn end_call(&self, keep: bool) -> Result<(), StoreError> {
+        if !keep {
+            self.run("ROLLBACK TO call")?;
+        }
+        self.run("RELEASE call")
+    }
+
+    fn describe(&self) -> String {
+        self.path.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::otp::OtpParams;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
+        (dir, store)
+    }
+
+    fn new_token<'a>(user: &'a str, secret: &'a [u8]) -> NewToken<'a> {
+        NewToken {
+            user,
+            uid: Some(1000),
+            label: "phone",
+            kind: Kind::Totp,
+            params: OtpParams::default(),
+            secret,
+        }
+    }
+
+    #[test]
+    fn database_and_key_files_are_private() {
+        let (dir, _s) = temp_store();
+        for f in ["t.db", "k"] {
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{f}");
+        }
+    }
+
+
+    #[test]
+    fn a_batch_left_open_is_rolled_back_by_the_next_one() {
+        let (_d, s) = temp_store();
+        let t = s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+        s.begin_batch().unwrap();
+        assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
+        // As if COMMIT and ROLLBACK had both failed: the next batch still begins, without the
+        // failed batch's write.
+        s.begin_batch().unwrap();
+        assert!(!s.has_active("ann").unwrap());
+        s.end_batch(true).unwrap();
+        assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
+    }
+
+
+    #[test]
+    fn secrets_are_sealed_on_disk_and_round_trip() {
+        let (dir, s) = temp_store();
+        let secret = b"0123456789abcdefghij";
+        let t = s.add_pending(new_token("ann", secret), 1).unwrap();
+        let got = s.secrets("ann", TokenState::Pending).unwrap();
+        assert_eq!(&**got[0].secret, secret);
+        drop(s);
+        let raw = Connection::open(dir.path().join("t.db")).unwrap();
+        let stored: Vec<u8> = raw
+            .query_row("SELECT secret FROM tokens WHERE id = ?1", [&t.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert!(!stored.windows(secret.len()).any(|w| w == secret));
+    }
+
+
+    #[test]
+    fn swapped_sealed_secrets_do_not_open() {
+        let (dir, s) = temp_store();
+        let a = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        let b = s.add_pending(new_token("bob", &[2; 20]), 1).unwrap();
+        drop(s);
+        let raw = Connection::open(dir.path().join("t.db")).unwrap();
+        raw.execute(
+            "UPDATE tokens SET secret = (SELECT secret FROM tokens WHERE id = ?1) WHERE id = ?2",
+            [&a.id, &b.id],
+        )
+        .unwrap();
+        drop(raw);
+        let s = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
+        assert!(matches!(
+            s.secrets("bob", TokenState::Pending),
+            Err(StoreError::Seal(SealError::Open))
+        ));
+    }
+
+
+    #[test]
+    fn missing_or_wrong_key_file_is_refused_and_nothing_changes() {
+        let (dir, s) = temp_store();
+        s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        drop(s);
+        let db = dir.path().join("t.db");
+        let err = SqliteStore::open(&db, &dir.path().join("absent"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::KeyMissing { .. }), "{err}");
+        assert!(
+            !dir.path().join("absent").exists(),
+            "must not create a new key"
+        );
+        let other = tempfile::tempdir().unwrap();
+        SqliteStore::open(&other.path().join("o.db"), &other.path().join("k2")).unwrap();
+        let err = SqliteStore::open(&db, &other.path().join("k2"))
+            .err()
+            .unwrap();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        let s = SqliteStore::open(&db, &dir.path().join("k")).unwrap();
+        assert_eq!(s.list(None).unwrap().len(), 1);
+    }
+
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let (dir, s) = temp_store();
+        drop(s);
+        let db = dir.path().join("t.db");
+        Connection::open(&db)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = SqliteStore::open(&db, &dir.path().join("k")).err().unwrap();
+        assert!(err.to_string().contains("upgrade guardd"), "{err}");
+    }
+
+}

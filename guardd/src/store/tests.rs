@@ -1,0 +1,347 @@
+//! The store's behaviour, one set of cases run against both backends: SQLite files on disk and
+//! a real PostgreSQL cluster started for the test run (see the `pgtemp` crate).
+
+use std::sync::Arc;
+
+use super::postgres::{prepare, Connector};
+use super::*;
+use crate::otp::OtpParams;
+
+/// A store of each kind, with the scratch files it needs.
+pub(crate) struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub url: Option<String>,
+}
+
+impl Fixture {
+    pub(crate) fn sqlite() -> (Fixture, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
+        (Fixture { dir, url: None }, store)
+    }
+
+    /// A fresh database in the test run's cluster.
+    pub(crate) fn postgres() -> (Fixture, PgStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = pgtemp::Cluster::shared().database();
+        let connector = Arc::new(Connector::new(&settings(&url)).unwrap());
+        let sealer = prepare(connector.clone(), &dir.path().join("k")).unwrap();
+        let store = PgStore::new(connector, Arc::new(sealer)).unwrap();
+        (
+            Fixture {
+                dir,
+                url: Some(url),
+            },
+            store,
+        )
+    }
+
+    /// A runner over a store like this one's (the same database, key and file).
+    pub(crate) fn runner(&self, connections: usize) -> Runner {
+        let key = self.dir.path().join("k");
+        match &self.url {
+            Some(url) => Runner::Postgres(PgPool::open(&settings(url), &key, connections).unwrap()),
+            None => Runner::Sqlite(
+                StoreThread::start(SqliteStore::open(&self.dir.path().join("t.db"), &key).unwrap())
+                    .unwrap(),
+            ),
+        }
+    }
+}
+
+pub(crate) fn settings(url: &str) -> PgSettings {
+    PgSettings {
+        url: url.into(),
+        password_file: None,
+        ca_file: None,
+        host: "test".into(),
+    }
+}
+
+fn new_token<'a>(user: &'a str, secret: &'a [u8]) -> NewToken<'a> {
+    NewToken {
+        user,
+        uid: Some(1000),
+        label: "phone",
+        kind: Kind::Totp,
+        params: OtpParams::default(),
+        secret,
+    }
+}
+
+/// Runs each case on a fresh SQLite store and on a fresh PostgreSQL database.
+macro_rules! on_both {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test]
+            fn $case() {
+                let (_f, s) = super::Fixture::sqlite();
+                super::$case(&s);
+            })*
+        }
+        mod postgres {
+            $(#[test]
+            fn $case() {
+                let (_f, s) = super::Fixture::postgres();
+                super::$case(&s);
+            })*
+        }
+    };
+    (with fixture: $($case:ident),* $(,)?) => {
+        mod sqlite_runner {
+            $(#[test]
+            fn $case() {
+                let (f, s) = super::Fixture::sqlite();
+                super::$case(&f, &s);
+            })*
+        }
+        mod postgres_runner {
+            $(#[test]
+            fn $case() {
+                let (f, s) = super::Fixture::postgres();
+                super::$case(&f, &s);
+            })*
+        }
+    };
+}
+
+on_both!(
+    pending_token_becomes_active_once_and_counters_only_move_forward,
+    state_changes_and_delete_are_scoped_to_the_user,
+    failures_back_off_and_clear,
+    a_name_is_bound_per_host_to_the_uid_seen_first,
+    a_forgiven_failure_ends_the_wait_it_started,
+    invitations_are_single_use_bound_to_the_uid_and_expire,
+    backup_codes_are_replaced_and_used_once
+);
+on_both!(with fixture:
+    concurrent_accepts_record_one_step_once,
+    a_burst_of_guesses_spread_over_connections_gets_only_the_free_failures,
+);
+
+fn pending_token_becomes_active_once_and_counters_only_move_forward(s: &dyn Store) {
+    let t = s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+    assert!(!s.has_active("ann").unwrap());
+    assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
+    assert!(s.has_active("ann").unwrap());
+    assert!(!s.accept(&t.id, TokenState::Pending, 101, 0, 2).unwrap());
+    assert!(
+        !s.accept(&t.id, TokenState::Active, 100, 0, 3).unwrap(),
+        "replay"
+    );
+    assert!(
+        !s.accept(&t.id, TokenState::Active, 99, 0, 3).unwrap(),
+        "older"
+    );
+    assert!(s.accept(&t.id, TokenState::Active, 101, -1, 3).unwrap());
+    let info = s.get("ann", &t.id).unwrap().unwrap();
+    assert_eq!((info.state.as_str(), info.last_used), ("active", Some(3)));
+    let secret = &s.secrets("ann", TokenState::Active).unwrap()[0];
+    assert_eq!((secret.counter.last, secret.counter.drift), (Some(101), -1));
+}
+
+
+fn state_changes_and_delete_are_scoped_to_the_user(s: &dyn Store) {
+    let t = s.add_pending(new_token("ann", &[9; 20]), 1).unwrap();
+    assert!(s.accept(&t.id, TokenState::Pending, 1, 0, 1).unwrap());
+    assert!(!s
+        .set_state("bob", &t.id, TokenState::Active, TokenState::Disabled)
+        .unwrap());
+    assert!(s
+        .set_state("ann", &t.id, TokenState::Active, TokenState::Disabled)
+        .unwrap());
+    assert!(!s.has_active("ann").unwrap());
+    assert!(!s.delete("bob", &t.id).unwrap());
+    assert!(s.delete("ann", &t.id).unwrap());
+    assert!(s.list(None).unwrap().is_empty());
+}
+
+
+fn failures_back_off_and_clear(s: &dyn Store) {
+    let b = Backoff::default();
+    for i in 1..5 {
+        assert_eq!(
+            s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+            0,
+            "{i}"
+        );
+    }
+    assert_eq!(
+        s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+        1030
+    );
+    assert_eq!(
+        s.record_failure("ann", Some(1000), &b, 1000).unwrap().until,
+        1060
+    );
+    assert_eq!(s.lockout("bob").unwrap(), Lockout::default());
+    assert!(s.clear_failures("ann").unwrap());
+    assert_eq!(s.lockout("ann").unwrap(), Lockout::default());
+}
+
+
+fn a_name_is_bound_per_host_to_the_uid_seen_first(s: &dyn Store) {
+    // Without records a name is bound to nothing.
+    assert_eq!(s.foreign_uid("ann", "a", Some(1000)).unwrap(), None);
+    s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+    // Each host binds the uid it sees first: accounts may differ between hosts.
+    assert_eq!(s.foreign_uid("ann", "a", Some(1000)).unwrap(), None);
+    assert_eq!(s.foreign_uid("ann", "b", Some(2000)).unwrap(), None);
+    assert_eq!(s.foreign_uid("ann", "a", Some(1000)).unwrap(), None);
+    assert_eq!(s.foreign_uid("ann", "b", Some(2000)).unwrap(), None);
+    // A new account of that name on host a is someone else; so is no account.
+    assert_eq!(s.foreign_uid("ann", "a", Some(1001)).unwrap(), Some(1000));
+    assert_eq!(s.foreign_uid("ann", "a", None).unwrap(), Some(1000));
+    assert_eq!(s.foreign_uid("ann", "b", Some(1000)).unwrap(), Some(2000));
+    // Failures are records too; once they are gone the name binds afresh.
+    s.record_failure("bob", Some(5), &Backoff::default(), 1)
+        .unwrap();
+    assert_eq!(s.foreign_uid("bob", "a", Some(5)).unwrap(), None);
+    assert_eq!(s.foreign_uid("bob", "a", Some(6)).unwrap(), Some(5));
+    assert!(s.clear_failures("bob").unwrap());
+    assert_eq!(s.foreign_uid("bob", "a", Some(6)).unwrap(), None);
+    s.record_failure("bob", Some(6), &Backoff::default(), 1)
+        .unwrap();
+    assert_eq!(s.foreign_uid("bob", "a", Some(6)).unwrap(), None);
+    assert_eq!(s.foreign_uid("bob", "a", Some(5)).unwrap(), Some(6));
+}
+
+
+fn a_forgiven_failure_ends_the_wait_it_started(s: &dyn Store) {
+    let b = Backoff::default();
+    for _ in 0..5 {
+        s.record_failure("ann", None, &b, 1000).unwrap();
+    }
+    assert_eq!(s.lockout("ann").unwrap().until, 1030);
+    s.forgive_failure("ann", &b).unwrap();
+    assert_eq!(
+        s.lockout("ann").unwrap(),
+        Lockout {
+            failures: 4,
+            until: 0
+        }
+    );
+    // Two failures past the free ones: forgiving one leaves the first wait.
+    s.record_failure("ann", None, &b, 1000).unwrap();
+    s.record_failure("ann", None, &b, 1000).unwrap();
+    s.forgive_failure("ann", &b).unwrap();
+    assert_eq!(s.lockout("ann").unwrap().failures, 5);
+    assert_ne!(s.lockout("ann").unwrap().until, 0);
+}
+
+
+fn invitations_are_single_use_bound_to_the_uid_and_expire(s: &dyn Store) {
+    s.add_invitation("ann", 1000, b"h1", 100).unwrap();
+    assert!(
+        !s.use_invitation("ann", 1001, b"h1", 50).unwrap(),
+        "other uid"
+    );
+    assert!(
+        !s.use_invitation("ann", 1000, b"h2", 50).unwrap(),
+        "other code"
+    );
+    assert!(
+        !s.use_invitation("ann", 1000, b"h1", 100).unwrap(),
+        "expired"
+    );
+    assert!(s.use_invitation("ann", 1000, b"h1", 99).unwrap());
+    assert!(!s.use_invitation("ann", 1000, b"h1", 99).unwrap(), "used");
+}
+
+
+fn backup_codes_are_replaced_and_used_once(s: &dyn Store) {
+    s.replace_backup_codes("ann", None, &["h1".into(), "h2".into()], 1)
+        .unwrap();
+    s.replace_backup_codes("ann", None, &["h3".into()], 2)
+        .unwrap();
+    let codes = s.backup_codes("ann").unwrap();
+    assert_eq!(codes.len(), 1);
+    assert!(s.use_backup_code(codes[0].0).unwrap());
+    assert!(!s.use_backup_code(codes[0].0).unwrap());
+}
+
+/// Many callers at once (for PostgreSQL, eight connections, as eight hosts would be) with the
+/// same code: each token accepts it once.
+fn concurrent_accepts_record_one_step_once(fixture: &Fixture, s: &dyn Store) {
+    let a = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+    let b = s.add_pending(new_token("bob", &[2; 20]), 1).unwrap();
+    assert!(s.accept(&a.id, TokenState::Pending, 10, 0, 1).unwrap());
+    assert!(s.accept(&b.id, TokenState::Pending, 10, 0, 1).unwrap());
+    let wins = with_runner(fixture, |runner| async move {
+        let runner = Arc::new(runner);
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let id = if i % 2 == 0 { a.id.clone() } else { b.id.clone() };
+                let runner = runner.clone();
+                tokio::spawn(async move {
+                    let won = runner
+                        .run(move |s| s.accept(&id, TokenState::Active, 11, 0, 2))
+                        .await
+                        .unwrap();
+                    (i % 2, won)
+                })
+            })
+            .collect();
+        let mut wins = [0, 0];
+        for t in tasks {
+            let (k, won) = t.await.unwrap();
+            wins[k] += usize::from(won);
+        }
+        wins
+    });
+    assert_eq!(wins, [1, 1]);
+}
+
+/// Forty wrong guesses at once, spread over eight connections (hosts): each is counted before
+/// the next is checked, so only the free failures are ever checked.
+fn a_burst_of_guesses_spread_over_connections_gets_only_the_free_failures(
+    fixture: &Fixture,
+    s: &dyn Store,
+) {
+    let backoff = Backoff::default();
+    let checked = with_runner(fixture, |runner| async move {
+        let runner = Arc::new(runner);
+        let tasks: Vec<_> = (0..40)
+            .map(|_| {
+                let runner = runner.clone();
+                tokio::spawn(async move {
+                    runner
+                        .run(move |s| {
+                            if s.lock_attempts("ann")?.remaining(1000).is_some() {
+                                return Ok::<_, StoreError>(false);
+                            }
+                            // Where a code would be verified.
+                            std::thread::sleep(std::time::Duration::from_millis(1));
+                            s.record_failure("ann", None, &backoff, 1000)?;
+                            Ok(true)
+                        })
+                        .await
+                        .unwrap()
+                })
+            })
+            .collect();
+        let mut checked = 0;
+        for t in tasks {
+            checked += usize::from(t.await.unwrap());
+        }
+        checked
+    });
+    assert_eq!(checked as u32, backoff.free_failures);
+    assert_eq!(s.lockout("ann").unwrap().failures, backoff.free_failures);
+}
+
+/// Runs `f` with a runner over the fixture's store, on a runtime of its own.
+fn with_runner<T, F, Fut>(fixture: &Fixture, f: F) -> T
+where
+    F: FnOnce(Runner) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(8);
+    let out = runtime.block_on(f(runner));
+    out
+}
