@@ -115,14 +115,14 @@ fn round_trip(c: &mut Criterion) {
     .unwrap();
     let config = Config {
         socket: dir.path().join("s.sock"),
-        database: dir.path().join("db"),
+        database: dir.path().join("db").into(),
         key_file: dir.path().join("k"),
         policy: Some(rules),
         ..Config::default()
     };
     let secret = [3u8; 20];
     {
-        let store = SqliteStore::open(&config.database, &config.key_file).unwrap();
+        let store = SqliteStore::open(&dir.path().join("db"), &config.key_file).unwrap();
         let t = store
             .add_pending(
                 NewToken {

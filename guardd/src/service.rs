@@ -704,7 +704,12 @@ impl Guard for GuardService {
 /// The facts a decision may need, gathered before it is made (the rules themselves never
 /// block): from the store whether the user has an active token, and through NSS the user's
 /// groups, looked up only once a rule asks for them.
+#[derive(Default)]
 struct LoginFacts {
+    /// Whether the store was read (the fields below are defaults until it is).
+    read: bool,
+    /// Set when a rule asked for a stored fact not read yet.
+    wanted_stored: Cell<bool>,
     /// The uid of an earlier account whose records the name still has (see `Store::foreign_uid`).
     foreign: Option<u32>,
     enrolled: bool,
@@ -713,6 +718,16 @@ struct LoginFacts {
     groups: Option<Result<Vec<String>, LookupError>>,
     /// Set when a rule asked for groups not looked up yet.
     wanted_groups: Cell<bool>,
+}
+
+impl LoginFacts {
+    /// Takes the stored facts of `read`.
+    fn read_from(&mut self, read: LoginFacts) {
+        self.read = true;
+        self.foreign = read.foreign;
+        self.enrolled = read.enrolled;
+        self.can_answer = read.can_answer;
+    }
 }
 
 impl Facts for LoginFacts {
@@ -727,6 +742,10 @@ impl Facts for LoginFacts {
     }
 
     fn enrolled(&self) -> Result<bool, LookupError> {
+        if !self.read {
+            self.wanted_stored.set(true);
+            return Err(LookupError("the token store was not read yet".into()));
+        }
         Ok(self.enrolled)
     }
 }
@@ -849,12 +868,35 @@ impl GuardService {
     ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), Status> {
         let policy = self.policy();
         let request = self.rules_request(ctx, self.clock.now() as i64);
-        let mut facts = self.facts(&ctx.user, account.map(|a| a.uid)).await?;
+        let uid = account.map(|a| a.uid);
+        // Facts are fetched only when a rule asks for them, so rules that need none (a deny, a
+        // break-glass permit) are decided while the store or NSS is down.
+        let mut facts = LoginFacts::default();
         let mut decision = policy.evaluate(&request, &facts, false);
-        if facts.wanted_groups.get() {
-            // A rule asked for the groups: look them up (NSS may be slow) and decide again.
-            facts.groups = Some(self.groups(caller, account).await?);
+        loop {
+            if facts.wanted_stored.get() && !facts.read {
+                facts.read_from(self.facts(&ctx.user, uid).await?);
+            } else if facts.wanted_groups.get() && facts.groups.is_none() {
+                // NSS may be slow: looked up only for a rule that asks.
+                facts.groups = Some(self.groups(caller, account).await?);
+            } else {
+                break;
+            }
             decision = policy.evaluate(&request, &facts, false);
+        }
+        let permit = matches!(decision.verdict, Rule::Permit);
+        if !facts.read && !matches!(decision.verdict, Rule::Deny { .. }) {
+            // A permit or a prompt still needs the records: whose they are, what can answer.
+            match self.facts(&ctx.user, uid).await {
+                Ok(read) => facts.read_from(read),
+                Err(status) if permit && status.code() == tonic::Code::Unavailable => {
+                    audit::warn_limited(
+                        "permit-without-store",
+                        "the token store is unreachable; logins permitted by rules that need no stored fact go on",
+                    );
+                }
+                Err(status) => return Err(status),
+            }
         }
         Ok((policy, decision, facts))
     }
@@ -888,11 +930,11 @@ impl GuardService {
             })
             .await?;
         Ok(LoginFacts {
+            read: true,
             foreign,
             enrolled,
             can_answer,
-            groups: None,
-            wanted_groups: Cell::new(false),
+            ..LoginFacts::default()
         })
     }
 
@@ -1073,7 +1115,13 @@ fn deny(message: &str, reason: DenyReason) -> Step {
 /// A store failure as a status: one clear line, the details only in the log.
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Status {
-        tracing::error!("{e}");
+        match &e {
+            // Repeats while the database is away: one line per interval is enough.
+            StoreError::Unavailable(_) | StoreError::Busy | StoreError::Overloaded => {
+                audit::warn_limited("store-unavailable", &e.to_string())
+            }
+            _ => tracing::error!("{e}"),
+        }
         match e {
             StoreError::Busy | StoreError::Unavailable(_) | StoreError::Stopped => {
                 Status::unavailable(e.to_string())

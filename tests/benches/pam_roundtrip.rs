@@ -62,7 +62,7 @@ fn main() {
     let socket = dir.path().join("guardd.sock");
     let config = Config {
         socket: socket.clone(),
-        database: dir.path().join("guardd.db"),
+        database: dir.path().join("guardd.db").into(),
         key_file: dir.path().join("guardd.key"),
         policy: Some(harness::write_rules(dir.path(), RULES)),
         ..Config::default()

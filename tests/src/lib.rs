@@ -325,6 +325,25 @@ pub struct Daemon {
     child: Option<Child>,
     /// Extra guardd.toml lines.
     config: String,
+    /// A store shared with other daemons, instead of a SQLite file of its own.
+    shared: Option<SharedStore>,
+}
+
+/// A store several daemons share (a fleet): a database URL and the key file every host holds.
+#[derive(Clone)]
+pub struct SharedStore {
+    pub url: String,
+    pub key_file: PathBuf,
+}
+
+impl SharedStore {
+    /// A fresh database in the test run's PostgreSQL cluster, with its key file in `dir`.
+    pub fn postgres(cluster: &pgtemp::Cluster, dir: &Path) -> SharedStore {
+        SharedStore {
+            url: cluster.database(),
+            key_file: dir.join("fleet.key"),
+        }
+    }
 }
 
 impl std::ops::Deref for Daemon {
@@ -398,6 +417,12 @@ impl Daemon {
 
     /// Starts guardd with these rules and these extra lines of guardd.toml.
     pub fn with_config(rules: &str, config: &str) -> Daemon {
+        Daemon::on_store(rules, config, None)
+    }
+
+    /// Starts guardd with these rules and guardd.toml lines on `shared` (None: its own SQLite
+    /// file). Give each daemon of a fleet its own `host = "..."` line.
+    pub fn on_store(rules: &str, config: &str, shared: Option<&SharedStore>) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("soffid-otp-test")
             .tempdir()
@@ -414,6 +439,7 @@ impl Daemon {
             child: None,
             dir,
             config: String::new(),
+            shared: shared.cloned(),
         };
         daemon.config = config.to_owned();
         write_rules(daemon.dir.path(), rules);
@@ -422,16 +448,27 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("guardd.log")).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("guardd.log"))
+            .unwrap();
+        let (database, key_file) = match &self.shared {
+            Some(shared) => (shared.url.clone(), shared.key_file.clone()),
+            None => (
+                self.dir.path().join("lib/guardd.db").display().to_string(),
+                self.dir.path().join("etc/guardd.key"),
+            ),
+        };
         let child = Command::new(artefact("guardd"))
             .arg("--config")
             .arg(self.write_config())
             .arg("--socket")
             .arg(&self.socket)
             .arg("--database")
-            .arg(self.dir.path().join("lib/guardd.db"))
+            .arg(database)
             .arg("--key-file")
-            .arg(self.dir.path().join("etc/guardd.key"))
+            .arg(key_file)
             .arg("--policy")
             .arg(self.dir.path().join("rules.toml"))
             .stdin(Stdio::null())
@@ -480,6 +517,15 @@ impl Daemon {
             "guardd did not exit cleanly; log:\n{}",
             self.log()
         );
+        self.spawn();
+    }
+
+    /// Kills guardd at once (SIGKILL), as a crash would, and starts it again.
+    pub fn crash_and_restart(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         self.spawn();
     }
 
@@ -653,7 +699,7 @@ impl InProcess {
     pub async fn start(mut config: guardd::config::Config) -> InProcess {
         let dir = tempfile::tempdir().unwrap();
         config.socket = dir.path().join("guardd.sock");
-        config.database = dir.path().join("guardd.db");
+        config.database = dir.path().join("guardd.db").into();
         config.key_file = dir.path().join("guardd.key");
         config.max_tries = 1;
         if config.policy.is_none() {
