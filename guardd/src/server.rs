@@ -17,8 +17,8 @@ use crate::audit;
 use crate::budget::{Budget, Holding, Limits};
 use crate::caller::Caller;
 use crate::config::Config;
-use crate::service::{Clock, GuardService};
 use crate::config::Database;
+use crate::service::{Clock, GuardService};
 use crate::store::{PgPool, Runner, SqliteStore, StoreError, StoreThread};
 
 /// Longest time one RPC may take inside the daemon.

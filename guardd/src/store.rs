@@ -225,7 +225,12 @@ pub trait Store: Send + Sync {
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
 
 pub(crate) const KEY_CHECK: &[u8] = b"soffid-otp key check";
-pub(crate) fn row_params(id: &str, alg: &str, digits: i64, period: i64) -> Result<OtpParams, StoreError> {
+pub(crate) fn row_params(
+    id: &str,
+    alg: &str,
+    digits: i64,
+    period: i64,
+) -> Result<OtpParams, StoreError> {
     match (
         HashAlg::parse(alg),
         u8::try_from(digits),
@@ -266,7 +271,9 @@ impl Runner {
             match self {
                 Runner::Sqlite(thread) => {
                     thread.submit(call).map_err(E::from)?;
-                    answer.await.unwrap_or_else(|_| Err(E::from(StoreError::Stopped)))
+                    answer
+                        .await
+                        .unwrap_or_else(|_| Err(E::from(StoreError::Stopped)))
                 }
                 Runner::Postgres(pool) => {
                     pool.submit(call).map_err(E::from)?;

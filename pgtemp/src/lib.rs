@@ -60,7 +60,16 @@ impl Cluster {
             .server_command("initdb")
             .arg("-D")
             .arg(cluster.data())
-            .args(["-U", "postgres", "-A", "trust", "--no-locale", "-E", "UTF8", "--no-sync"]));
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]));
         cluster.start_server();
         cluster.watch();
         cluster.psql("postgres", "CREATE ROLE guardd LOGIN");
@@ -80,13 +89,26 @@ impl Cluster {
 
     /// The URL of database `name` for role `guardd` over the cluster's Unix socket.
     pub fn url(&self, name: &str) -> String {
-        format!("postgresql://guardd@/{name}?host={}", self.socket_dir().display())
+        format!(
+            "postgresql://guardd@/{name}?host={}",
+            self.socket_dir().display()
+        )
     }
 
     /// Runs `sql` as the superuser in database `db`; its output.
     pub fn psql(&self, db: &str, sql: &str) -> String {
         let out = run(Command::new(self.bin.join("psql"))
-            .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-U", "postgres", "-h"])
+            .args([
+                "-X",
+                "-q",
+                "-t",
+                "-A",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-U",
+                "postgres",
+                "-h",
+            ])
             .arg(self.socket_dir())
             .args(["-d", db, "-c", sql]));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()

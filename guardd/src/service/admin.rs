@@ -175,6 +175,8 @@ pub(super) async fn enroll(
                 },
                 now as i64,
             )?;
+            // Binds the name, on this host, to the account that enrolled.
+            store.foreign_uid(&u, &host, Some(uid))?;
             let uri = otp::otpauth_uri(&issuer, &u, &secret, kind, params);
             Ok(Ok((info, uri)))
         })
@@ -603,7 +605,9 @@ pub(super) async fn issue_backup_codes(
     let user = req.into_inner().user;
     admin_only(svc, caller, &user, "backup-codes").await?;
     let now = svc.clock.now();
-    let uid = require_account(svc, &caller, &user).await?.uid;
+    let account = require_account(svc, &caller, &user).await?;
+    // Stored under the account's own name, which logins look up (not the name as typed).
+    let (user, uid) = (account.name, account.uid);
     // Hashing ten codes with Argon2 takes a while: on the hasher thread, not the store's.
     let (codes, hashes) = {
         let _holding = svc
@@ -612,9 +616,20 @@ pub(super) async fn issue_backup_codes(
             .map_err(exhausted)?;
         svc.hasher.generate().await.map_err(backup_status)?
     };
-    let u = user.clone();
-    svc.store(move |store| Ok(store.replace_backup_codes(&u, Some(uid), &hashes, now as i64)?))
-        .await?;
+    let (u, host) = (user.clone(), svc.host.clone());
+    svc.store(move |store| {
+        if let Some(other) = store.foreign_uid(&u, &host, Some(uid))? {
+            return Err(Status::failed_precondition(foreign_reason(
+                Some(other),
+                &u,
+                Some(uid),
+            )));
+        }
+        store.replace_backup_codes(&u, Some(uid), &hashes, now as i64)?;
+        store.foreign_uid(&u, &host, Some(uid))?;
+        Ok(())
+    })
+    .await?;
     admin_audit(&caller, "backup-codes", &user, true, "");
     Ok(Response::new(BackupCodesReply {
         codes: codes.iter().map(|c| c.to_string()).collect(),

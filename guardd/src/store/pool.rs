@@ -85,8 +85,8 @@ impl PgPool {
         });
         let mut workers = Vec::with_capacity(connections);
         for n in 0..connections.max(1) {
-            let store = PgStore::new(connector.clone(), shared.sealer.clone())
-                .map_err(io_unavailable)?;
+            let store =
+                PgStore::new(connector.clone(), shared.sealer.clone()).map_err(io_unavailable)?;
             let shared = shared.clone();
             let worker = std::thread::Builder::new()
                 .name(format!("guardd-pg-{n}"))

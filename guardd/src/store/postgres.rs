@@ -136,7 +136,9 @@ impl Connector {
             ));
         }
         if config.get_hosts().is_empty() {
-            return Err(bad("the database URL names no host (for a Unix socket, add ?host=/path/to/dir)".into()));
+            return Err(bad(
+                "the database URL names no host (for a Unix socket, add ?host=/path/to/dir)".into(),
+            ));
         }
         let describe = settings.url.clone();
         let remote: Vec<&str> = config
@@ -258,7 +260,8 @@ fn tls_connector(ca: &Path) -> Result<postgres_openssl::MakeTlsConnector, StoreE
 
 /// The password in `file`, which only its owner (root, or the user guardd runs as) may read.
 fn read_password(file: &Path) -> Result<Zeroizing<String>, StoreError> {
-    let bad = |m: String| StoreError::Settings(format!("database_password_file {}: {m}", file.display()));
+    let bad =
+        |m: String| StoreError::Settings(format!("database_password_file {}: {m}", file.display()));
     let meta = std::fs::metadata(file).map_err(|e| bad(e.to_string()))?;
     let euid = nix::unistd::geteuid().as_raw();
     if meta.mode() & 0o077 != 0 || (meta.uid() != 0 && meta.uid() != euid) {
@@ -329,7 +332,11 @@ impl PgStore {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn query(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+    fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
         self.conn().query(sql, params)
     }
 
@@ -341,11 +348,20 @@ impl PgStore {
         Ok(self.query(sql, params)?.into_iter().next())
     }
 
-    fn execute(&self, sql: &'static str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+    fn execute(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
         self.conn().execute(sql, params)
     }
 
-    fn insert_token(&self, token: &NewToken<'_>, state: TokenState, now: i64) -> Result<String, StoreError> {
+    fn insert_token(
+        &self,
+        token: &NewToken<'_>,
+        state: TokenState,
+        now: i64,
+    ) -> Result<String, StoreError> {
         loop {
             let id = crate::otp::random_hex(6).map_err(|_| SealError::Random)?;
             let sealed = self.sealer.seal(id.as_bytes(), token.secret)?;
@@ -433,7 +449,9 @@ fn prepare_in(
         )?[0]
             .get(0);
         if tables > 0 {
-            return Err(StoreError::Unversioned { path: display.into() });
+            return Err(StoreError::Unversioned {
+                path: display.into(),
+            });
         }
     }
     for sql in MIGRATIONS.iter().skip(found as usize) {
@@ -441,7 +459,10 @@ fn prepare_in(
     }
     if found < SCHEMA_VERSION {
         c.simple("DELETE FROM schema_version")?;
-        c.execute("INSERT INTO schema_version (version) VALUES ($1)", &[&SCHEMA_VERSION])?;
+        c.execute(
+            "INSERT INTO schema_version (version) VALUES ($1)",
+            &[&SCHEMA_VERSION],
+        )?;
     }
     let check: Option<Vec<u8>> = c
         .query("SELECT value FROM meta WHERE key = 'key_check'", &[])?
@@ -919,6 +940,9 @@ mod tests {
     #[test]
     fn both_backends_know_the_same_schema_versions() {
         assert_eq!(super::MIGRATIONS.len() as i64, super::SCHEMA_VERSION);
-        assert_eq!(super::super::sqlite::MIGRATIONS.len() as i64, super::SCHEMA_VERSION);
+        assert_eq!(
+            super::super::sqlite::MIGRATIONS.len() as i64,
+            super::SCHEMA_VERSION
+        );
     }
 }

@@ -643,7 +643,6 @@ mod tests {
         }
     }
 
-
     #[test]
     fn a_batch_left_open_is_rolled_back_by_the_next_one() {
         let (_d, s) = temp_store();
@@ -657,7 +656,6 @@ mod tests {
         s.end_batch(true).unwrap();
         assert!(s.accept(&t.id, TokenState::Pending, 100, 0, 2).unwrap());
     }
-
 
     #[test]
     fn secrets_are_sealed_on_disk_and_round_trip() {
@@ -675,7 +673,6 @@ mod tests {
             .unwrap();
         assert!(!stored.windows(secret.len()).any(|w| w == secret));
     }
-
 
     #[test]
     fn swapped_sealed_secrets_do_not_open() {
@@ -696,7 +693,6 @@ mod tests {
             Err(StoreError::Seal(SealError::Open))
         ));
     }
-
 
     #[test]
     fn missing_or_wrong_key_file_is_refused_and_nothing_changes() {
@@ -722,7 +718,6 @@ mod tests {
         assert_eq!(s.list(None).unwrap().len(), 1);
     }
 
-
     #[test]
     fn newer_schema_is_refused() {
         let (dir, s) = temp_store();
@@ -735,5 +730,4 @@ mod tests {
         let err = SqliteStore::open(&db, &dir.path().join("k")).err().unwrap();
         assert!(err.to_string().contains("upgrade guardd"), "{err}");
     }
-
 }

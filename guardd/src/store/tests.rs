@@ -140,7 +140,6 @@ fn pending_token_becomes_active_once_and_counters_only_move_forward(s: &dyn Stor
     assert_eq!((secret.counter.last, secret.counter.drift), (Some(101), -1));
 }
 
-
 fn state_changes_and_delete_are_scoped_to_the_user(s: &dyn Store) {
     let t = s.add_pending(new_token("ann", &[9; 20]), 1).unwrap();
     assert!(s.accept(&t.id, TokenState::Pending, 1, 0, 1).unwrap());
@@ -155,7 +154,6 @@ fn state_changes_and_delete_are_scoped_to_the_user(s: &dyn Store) {
     assert!(s.delete("ann", &t.id).unwrap());
     assert!(s.list(None).unwrap().is_empty());
 }
-
 
 fn failures_back_off_and_clear(s: &dyn Store) {
     let b = Backoff::default();
@@ -178,7 +176,6 @@ fn failures_back_off_and_clear(s: &dyn Store) {
     assert!(s.clear_failures("ann").unwrap());
     assert_eq!(s.lockout("ann").unwrap(), Lockout::default());
 }
-
 
 fn a_name_is_bound_per_host_to_the_uid_seen_first(s: &dyn Store) {
     // Without records a name is bound to nothing.
@@ -206,7 +203,6 @@ fn a_name_is_bound_per_host_to_the_uid_seen_first(s: &dyn Store) {
     assert_eq!(s.foreign_uid("bob", "a", Some(5)).unwrap(), Some(6));
 }
 
-
 fn a_forgiven_failure_ends_the_wait_it_started(s: &dyn Store) {
     let b = Backoff::default();
     for _ in 0..5 {
@@ -229,7 +225,6 @@ fn a_forgiven_failure_ends_the_wait_it_started(s: &dyn Store) {
     assert_ne!(s.lockout("ann").unwrap().until, 0);
 }
 
-
 fn invitations_are_single_use_bound_to_the_uid_and_expire(s: &dyn Store) {
     s.add_invitation("ann", 1000, b"h1", 100).unwrap();
     assert!(
@@ -247,7 +242,6 @@ fn invitations_are_single_use_bound_to_the_uid_and_expire(s: &dyn Store) {
     assert!(s.use_invitation("ann", 1000, b"h1", 99).unwrap());
     assert!(!s.use_invitation("ann", 1000, b"h1", 99).unwrap(), "used");
 }
-
 
 fn backup_codes_are_replaced_and_used_once(s: &dyn Store) {
     s.replace_backup_codes("ann", None, &["h1".into(), "h2".into()], 1)
@@ -271,7 +265,11 @@ fn concurrent_accepts_record_one_step_once(fixture: &Fixture, s: &dyn Store) {
         let runner = Arc::new(runner);
         let tasks: Vec<_> = (0..64)
             .map(|i| {
-                let id = if i % 2 == 0 { a.id.clone() } else { b.id.clone() };
+                let id = if i % 2 == 0 {
+                    a.id.clone()
+                } else {
+                    b.id.clone()
+                };
                 let runner = runner.clone();
                 tokio::spawn(async move {
                     let won = runner
