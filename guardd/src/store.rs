@@ -222,9 +222,10 @@ pub trait Store: Send + Sync {
     }
 }
 
-/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
-
+/// Associated data of the key-check value, which proves at start-up that the key file fits.
 pub(crate) const KEY_CHECK: &[u8] = b"soffid-otp key check";
+
+/// A token's OTP parameters from a stored row; out-of-range values mark the row corrupt.
 pub(crate) fn row_params(
     id: &str,
     alg: &str,
@@ -266,7 +267,7 @@ impl Runner {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let (call, answer) = call::Pending::new(f);
+        let (call, answer) = call::Pending::queue(f);
         async move {
             match self {
                 Runner::Sqlite(thread) => {

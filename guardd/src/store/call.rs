@@ -25,7 +25,7 @@ where
     E: From<StoreError> + Send + 'static,
 {
     /// The call, and where its result will arrive.
-    pub(super) fn new(f: F) -> (Box<dyn Call>, oneshot::Receiver<Result<T, E>>) {
+    pub(super) fn queue(f: F) -> (Box<dyn Call>, oneshot::Receiver<Result<T, E>>) {
         let (reply, answer) = oneshot::channel();
         let call = Pending {
             f: Some(f),

@@ -176,8 +176,8 @@ impl Connector {
             .keepalives(true)
             .keepalives_idle(Duration::from_secs(15))
             .tcp_user_timeout(STATEMENT_TIMEOUT * 3)
-            .application_name(&format!("guardd@{}", settings.host))
-            .options(&format!(
+            .application_name(format!("guardd@{}", settings.host))
+            .options(format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={idle}",
                 ms = STATEMENT_TIMEOUT.as_millis(),
                 idle = STATEMENT_TIMEOUT.as_millis() * 5

@@ -96,8 +96,6 @@ INSERT OR IGNORE INTO bindings (user, host, uid)
 ",
 ];
 
-/// Associated data of the key-check value, which proves at start-up that the key file fits.
-
 /// The embedded store: one SQLite file (WAL, synchronous=FULL, so an accepted code is on disk
 /// before the answer leaves the daemon) behind one connection; SQLite has one writer anyway.
 /// The daemon drives it from one [`StoreThread`](super::StoreThread), which groups commits.

@@ -340,6 +340,5 @@ where
         .build()
         .unwrap();
     let runner = fixture.runner(8);
-    let out = runtime.block_on(f(runner));
-    out
+    runtime.block_on(f(runner))
 }

@@ -157,7 +157,7 @@ mod tests {
     fn call<T: Send + 'static>(
         f: impl FnOnce(&dyn Store) -> Result<T, StoreError> + Send + 'static,
     ) -> (Box<dyn Call>, oneshot::Receiver<Result<T, StoreError>>) {
-        crate::store::call::Pending::new(f)
+        crate::store::call::Pending::queue(f)
     }
 
     #[test]
