@@ -140,6 +140,17 @@ fn work(shared: &Shared, store: &PgStore) {
         let Ok(mut call) = next else {
             return;
         };
+        // While the database is known to be away, fail at once; past the pause, try again.
+        let refused = match &*shared.down.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some((until, reason)) if Instant::now() < *until => {
+                Some(StoreError::Unavailable(reason.clone()))
+            }
+            _ => None,
+        };
+        if let Some(e) = refused {
+            call.reply(Some(&Failure::of(e)));
+            continue;
+        }
         let failed = serve(shared, store, call.as_mut()).err().map(|e| {
             if let StoreError::Unavailable(reason) = &e {
                 let mut down = shared.down.lock().unwrap_or_else(|p| p.into_inner());
@@ -164,11 +175,6 @@ fn work(shared: &Shared, store: &PgStore) {
 
 /// Runs `call` in a transaction of its own and commits it if it succeeded.
 fn serve(shared: &Shared, store: &PgStore, call: &mut dyn Call) -> Result<(), StoreError> {
-    if let Some((until, reason)) = &*shared.down.lock().unwrap_or_else(|p| p.into_inner()) {
-        if Instant::now() < *until {
-            return Err(StoreError::Unavailable(reason.clone()));
-        }
-    }
     if !shared.prepared.load(Ordering::Acquire) {
         store.check()?;
         shared.prepared.store(true, Ordering::Release);

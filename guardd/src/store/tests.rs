@@ -342,3 +342,58 @@ where
     let runner = fixture.runner(8);
     runtime.block_on(f(runner))
 }
+
+/// While the database is down, calls fail at once as unavailable; once it is back, the same
+/// pool serves again without a restart.
+#[test]
+fn a_pool_fails_fast_while_the_database_is_down_and_reconnects_by_itself() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Fixture {
+        dir,
+        url: Some(cluster.database()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(2);
+    let call = || runner.run(|s| s.has_active("ann"));
+    assert!(!runtime.block_on(call()).unwrap());
+    cluster.stop();
+    std::thread::scope(|scope| {
+        // The server comes back while calls keep arriving (they must not keep the pool from
+        // trying again).
+        let restart = scope.spawn(|| {
+            std::thread::sleep(Duration::from_secs(1));
+            cluster.start_server();
+            Instant::now()
+        });
+        runtime.block_on(async {
+            let mut served = None;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                match call().await {
+                    Ok(false) => {
+                        served = Some(Instant::now());
+                        break;
+                    }
+                    Err(StoreError::Unavailable(_)) => {
+                        assert!(
+                            started.elapsed() < pool::CALL_TIMEOUT,
+                            "{:?}",
+                            started.elapsed()
+                        );
+                    }
+                    other => panic!("{other:?}"),
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let back = restart.join().unwrap();
+            let served = served.expect("served again once the database was back");
+            assert!(served > back, "served while the database was down");
+        });
+    });
+}

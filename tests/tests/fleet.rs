@@ -1,0 +1,320 @@
+//! Fleets: several guardd processes, each with its own `host`, on one real PostgreSQL (a
+//! throw-away cluster started by the test run). One token per person across hosts, codes used
+//! once fleet-wide, the back-off counted across hosts, and crashes of a guardd or of the
+//! database that lose nothing acknowledged.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use harness::{is_deny, is_permit, login_with, Daemon, Secret, SharedStore, STRICT_RULES};
+use proto::v1::guard_client::GuardClient;
+use proto::v1::{step, ConfirmRequest, DenyReason, EnrollRequest};
+
+/// System accounts every Debian machine has: one HOTP token each in the load runs.
+const USERS: [&str; 8] = ["daemon", "bin", "sys", "games", "man", "lp", "mail", "news"];
+
+/// Guardd processes on one store, each with its own host name (`host-0`, `host-1`, ...).
+struct Fleet {
+    hosts: Vec<Daemon>,
+    _keys: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn start(cluster: &pgtemp::Cluster, n: usize) -> Fleet {
+        let keys = tempfile::tempdir().unwrap();
+        let store = SharedStore::postgres(cluster, keys.path());
+        let hosts = (0..n)
+            .map(|i| {
+                Daemon::on_store(
+                    STRICT_RULES,
+                    &format!("max_tries = 1\nhost = \"host-{i}\"\n"),
+                    Some(&store),
+                )
+            })
+            .collect();
+        Fleet { hosts, _keys: keys }
+    }
+
+    fn sockets(&self) -> Vec<PathBuf> {
+        self.hosts.iter().map(|d| d.socket.clone()).collect()
+    }
+
+    /// Every host's log, for a failure message.
+    fn logs(&self) -> String {
+        self.hosts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| format!("--- host-{i}\n{}", d.log()))
+            .collect()
+    }
+}
+
+/// Enrols `user` with an HOTP token through `d` and confirms it with counter 0.
+async fn enroll_hotp(d: &Daemon, user: &str) -> Secret {
+    let (secret, _) = d
+        .enroll(EnrollRequest {
+            user: user.into(),
+            kind: "hotp".into(),
+            label: "fleet".into(),
+            ..EnrollRequest::default()
+        })
+        .await;
+    d.remember(&secret.hotp(0));
+    d.client()
+        .await
+        .confirm(ConfirmRequest {
+            user: user.into(),
+            code: secret.hotp(0).into_bytes(),
+        })
+        .await
+        .expect("confirm");
+    secret
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_enrolled_on_one_host_logs_in_on_another_once() {
+    let fleet = Fleet::start(pgtemp::Cluster::shared(), 3);
+    let secret = fleet.hosts[0].enroll_active("daemon").await;
+    let code = secret.code_at(0);
+    fleet.hosts[2].remember(&code);
+    assert!(
+        is_permit(&fleet.hosts[2].login("daemon", &code).await),
+        "{}",
+        fleet.logs()
+    );
+    // Used up on host-2: refused there again and on host-1.
+    assert!(is_deny(&fleet.hosts[1].login("daemon", &code).await));
+    assert!(is_deny(&fleet.hosts[2].login("daemon", &code).await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_codes_on_one_host_lock_the_user_out_on_another() {
+    let fleet = Fleet::start(pgtemp::Cluster::shared(), 2);
+    let secret = fleet.hosts[0].enroll_active("daemon").await;
+    for _ in 0..5 {
+        let step = fleet.hosts[0].login("daemon", &secret.wrong_code()).await;
+        assert!(is_deny(&step));
+    }
+    let code = secret.code_at(0);
+    let step = fleet.hosts[1].login("daemon", &code).await;
+    match step.kind {
+        Some(step::Kind::Deny(d)) => assert_eq!(d.reason(), DenyReason::Locked, "{d:?}"),
+        other => panic!("the back-off must hold on host-1, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guardd_killed_during_a_load_run_loses_no_accepted_code() {
+    let mut fleet = Fleet::start(pgtemp::Cluster::shared(), 3);
+    let run = LoadRun::start(&fleet).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = Instant::now();
+    fleet.hosts[1].crash_and_restart();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let outcome = run.stop().await;
+    assert!(
+        outcome.accepted_since(killed) > 0,
+        "{outcome:?}\n{}",
+        fleet.logs()
+    );
+    outcome.check(&fleet).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_during_a_load_run_fails_calls_fast_and_service_resumes() {
+    // A cluster of its own: this test stops it.
+    let cluster = pgtemp::Cluster::start();
+    let fleet = Fleet::start(&cluster, 2);
+    let run = LoadRun::start(&fleet).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    cluster.stop();
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    cluster.start_server();
+    let restarted = Instant::now();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let outcome = run.stop().await;
+    // During the outage calls failed, each well within the module's default 5 s timeout.
+    assert!(outcome.failures > 0, "{outcome:?}");
+    assert!(
+        outcome.slowest_failure < Duration::from_millis(4500),
+        "{outcome:?}"
+    );
+    // Logins were accepted again after the restart, by the same guardd processes.
+    assert!(
+        outcome.accepted_since(restarted) > 0,
+        "{outcome:?}\n{}",
+        fleet.logs()
+    );
+    outcome.check(&fleet).await;
+}
+
+/// Clients logging in with fresh HOTP codes, spread over the hosts of a fleet, until stopped.
+struct LoadRun {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Record>>,
+}
+
+/// What one client saw.
+#[derive(Debug, Default)]
+struct Record {
+    user: String,
+    /// The host it logs in on.
+    host: usize,
+    /// The HOTP counters a host accepted, with when, and their codes.
+    accepted: Vec<(u64, Instant, String)>,
+    /// Calls that failed (guardd or the database away), and the slowest of them.
+    failures: usize,
+    slowest_failure: Duration,
+    /// Denials of a code not tried before: none may happen.
+    unexpected_denials: usize,
+}
+
+#[derive(Debug)]
+struct Outcome {
+    records: Vec<Record>,
+    failures: usize,
+    slowest_failure: Duration,
+}
+
+impl LoadRun {
+    async fn start(fleet: &Fleet) -> LoadRun {
+        let sockets = fleet.sockets();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        for (i, user) in USERS.iter().enumerate() {
+            let secret = enroll_hotp(&fleet.hosts[0], user).await;
+            let host = i % sockets.len();
+            let socket = sockets[host].clone();
+            let record = Record {
+                user: user.to_string(),
+                host,
+                ..Record::default()
+            };
+            tasks.push(tokio::spawn(drive(record, secret, socket, stop.clone())));
+        }
+        LoadRun { stop, tasks }
+    }
+
+    async fn stop(self) -> Outcome {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut records = Vec::new();
+        for t in self.tasks {
+            records.push(t.await.unwrap());
+        }
+        let failures = records.iter().map(|r| r.failures).sum();
+        let slowest_failure = records
+            .iter()
+            .map(|r| r.slowest_failure)
+            .max()
+            .unwrap_or_default();
+        Outcome {
+            records,
+            failures,
+            slowest_failure,
+        }
+    }
+}
+
+/// One client: the next HOTP code of its user, again and again. A call that failed is retried
+/// with the same code (it may have been accepted before the failure: then the retry must be
+/// refused, and the client moves on).
+async fn drive(
+    mut record: Record,
+    secret: Secret,
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+) -> Record {
+    let user = record.user.clone();
+    let (mut counter, mut retrying) = (1u64, false);
+    let mut client: Option<GuardClient<tonic::transport::Channel>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        if client.is_none() {
+            match proto::connect(&socket, Duration::from_secs(5)).await {
+                Ok(channel) => client = Some(GuardClient::new(channel)),
+                Err(_) => {
+                    record.failures += 1;
+                    record.slowest_failure = record.slowest_failure.max(started.elapsed());
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = client.as_mut() else { continue };
+        let code = secret.hotp(counter);
+        match login_with(c, &user, &code).await {
+            Ok(step) if is_permit(&step) => {
+                record.accepted.push((counter, Instant::now(), code));
+                counter += 1;
+                retrying = false;
+            }
+            Ok(_) => {
+                record.unexpected_denials += usize::from(!retrying);
+                counter += 1;
+                retrying = false;
+            }
+            Err(_) => {
+                record.failures += 1;
+                record.slowest_failure = record.slowest_failure.max(started.elapsed());
+                client = None;
+                retrying = true;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    record
+}
+
+impl Outcome {
+    fn accepted_since(&self, t: Instant) -> usize {
+        self.records
+            .iter()
+            .flat_map(|r| &r.accepted)
+            .filter(|(_, at, _)| *at > t)
+            .count()
+    }
+
+    /// Every accepted code was accepted once, no fresh code was refused, and every accepted
+    /// code is refused now on every host.
+    async fn check(&self, fleet: &Fleet) {
+        for r in &self.records {
+            assert_eq!(r.unexpected_denials, 0, "{r:?}\n{}", fleet.logs());
+            assert!(!r.accepted.is_empty(), "{r:?}\n{}", fleet.logs());
+            let mut counters: Vec<u64> = r.accepted.iter().map(|(c, _, _)| *c).collect();
+            let n = counters.len();
+            counters.sort_unstable();
+            counters.dedup();
+            assert_eq!(counters.len(), n, "a code accepted twice: {r:?}");
+        }
+        // Replayed on another host than the one that accepted it: refused.
+        let sockets = fleet.sockets();
+        let replays: Vec<_> = self
+            .records
+            .iter()
+            .map(|r| {
+                let socket = sockets[(r.host + 1) % sockets.len()].clone();
+                let (user, codes) = (r.user.clone(), r.accepted.clone());
+                tokio::spawn(async move {
+                    let channel = proto::connect(&socket, Duration::from_secs(5))
+                        .await
+                        .unwrap();
+                    let mut client = GuardClient::new(channel);
+                    let mut accepted_again = Vec::new();
+                    for (counter, _, code) in codes {
+                        let step = login_with(&mut client, &user, &code).await.unwrap();
+                        if !is_deny(&step) {
+                            accepted_again.push(counter);
+                        }
+                    }
+                    (user, accepted_again)
+                })
+            })
+            .collect();
+        for replay in replays {
+            let (user, again) = replay.await.unwrap();
+            assert!(again.is_empty(), "{user}: codes accepted again: {again:?}");
+        }
+    }
+}
