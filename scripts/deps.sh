@@ -3,8 +3,8 @@
 # (or sudo) only when something is missing. Usage: scripts/deps.sh build|deb|test
 set -euo pipefail
 
-build_pkgs=(libpam0g-dev libclang-dev pkg-config oathtool pamtester libpam-wrapper)
-test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd)
+build_pkgs=(libpam0g-dev libclang-dev libssl-dev pkg-config oathtool pamtester libpam-wrapper)
+test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd postgresql)
 
 deb_pkgs=(help2man lintian dpkg-dev)
 

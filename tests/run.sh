@@ -12,5 +12,10 @@ cargo fmt --all -- --check
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# Tests that need root are marked #[ignore = "needs root"] inside `mod as_root`: a normal user's
+# run reports them as ignored; as root (CI) they run here.
+if [ "$(id -u)" -eq 0 ]; then
+  cargo test --workspace -- --ignored as_root::
+fi
 # The Debian package: build, install, log in, upgrade, purge (root only; skipped otherwise).
 bash tests/deb.sh

@@ -318,3 +318,52 @@ impl Outcome {
         }
     }
 }
+
+/// Tests that need root: a real account and PAM services in /etc/pam.d for the system's libpam.
+/// Ignored in a normal user's run; the README's test command runs them when it is root.
+mod as_root {
+    use super::*;
+    use harness::{system_pamtester, EtcFile, PamServices, User};
+
+    /// Forty logins at once, spread over eight guardds through the real module and the
+    /// system's libpam, all answer with the same valid code: exactly one gets in.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs root"]
+    async fn forty_logins_with_one_code_over_eight_hosts_get_in_once() {
+        let fleet = Fleet::start(pgtemp::Cluster::shared(), 8);
+        let user = User::create_named("fleet");
+        let secret = fleet.hosts[0].enroll_active(&user.name).await;
+        let services: Vec<(String, EtcFile)> = fleet
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let name = format!("soffid-fleet-{}-{i}", std::process::id());
+                let stack = PamServices::module_line(&format!(
+                    "socket={} timeout=10",
+                    d.socket.display()
+                ));
+                let file = EtcFile::write(&format!("/etc/pam.d/{name}"), &stack, 0o644);
+                (name, file)
+            })
+            .collect();
+        let code = secret.code_at(0);
+        fleet.hosts[0].remember(&code);
+        let input = format!("{code}\n");
+        let results: Vec<bool> = std::thread::scope(|scope| {
+            let logins: Vec<_> = (0..40)
+                .map(|i| {
+                    let (service, input, user) = (&services[i % 8].0, &input, &user.name);
+                    scope.spawn(move || system_pamtester(service, user, input).status.success())
+                })
+                .collect();
+            logins.into_iter().map(|l| l.join().unwrap()).collect()
+        });
+        let successes = results.iter().filter(|ok| **ok).count();
+        assert_eq!(successes, 1, "{}", fleet.logs());
+        // Every host took part, and the others refused the used code.
+        for (i, d) in fleet.hosts.iter().enumerate() {
+            assert!(d.log().contains("action=\"begin\""), "host-{i} saw no login");
+        }
+    }
+}
