@@ -61,9 +61,19 @@ pub fn record(event: &Event<'_>) {
     write(event);
 }
 
+/// This guardd's host name, on every audit line: in a fleet, one store's events come from many
+/// hosts.
+static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Names the host the audit lines come from (once, at start).
+pub fn set_host(host: &str) {
+    let _ = HOST.set(host.to_owned());
+}
+
 fn write(event: &Event<'_>) {
     tracing::info!(
         target: "audit",
+        host = HOST.get().map_or("", String::as_str),
         action = event.action,
         user = event.user,
         service = event.service,

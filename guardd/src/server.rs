@@ -158,6 +158,7 @@ pub async fn run_with_clock(
     clock: Clock,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    audit::set_host(&config.host());
     // Everything that can refuse to start comes before the socket exists.
     let policy = config.load_policy()?;
     for w in policy.warnings() {

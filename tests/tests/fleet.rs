@@ -87,6 +87,13 @@ async fn a_token_enrolled_on_one_host_logs_in_on_another_once() {
     // Used up on host-2: refused there again and on host-1.
     assert!(is_deny(&fleet.hosts[1].login("daemon", &code).await));
     assert!(is_deny(&fleet.hosts[2].login("daemon", &code).await));
+    // Each host's audit lines name it.
+    let log = fleet.hosts[2].log();
+    let answer = log
+        .lines()
+        .find(|l| l.contains("action=\"answer\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(answer.contains("host=\"host-2\""), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,4 +373,54 @@ mod as_root {
             assert!(d.log().contains("action=\"begin\""), "host-{i} saw no login");
         }
     }
+}
+
+const BREAK_GLASS_RULES: &str = r#"
+version = 1
+algorithm = "first-applicable"
+default = "deny"
+
+[[rule]]
+id = "break-glass"
+effect = "permit"
+match = { service = ["breakglass"] }
+
+[[rule]]
+id = "no-ftp"
+effect = "deny"
+match = { service = ["ftp"] }
+
+[[rule]]
+id = "everyone-otp"
+effect = "otp"
+unenrolled = "deny"
+"#;
+
+/// Rules that need no stored fact hold while the database is away: the break-glass permit and
+/// the deny are decided; a login that needs the store is told "unavailable" at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_that_need_no_stored_fact_hold_while_the_database_is_down() {
+    use proto::v1::{BeginRequest, LoginContext};
+    let cluster = pgtemp::Cluster::start();
+    let keys = tempfile::tempdir().unwrap();
+    let store = SharedStore::postgres(&cluster, keys.path());
+    let d = Daemon::on_store(BREAK_GLASS_RULES, "host = \"lonely\"\n", Some(&store));
+    cluster.stop();
+    let begin = |service: &str| BeginRequest {
+        context: Some(LoginContext {
+            user: "daemon".into(),
+            service: service.into(),
+            ..LoginContext::default()
+        }),
+    };
+    let mut client = d.client().await;
+    let step = client.begin(begin("breakglass")).await.unwrap().into_inner();
+    assert!(is_permit(&step), "{step:?}\n{}", d.log());
+    let step = client.begin(begin("ftp")).await.unwrap().into_inner();
+    assert!(is_deny(&step), "{step:?}");
+    let started = Instant::now();
+    let err = client.begin(begin("sshd")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(!err.message().contains("password"), "{err:?}");
 }
