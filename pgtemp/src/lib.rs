@@ -5,7 +5,7 @@
 //! that user. A watcher process stops the cluster and removes its directory when the test
 //! process that started it dies, so a panic or a `kill -9` of the test leaves nothing running.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
@@ -14,6 +14,10 @@ use std::sync::OnceLock;
 pub struct Cluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// Server options beyond the Unix socket (a TCP port with TLS).
+    extra: String,
+    /// The port, which also names the Unix socket.
+    port: u16,
     /// Run the server's own commands as this user (root may not run them).
     runner: Option<&'static str>,
     databases: AtomicUsize,
@@ -28,6 +32,32 @@ impl Cluster {
 
     /// Starts a new cluster of its own (for tests that stop or restart the server).
     pub fn start() -> Cluster {
+        Cluster::start_with(None)
+    }
+
+    /// A cluster that also listens on 127.0.0.1 (its port returned) with TLS only, using this
+    /// certificate and key; there, the role `guardd` logs in with `password`.
+    pub fn start_tls(cert: &Path, key: &Path, password: &str) -> (Cluster, u16) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let cluster = Cluster::start_with(Some(TlsPort {
+            port,
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+        }));
+        cluster.psql(
+            "postgres",
+            &format!(
+                "ALTER ROLE guardd PASSWORD '{}'",
+                password.replace('\'', "''")
+            ),
+        );
+        (cluster, port)
+    }
+
+    fn start_with(tls: Option<TlsPort>) -> Cluster {
         let bin = bin_dir();
         let is_root = Command::new("id")
             .arg("-u")
@@ -39,14 +69,33 @@ impl Cluster {
             .prefix("soffid-otp-pg")
             .tempdir()
             .expect("temporary directory for the PostgreSQL cluster");
-        let cluster = Cluster {
+        let mut cluster = Cluster {
             dir,
             bin,
+            extra: String::new(),
+            port: tls.as_ref().map_or(5432, |t| t.port),
             runner,
             databases: AtomicUsize::new(0),
         };
         for sub in ["data", "sock"] {
             std::fs::create_dir(cluster.dir.path().join(sub)).unwrap();
+        }
+        if let Some(tls) = &tls {
+            // The server reads its key as its own user, mode 0600.
+            for (from, to) in [
+                (&tls.cert, "sock/server.crt"),
+                (&tls.key, "sock/server.key"),
+            ] {
+                let to = cluster.dir.path().join(to);
+                std::fs::copy(from, &to).unwrap();
+                run(Command::new("chmod").arg("600").arg(&to));
+            }
+            cluster.extra = format!(
+                " -c listen_addresses='127.0.0.1' -c port={} -c ssl=on -c ssl_cert_file='{}' -c ssl_key_file='{}'",
+                tls.port,
+                cluster.dir.path().join("sock/server.crt").display(),
+                cluster.dir.path().join("sock/server.key").display()
+            );
         }
         if runner.is_some() {
             // The temporary directory is 0700 root: let the postgres user into it.
@@ -63,13 +112,21 @@ impl Cluster {
             .args([
                 "-U",
                 "postgres",
-                "-A",
-                "trust",
+                "--auth-local=trust",
+                // Over TCP a password is needed (and TLS, below).
+                "--auth-host=scram-sha-256",
                 "--no-locale",
                 "-E",
                 "UTF8",
                 "--no-sync",
             ]));
+        if tls.is_some() {
+            let hba = cluster.data().join("pg_hba.conf");
+            let text = std::fs::read_to_string(&hba)
+                .unwrap()
+                .replace("\nhost ", "\nhostssl ");
+            std::fs::write(&hba, text).unwrap();
+        }
         cluster.start_server();
         cluster.watch();
         cluster.psql("postgres", "CREATE ROLE guardd LOGIN");
@@ -90,8 +147,9 @@ impl Cluster {
     /// The URL of database `name` for role `guardd` over the cluster's Unix socket.
     pub fn url(&self, name: &str) -> String {
         format!(
-            "postgresql://guardd@/{name}?host={}",
-            self.socket_dir().display()
+            "postgresql://guardd@/{name}?host={}&port={}",
+            self.socket_dir().display(),
+            self.port
         )
     }
 
@@ -110,6 +168,7 @@ impl Cluster {
                 "-h",
             ])
             .arg(self.socket_dir())
+            .args(["-p", &self.port.to_string()])
             .args(["-d", db, "-c", sql]));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
@@ -130,11 +189,12 @@ impl Cluster {
 
     /// Starts the server again after [`Cluster::stop`].
     pub fn start_server(&self) {
-        let options = format!(
+        let mut options = format!(
             "-c listen_addresses='' -c unix_socket_directories='{}' -c max_connections=300 \
              -c fsync=on -c synchronous_commit=on",
             self.socket_dir().display()
         );
+        options.push_str(&self.extra);
         run(self
             .server_command("pg_ctl")
             .arg("-D")
@@ -204,6 +264,13 @@ impl Drop for Cluster {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// A TCP port with TLS.
+struct TlsPort {
+    port: u16,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// The newest installed PostgreSQL's binaries.

@@ -346,10 +346,8 @@ mod as_root {
             .enumerate()
             .map(|(i, d)| {
                 let name = format!("soffid-fleet-{}-{i}", std::process::id());
-                let stack = PamServices::module_line(&format!(
-                    "socket={} timeout=10",
-                    d.socket.display()
-                ));
+                let stack =
+                    PamServices::module_line(&format!("socket={} timeout=10", d.socket.display()));
                 let file = EtcFile::write(&format!("/etc/pam.d/{name}"), &stack, 0o644);
                 (name, file)
             })
@@ -370,7 +368,10 @@ mod as_root {
         assert_eq!(successes, 1, "{}", fleet.logs());
         // Every host took part, and the others refused the used code.
         for (i, d) in fleet.hosts.iter().enumerate() {
-            assert!(d.log().contains("action=\"begin\""), "host-{i} saw no login");
+            assert!(
+                d.log().contains("action=\"begin\""),
+                "host-{i} saw no login"
+            );
         }
     }
 }
@@ -414,13 +415,21 @@ async fn rules_that_need_no_stored_fact_hold_while_the_database_is_down() {
         }),
     };
     let mut client = d.client().await;
-    let step = client.begin(begin("breakglass")).await.unwrap().into_inner();
+    let step = client
+        .begin(begin("breakglass"))
+        .await
+        .unwrap()
+        .into_inner();
     assert!(is_permit(&step), "{step:?}\n{}", d.log());
     let step = client.begin(begin("ftp")).await.unwrap().into_inner();
     assert!(is_deny(&step), "{step:?}");
     let started = Instant::now();
     let err = client.begin(begin("sshd")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(!err.message().contains("password"), "{err:?}");
 }

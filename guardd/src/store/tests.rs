@@ -397,3 +397,240 @@ fn a_pool_fails_fast_while_the_database_is_down_and_reconnects_by_itself() {
         });
     });
 }
+
+/// What only the PostgreSQL store has: settings, TLS, concurrent start-ups, its own schema.
+mod postgres_only {
+    use super::*;
+    use std::path::Path;
+    use std::process::Command;
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    }
+
+    /// A CA, and a server certificate it signed for the name `localhost` only.
+    fn certificates(dir: &Path) {
+        for ca in ["ca", "other-ca"] {
+            openssl(
+                dir,
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "rsa:2048",
+                    "-nodes",
+                    "-days",
+                    "1",
+                    "-subj",
+                    &format!("/CN={ca}"),
+                    "-keyout",
+                    &format!("{ca}.key"),
+                    "-out",
+                    &format!("{ca}.crt"),
+                ],
+            );
+        }
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-subj",
+                "/CN=localhost",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+            ],
+        );
+        std::fs::write(dir.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.crt",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                "ext",
+                "-out",
+                "server.crt",
+            ],
+        );
+    }
+
+    fn private_file(path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Over the network, the server's certificate must be signed by the configured CA and name
+    /// the host of the URL (libpq's verify-full); the password comes from a private file.
+    #[test]
+    fn tls_verifies_the_certificate_and_the_host_name_and_the_password_comes_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        certificates(dir.path());
+        let (cluster, port) = pgtemp::Cluster::start_tls(
+            &dir.path().join("server.crt"),
+            &dir.path().join("server.key"),
+            "s3cret-for-test",
+        );
+        let db = cluster.database();
+        let name = db
+            .split('/')
+            .nth(3)
+            .unwrap()
+            .split('?')
+            .next()
+            .unwrap()
+            .to_owned();
+        private_file(&dir.path().join("pw"), "s3cret-for-test\n");
+        private_file(&dir.path().join("bad-pw"), "wrong\n");
+        let key = dir.path().join("k");
+        let connect = |host: &str, ca: &str, pw: &str| {
+            let settings = PgSettings {
+                url: format!("postgresql://guardd@{host}:{port}/{name}"),
+                password_file: Some(dir.path().join(pw)),
+                ca_file: Some(dir.path().join(ca)),
+                host: "test".into(),
+            };
+            prepare(Arc::new(Connector::new(&settings)?), &key).map(drop)
+        };
+        connect("localhost", "ca.crt", "pw").unwrap();
+        let err = connect("localhost", "other-ca.crt", "pw").unwrap_err();
+        assert!(
+            matches!(err, StoreError::Unavailable(_)),
+            "another CA: {err}"
+        );
+        let err = connect("127.0.0.1", "ca.crt", "pw").unwrap_err();
+        assert!(
+            matches!(err, StoreError::Unavailable(_)),
+            "a name the certificate does not hold: {err}"
+        );
+        let err = connect("localhost", "ca.crt", "bad-pw").unwrap_err();
+        assert!(err.to_string().contains("password"), "{err}");
+        assert!(
+            !err.to_string().contains("wrong"),
+            "the password leaked: {err}"
+        );
+    }
+
+    #[test]
+    fn unsafe_settings_are_refused_before_connecting() {
+        let dir = tempfile::tempdir().unwrap();
+        let refused = |settings: PgSettings| match Connector::new(&settings) {
+            Err(StoreError::Settings(m)) => m,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted {settings:?}"),
+        };
+        let m = refused(settings("postgresql://guardd:pw@/db?host=/run/x"));
+        assert!(
+            m.contains("database_password_file") && !m.contains("pw@"),
+            "{m}"
+        );
+        let m = refused(settings("postgresql://guardd@db.example.com/guardd"));
+        assert!(m.contains("database_ca_file"), "{m}");
+        let open = dir.path().join("pw");
+        std::fs::write(&open, "x").unwrap();
+        std::fs::set_permissions(&open, std::os::unix::fs::PermissionsExt::from_mode(0o644))
+            .unwrap();
+        let m = refused(PgSettings {
+            password_file: Some(open),
+            ..settings("postgresql://guardd@/db?host=/run/x")
+        });
+        assert!(m.contains("chmod 600"), "{m}");
+        let m = refused(PgSettings {
+            ca_file: Some(dir.path().join("absent.crt")),
+            ..settings("postgresql://guardd@db.example.com/guardd?sslmode=disable")
+        });
+        assert!(m.contains("sslmode=disable"), "{m}");
+        // Several hosts, the writable one chosen, and loopback without TLS, are fine.
+        Connector::new(&settings(
+            "postgresql://guardd@127.0.0.1:5432,localhost:5433/guardd?target_session_attrs=read-write",
+        ))
+        .unwrap();
+    }
+
+    /// Eight guardds start at once on an empty database: one migrates, all agree.
+    #[test]
+    fn eight_guardds_starting_at_once_migrate_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = pgtemp::Cluster::shared().database();
+        let key = dir.path().join("k");
+        crate::seal::Sealer::load(&key, true).unwrap();
+        std::thread::scope(|scope| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| {
+                    scope
+                        .spawn(|| prepare(Arc::new(Connector::new(&settings(&url)).unwrap()), &key))
+                })
+                .collect();
+            for s in starts {
+                s.join().unwrap().unwrap();
+            }
+        });
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        let versions = pgtemp::Cluster::shared().psql(name, "SELECT version FROM schema_version");
+        assert_eq!(versions, SCHEMA_VERSION.to_string());
+    }
+
+    #[test]
+    fn a_newer_schema_another_key_or_a_missing_key_are_refused() {
+        let (fixture, store) = Fixture::postgres();
+        store.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        drop(store);
+        let url = fixture.url.clone().unwrap();
+        let connector = || Arc::new(Connector::new(&settings(&url)).unwrap());
+        // A host with a key of its own.
+        let other = fixture.dir.path().join("other-key");
+        crate::seal::Sealer::load(&other, true).unwrap();
+        let err = prepare(connector(), &other).map(drop).unwrap_err();
+        assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
+        assert!(err.to_string().contains("wrong key file"), "{err}");
+        // A host without the key file: refused, and no new key is made.
+        let absent = fixture.dir.path().join("absent");
+        let err = prepare(connector(), &absent).map(drop).unwrap_err();
+        assert!(matches!(err, StoreError::KeyMissing { .. }), "{err}");
+        assert!(!absent.exists());
+        // A schema from a newer guardd.
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        pgtemp::Cluster::shared().psql(name, "UPDATE schema_version SET version = 99");
+        let err = prepare(connector(), &fixture.dir.path().join("k"))
+            .map(drop)
+            .unwrap_err();
+        assert!(err.to_string().contains("upgrade guardd"), "{err}");
+    }
+
+    /// A database administrator or a dump reads no secret.
+    #[test]
+    fn secrets_are_sealed_in_the_database() {
+        let (fixture, store) = Fixture::postgres();
+        let secret = b"0123456789abcdefghij";
+        store.add_pending(new_token("ann", secret), 1).unwrap();
+        assert_eq!(
+            &**store.secrets("ann", TokenState::Pending).unwrap()[0].secret,
+            secret
+        );
+        let url = fixture.url.unwrap();
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        let stored =
+            pgtemp::Cluster::shared().psql(name, "SELECT encode(secret, 'hex') FROM tokens");
+        let plain: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!stored.is_empty() && !stored.contains(&plain), "{stored}");
+    }
+}
