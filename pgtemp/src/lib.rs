@@ -204,6 +204,26 @@ impl Cluster {
             .args(["-w", "-o", &options, "start"]));
     }
 
+    /// Freezes every server process (SIGSTOP), as a database that stops answering would.
+    pub fn pause(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// Lets the server run again after [`Cluster::pause`].
+    pub fn resume(&self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let postmaster = pid_file.lines().next().unwrap().trim().to_owned();
+        // The postmaster and its children (backends, checkpointer, walwriter).
+        let _ = Command::new("pkill")
+            .args([signal, "-P", &postmaster])
+            .status();
+        run(Command::new("kill").args([signal, &postmaster]));
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("sock/server.log")).unwrap_or_default()

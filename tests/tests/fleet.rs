@@ -433,3 +433,112 @@ async fn rules_that_need_no_stored_fact_hold_while_the_database_is_down() {
     );
     assert!(!err.message().contains("password"), "{err:?}");
 }
+
+/// A change on one host holds on every other at its next call: a disabled token, a used
+/// backup code, an unlock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_on_one_host_hold_on_the_others_at_once() {
+    use proto::v1::{SetEnabledRequest, UnlockRequest};
+    let fleet = Fleet::start(pgtemp::Cluster::shared(), 2);
+    let (a, b) = (&fleet.hosts[0], &fleet.hosts[1]);
+    let secret = a.enroll_active("daemon").await;
+    // A backup code used on host-0 is gone on host-1.
+    let codes = a.backup_codes("daemon").await;
+    assert!(
+        is_permit(&a.login("daemon", &codes[0]).await),
+        "{}",
+        fleet.logs()
+    );
+    assert!(is_deny(&b.login("daemon", &codes[0]).await));
+    // Disabled on host-1: host-0 refuses the token's next code before any prompt.
+    let listed = b
+        .client()
+        .await
+        .list(proto::v1::ListRequest {
+            user: "daemon".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = listed.tokens[0].id.clone();
+    b.client()
+        .await
+        .set_enabled(SetEnabledRequest {
+            user: "daemon".into(),
+            token_id: id.clone(),
+            enabled: false,
+        })
+        .await
+        .unwrap();
+    assert!(is_deny(&a.login("daemon", &secret.code_at(0)).await));
+    // Locked out through host-0, unlocked on host-1: host-0 takes the next code.
+    a.client()
+        .await
+        .set_enabled(SetEnabledRequest {
+            user: "daemon".into(),
+            token_id: id,
+            enabled: true,
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        a.login("daemon", &secret.wrong_code()).await;
+    }
+    assert!(is_deny(&a.login("daemon", &secret.code_at(0)).await));
+    let unlocked = b
+        .client()
+        .await
+        .unlock(UnlockRequest {
+            user: "daemon".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(unlocked.was_locked);
+    assert!(
+        is_permit(&a.login("daemon", &secret.code_at(0)).await),
+        "{}",
+        fleet.logs()
+    );
+}
+
+/// A guardd that starts while the database is down serves the rules that need no stored
+/// fact, and logins with codes once the database is back (after checking the key).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guardd_started_while_the_database_is_down_serves_once_it_is_back() {
+    use proto::v1::{BeginRequest, LoginContext};
+    let cluster = pgtemp::Cluster::start();
+    let keys = tempfile::tempdir().unwrap();
+    let store = SharedStore::postgres(&cluster, keys.path());
+    let mut d = Daemon::on_store(BREAK_GLASS_RULES, "host = \"late\"\n", Some(&store));
+    let secret = d.enroll_active("daemon").await;
+    cluster.stop();
+    d.restart();
+    let step = d
+        .client()
+        .await
+        .begin(BeginRequest {
+            context: Some(LoginContext {
+                user: "daemon".into(),
+                service: "breakglass".into(),
+                ..LoginContext::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(is_permit(&step), "{step:?}");
+    cluster.start_server();
+    let code = secret.code_at(0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match login_with(&mut d.client().await, "daemon", &code).await {
+            Ok(step) => {
+                assert!(is_permit(&step), "{step:?}\n{}", d.log());
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "{e:?}\n{}", d.log()),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -634,3 +634,45 @@ mod postgres_only {
         assert!(!stored.is_empty() && !stored.contains(&plain), "{stored}");
     }
 }
+
+/// A database that stops answering (frozen, not gone): each call gives up within the call
+/// timeout, and once the database answers again the pool serves without a restart.
+#[test]
+fn a_frozen_database_bounds_every_call_and_the_pool_recovers() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::start();
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cluster.database()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(2);
+    let call = || runner.run(|s| s.has_active("ann"));
+    assert!(!runtime.block_on(call()).unwrap());
+    cluster.pause();
+    for _ in 0..2 {
+        let started = Instant::now();
+        let result = runtime.block_on(call());
+        assert!(
+            matches!(result, Err(StoreError::Unavailable(_))),
+            "{result:?}"
+        );
+        assert!(
+            started.elapsed() < pool::CALL_TIMEOUT + Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    cluster.resume();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match runtime.block_on(call()) {
+            Ok(false) => break,
+            other => assert!(Instant::now() < deadline, "{other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
