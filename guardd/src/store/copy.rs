@@ -155,6 +155,7 @@ impl Dump {
     /// Reads every row of `target` (opened with `key_file`, which must fit it).
     pub fn read(target: &Target, key_file: &Path) -> Result<Dump, StoreError> {
         require_key(key_file)?;
+        require_source(target)?;
         snapshot(open(target, key_file)?.as_ref())
     }
 
@@ -179,7 +180,7 @@ impl Dump {
         }
     }
 
-    /// How many rows of `dest` these lack.
+    /// How many rows of `dest` `source` lacks.
     fn only_in(dest: &Dump, source: &Dump) -> Counts {
         fn extra<K: Ord, V>(dest: &BTreeMap<K, V>, source: &BTreeMap<K, V>) -> usize {
             dest.keys().filter(|k| !source.contains_key(k)).count()
@@ -236,14 +237,7 @@ pub fn copy(from: &Target, to: &Target, key_file: &Path) -> Result<Report, Store
             "{to} is the store being copied"
         )));
     }
-    if let Target::Sqlite(path) = from {
-        if !path.exists() {
-            return Err(StoreError::CopyRefused(format!(
-                "{} does not exist",
-                path.display()
-            )));
-        }
-    }
+    require_source(from)?;
     let source = snapshot(open(from, key_file)?.as_ref())?;
     let dest = open(to, key_file).map_err(|e| match e {
         StoreError::WrongKey { .. } => StoreError::CopyRefused(format!(
@@ -299,6 +293,17 @@ fn require_key(key_file: &Path) -> Result<(), StoreError> {
         "the key file {} is missing: a copy uses the site's key file and never makes one",
         key_file.display()
     )))
+}
+
+/// A SQLite file to read from must exist: opening would create an empty one.
+fn require_source(target: &Target) -> Result<(), StoreError> {
+    match target {
+        Target::Sqlite(path) if !path.exists() => Err(StoreError::CopyRefused(format!(
+            "{} does not exist",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn same(a: &Target, b: &Target) -> bool {
