@@ -2,6 +2,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::store::copy::Target;
+
 /// Where guardd looks for its configuration when `--config` is not given.
 pub const DEFAULT_CONFIG: &str = "/etc/soffid-otp/guardd.toml";
 /// Where guardd looks for its rules when `policy` is not set.
@@ -162,14 +164,22 @@ impl Config {
 
     /// The PostgreSQL settings, when `database` is a URL.
     pub fn pg_settings(&self) -> Option<crate::store::PgSettings> {
-        match &self.database {
-            Database::Postgres(url) => Some(crate::store::PgSettings {
+        match self.target(&self.database) {
+            Target::Postgres(settings) => Some(settings),
+            Target::Sqlite(_) => None,
+        }
+    }
+
+    /// `database` (this configuration's, or another for a copy), reached with these settings.
+    pub fn target(&self, database: &Database) -> Target {
+        match database {
+            Database::Postgres(url) => Target::Postgres(crate::store::PgSettings {
                 url: url.clone(),
                 password_file: self.database_password_file.clone(),
                 ca_file: self.database_ca_file.clone(),
                 host: self.host(),
             }),
-            Database::Sqlite(_) => None,
+            Database::Sqlite(path) => Target::Sqlite(path.clone()),
         }
     }
 

@@ -13,6 +13,7 @@ use crate::otp::{Counter, HashAlg, Kind, OtpParams};
 use crate::seal::SealError;
 
 mod call;
+pub mod copy;
 mod pool;
 mod postgres;
 mod sqlite;
@@ -73,6 +74,10 @@ pub enum StoreError {
     Stopped,
     #[error("the token database holds an invalid row for token {0}")]
     Corrupt(String),
+    #[error("copy refused: {0}")]
+    CopyRefused(String),
+    #[error("the copy does not match its source: {0}")]
+    CopyMismatch(String),
 }
 
 /// A token's state: pending until its first correct code, then active or disabled.

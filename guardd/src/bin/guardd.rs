@@ -34,6 +34,12 @@ struct Args {
     /// Create the key file and the database if missing (never overwriting), then exit
     #[arg(long)]
     init: bool,
+    /// Copy the token store (--database, with --key-file) into FILE|URL, verify it, print the
+    /// rows per table, and exit. Offline: stop guardd on every host that uses either store
+    /// first. The destination is created if missing and must be sealed with the same key file;
+    /// copying again changes nothing, rows only there stay, and no token's counter moves back
+    #[arg(long, value_name = "FILE|URL", conflicts_with_all = ["init", "check_policy"])]
+    copy_to: Option<guardd::config::Database>,
 }
 
 fn main() -> ExitCode {
@@ -87,6 +93,13 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.init {
         guardd::server::init(&config)?;
+        return Ok(());
+    }
+    if let Some(dest) = &args.copy_to {
+        let (from, to) = (config.target(&config.database), config.target(dest));
+        let report = guardd::store::copy::copy(&from, &to, &config.key_file)
+            .with_context(|| format!("copying {from} into {to}"))?;
+        print!("{report}");
         return Ok(());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -14,6 +14,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Row, Statement};
 use zeroize::Zeroizing;
 
+use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
     row_params, Binding, NewToken, Store, StoreError, TokenInfo, TokenSecret, TokenState,
     KEY_CHECK, SCHEMA_VERSION,
@@ -932,6 +933,160 @@ impl Store for PgStore {
 
     fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
         Ok(self.execute("DELETE FROM backup_codes WHERE id = $1", &[&id])? == 1)
+    }
+}
+
+/// Column `i` of `row`; a type the schema does not have is an error, not a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, i: usize) -> Result<T, StoreError> {
+    row.try_get(i)
+        .map_err(|e| StoreError::Postgres(Box::new(e)))
+}
+
+/// A copy's reads and upserts (see [`copy`](super::copy)); the sealed secrets are moved as bytes.
+impl Rows for PgStore {
+    fn begin_copy(&self, write: bool) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        if write {
+            // Held until the commit: no guardd writes between the merge's read and its writes.
+            conn.simple(
+                "BEGIN; LOCK TABLE tokens, lockouts, backup_codes, invitations, bindings
+                 IN EXCLUSIVE MODE",
+            )
+        } else {
+            conn.simple("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+        }
+    }
+
+    fn end_copy(&self, keep: bool) -> Result<(), StoreError> {
+        self.end(keep)
+    }
+
+    fn read_rows(&self) -> Result<Dump, StoreError> {
+        let mut dump = Dump::default();
+        let tokens = self.query(
+            r#"SELECT id, "user", label, kind, state, secret, algorithm, digits, period, last,
+                      drift, created, last_used, uid FROM tokens"#,
+            &[],
+        )?;
+        for r in &tokens {
+            let row = TokenRow {
+                user: col(r, 1)?,
+                label: col(r, 2)?,
+                kind: col(r, 3)?,
+                state: col(r, 4)?,
+                secret: col(r, 5)?,
+                algorithm: col(r, 6)?,
+                digits: col(r, 7)?,
+                period: col(r, 8)?,
+                last: col(r, 9)?,
+                drift: col(r, 10)?,
+                created: col(r, 11)?,
+                last_used: col(r, 12)?,
+                uid: col(r, 13)?,
+            };
+            dump.tokens.insert(col(r, 0)?, row);
+        }
+        for r in &self.query(r#"SELECT "user", failures, until, uid FROM lockouts"#, &[])? {
+            let row = LockoutRow {
+                failures: col(r, 1)?,
+                until: col(r, 2)?,
+                uid: col(r, 3)?,
+            };
+            dump.lockouts.insert(col(r, 0)?, row);
+        }
+        let codes = self.query(
+            r#"SELECT id, "user", hash, created, uid FROM backup_codes"#,
+            &[],
+        )?;
+        for r in &codes {
+            let row = BackupCodeRow {
+                user: col(r, 1)?,
+                hash: col(r, 2)?,
+                created: col(r, 3)?,
+                uid: col(r, 4)?,
+            };
+            dump.backup_codes.insert(col(r, 0)?, row);
+        }
+        for r in &self.query(r#"SELECT "user", uid, hash, expires FROM invitations"#, &[])? {
+            let row = InvitationRow {
+                uid: col(r, 1)?,
+                hash: col(r, 2)?,
+                expires: col(r, 3)?,
+            };
+            dump.invitations.insert(col(r, 0)?, row);
+        }
+        for r in &self.query(r#"SELECT "user", host, uid FROM bindings"#, &[])? {
+            dump.bindings.insert((col(r, 0)?, col(r, 1)?), col(r, 2)?);
+        }
+        Ok(dump)
+    }
+
+    fn upsert_rows(&self, rows: &Dump) -> Result<(), StoreError> {
+        for (id, t) in &rows.tokens {
+            self.execute(
+                r#"INSERT INTO tokens (id, "user", label, kind, state, secret, algorithm, digits,
+                       period, last, drift, created, last_used, uid)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                   ON CONFLICT (id) DO UPDATE SET "user" = $2, label = $3, kind = $4, state = $5,
+                       secret = $6, algorithm = $7, digits = $8, period = $9, last = $10,
+                       drift = $11, created = $12, last_used = $13, uid = $14"#,
+                &[
+                    id,
+                    &t.user,
+                    &t.label,
+                    &t.kind,
+                    &t.state,
+                    &t.secret,
+                    &t.algorithm,
+                    &t.digits,
+                    &t.period,
+                    &t.last,
+                    &t.drift,
+                    &t.created,
+                    &t.last_used,
+                    &t.uid,
+                ],
+            )?;
+        }
+        for (user, l) in &rows.lockouts {
+            self.execute(
+                r#"INSERT INTO lockouts ("user", failures, until, uid) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT ("user") DO UPDATE SET failures = $2, until = $3, uid = $4"#,
+                &[user, &l.failures, &l.until, &l.uid],
+            )?;
+        }
+        for (id, b) in &rows.backup_codes {
+            self.execute(
+                r#"INSERT INTO backup_codes (id, "user", hash, created, uid)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (id) DO UPDATE SET "user" = $2, hash = $3, created = $4, uid = $5"#,
+                &[id, &b.user, &b.hash, &b.created, &b.uid],
+            )?;
+        }
+        if !rows.backup_codes.is_empty() {
+            // Ids were given, so the sequence did not move: set it past them, never back.
+            self.query(
+                "SELECT setval(s, greatest(m, coalesce(pg_sequence_last_value(s), 0)))
+                 FROM (SELECT pg_get_serial_sequence('backup_codes', 'id')::regclass AS s,
+                              max(id) AS m FROM backup_codes) AS b",
+                &[],
+            )?;
+        }
+        for (user, i) in &rows.invitations {
+            self.execute(
+                r#"INSERT INTO invitations ("user", uid, hash, expires) VALUES ($1, $2, $3, $4)
+                   ON CONFLICT ("user") DO UPDATE SET uid = $2, hash = $3, expires = $4"#,
+                &[user, &i.uid, &i.hash, &i.expires],
+            )?;
+        }
+        for ((user, host), uid) in &rows.bindings {
+            self.execute(
+                r#"INSERT INTO bindings ("user", host, uid) VALUES ($1, $2, $3)
+                   ON CONFLICT ("user", host) DO UPDATE SET uid = $3"#,
+                &[user, host, uid],
+            )?;
+        }
+        Ok(())
     }
 }
 

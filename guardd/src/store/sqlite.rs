@@ -8,6 +8,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OptionalExtension};
 use zeroize::Zeroizing;
 
+use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
     row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret, TokenState,
     KEY_CHECK, SCHEMA_VERSION,
@@ -603,6 +604,136 @@ impl Batched for SqliteStore {
 
     fn describe(&self) -> String {
         self.path.clone()
+    }
+}
+
+/// A copy's reads and upserts (see [`copy`](super::copy)); the sealed secrets are moved as bytes.
+impl Rows for SqliteStore {
+    fn begin_copy(&self, write: bool) -> Result<(), StoreError> {
+        // IMMEDIATE: the write lock is taken before the rows the merge depends on are read.
+        self.run(if write { "BEGIN IMMEDIATE" } else { "BEGIN" })
+    }
+
+    fn end_copy(&self, keep: bool) -> Result<(), StoreError> {
+        self.end_batch(keep)
+    }
+
+    fn read_rows(&self) -> Result<Dump, StoreError> {
+        let conn = self.conn();
+        let mut dump = Dump::default();
+        let mut stmt = conn.prepare(
+            "SELECT id, user, label, kind, state, secret, algorithm, digits, period, last, drift,
+                    created, last_used, uid FROM tokens",
+        )?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let row = TokenRow {
+                user: r.get(1)?,
+                label: r.get(2)?,
+                kind: r.get(3)?,
+                state: r.get(4)?,
+                secret: r.get(5)?,
+                algorithm: r.get(6)?,
+                digits: r.get(7)?,
+                period: r.get(8)?,
+                last: r.get(9)?,
+                drift: r.get(10)?,
+                created: r.get(11)?,
+                last_used: r.get(12)?,
+                uid: r.get(13)?,
+            };
+            dump.tokens.insert(r.get(0)?, row);
+        }
+        let mut stmt = conn.prepare("SELECT user, failures, until, uid FROM lockouts")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let row = LockoutRow {
+                failures: r.get(1)?,
+                until: r.get(2)?,
+                uid: r.get(3)?,
+            };
+            dump.lockouts.insert(r.get(0)?, row);
+        }
+        let mut stmt = conn.prepare("SELECT id, user, hash, created, uid FROM backup_codes")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let row = BackupCodeRow {
+                user: r.get(1)?,
+                hash: r.get(2)?,
+                created: r.get(3)?,
+                uid: r.get(4)?,
+            };
+            dump.backup_codes.insert(r.get(0)?, row);
+        }
+        let mut stmt = conn.prepare("SELECT user, uid, hash, expires FROM invitations")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let row = InvitationRow {
+                uid: r.get(1)?,
+                hash: r.get(2)?,
+                expires: r.get(3)?,
+            };
+            dump.invitations.insert(r.get(0)?, row);
+        }
+        let mut stmt = conn.prepare("SELECT user, host, uid FROM bindings")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            dump.bindings.insert((r.get(0)?, r.get(1)?), r.get(2)?);
+        }
+        Ok(dump)
+    }
+
+    fn upsert_rows(&self, rows: &Dump) -> Result<(), StoreError> {
+        // No triggers or foreign keys: REPLACE is an upsert by primary key.
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "INSERT OR REPLACE INTO tokens (id, user, label, kind, state, secret, algorithm,
+                 digits, period, last, drift, created, last_used, uid)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+        )?;
+        for (id, t) in &rows.tokens {
+            stmt.execute(params![
+                id,
+                t.user,
+                t.label,
+                t.kind,
+                t.state,
+                t.secret,
+                t.algorithm,
+                t.digits,
+                t.period,
+                t.last,
+                t.drift,
+                t.created,
+                t.last_used,
+                t.uid
+            ])?;
+        }
+        let mut stmt = conn.prepare(
+            "INSERT OR REPLACE INTO lockouts (user, failures, until, uid) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (user, l) in &rows.lockouts {
+            stmt.execute(params![user, l.failures, l.until, l.uid])?;
+        }
+        let mut stmt = conn.prepare(
+            "INSERT OR REPLACE INTO backup_codes (id, user, hash, created, uid)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for (id, b) in &rows.backup_codes {
+            stmt.execute(params![id, b.user, b.hash, b.created, b.uid])?;
+        }
+        let mut stmt = conn.prepare(
+            "INSERT OR REPLACE INTO invitations (user, uid, hash, expires) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (user, i) in &rows.invitations {
+            stmt.execute(params![user, i.uid, i.hash, i.expires])?;
+        }
+        let mut stmt =
+            conn.prepare("INSERT OR REPLACE INTO bindings (user, host, uid) VALUES (?1, ?2, ?3)")?;
+        for ((user, host), uid) in &rows.bindings {
+            stmt.execute(params![user, host, uid])?;
+        }
+        Ok(())
     }
 }
 
