@@ -918,22 +918,14 @@ impl GuardService {
     /// What the store knows about `user` for a decision, read in one call.
     async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, Status> {
         let (u, host) = (user.to_owned(), self.host.clone());
-        let (foreign, enrolled, can_answer) = self
-            .store(move |store| {
-                let foreign = store.foreign_uid(&u, &host, uid)?;
-                let active = store.has_active(&u)?;
-                Ok((
-                    foreign,
-                    active,
-                    active || !store.backup_codes(&u)?.is_empty(),
-                ))
-            })
+        let record = self
+            .store(move |store| Ok(store.login_record(&u, &host, uid)?))
             .await?;
         Ok(LoginFacts {
             read: true,
-            foreign,
-            enrolled,
-            can_answer,
+            foreign: record.foreign,
+            enrolled: record.active,
+            can_answer: record.can_answer,
             ..LoginFacts::default()
         })
     }

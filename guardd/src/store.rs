@@ -110,6 +110,17 @@ pub struct TokenInfo {
     pub last_used: Option<i64>,
 }
 
+/// What the store knows about a user for a login decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginRecord {
+    /// The uid of another account the name's records belong to on this host.
+    pub foreign: Option<u32>,
+    /// At least one active token.
+    pub active: bool,
+    /// An active token or backup codes: the user can answer a prompt.
+    pub can_answer: bool,
+}
+
 /// What verification needs: the opened secret (zeroized on drop) and the counter state.
 pub struct TokenSecret {
     pub id: String,
@@ -189,6 +200,22 @@ pub trait Store: Send + Sync {
         host: &str,
         uid: Option<u32>,
     ) -> Result<Option<u32>, StoreError>;
+    /// What a login decision needs from the store, in one step: the uid `user` is bound to on
+    /// `host` if it is not `uid` (as [`Store::foreign_uid`]), and what the user holds.
+    fn login_record(
+        &self,
+        user: &str,
+        host: &str,
+        uid: Option<u32>,
+    ) -> Result<LoginRecord, StoreError> {
+        let foreign = self.foreign_uid(user, host, uid)?;
+        let active = self.has_active(user)?;
+        Ok(LoginRecord {
+            foreign,
+            active,
+            can_answer: active || !self.backup_codes(user)?.is_empty(),
+        })
+    }
     /// Records an invitation for `user` (uid `uid`) to enrol once before `expires`, replacing
     /// any earlier one; `hash` is the SHA-256 of the invitation code.
     fn add_invitation(

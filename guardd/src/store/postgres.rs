@@ -16,8 +16,8 @@ use zeroize::Zeroizing;
 
 use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
-    row_params, Binding, NewToken, Store, StoreError, TokenInfo, TokenSecret, TokenState,
-    KEY_CHECK, SCHEMA_VERSION,
+    row_params, Binding, LoginRecord, NewToken, Store, StoreError, TokenInfo, TokenSecret,
+    TokenState, KEY_CHECK, SCHEMA_VERSION,
 };
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, Kind};
@@ -291,6 +291,8 @@ struct Conn {
     client: Option<Client>,
     statements: HashMap<&'static str, Statement>,
     connector: Arc<Connector>,
+    /// A call's BEGIN not sent yet: it goes with the call's first statement, in one round trip.
+    begin_pending: bool,
 }
 
 impl PgStore {
@@ -307,25 +309,20 @@ impl PgStore {
         prepare_with(&mut self.conn(), KeySource::Loaded(&self.sealer)).map(drop)
     }
 
-    /// Starts the transaction of one call. A connection found dead here (the server restarted
-    /// since its last use) is replaced once: nothing of the call has run yet.
+    /// Starts the transaction of one call. Its BEGIN is sent with the call's first statement
+    /// (see `Conn::query`); a call that runs none costs no round trip.
     pub(crate) fn begin(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let was_connected = conn.client.is_some();
-        match conn.simple("BEGIN") {
-            Err(StoreError::Unavailable(_)) if was_connected => conn.simple("BEGIN"),
-            other => other,
-        }
+        self.conn().begin_pending = true;
+        Ok(())
     }
 
     /// Commits (`keep`) or undoes the call's transaction.
     pub(crate) fn end(&self, keep: bool) -> Result<(), StoreError> {
         let mut conn = self.conn();
-        if keep {
-            conn.simple("COMMIT")
-        } else {
-            conn.simple("ROLLBACK")
+        if std::mem::take(&mut conn.begin_pending) {
+            return Ok(());
         }
+        conn.simple(if keep { "COMMIT" } else { "ROLLBACK" })
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -528,6 +525,38 @@ macro_rules! round_trip {
     }};
 }
 
+/// Runs one prepared statement on `$conn`. The first statement of a call goes pipelined behind
+/// the call's BEGIN, in one round trip; a connection found dead then (the server restarted since
+/// its last use) is replaced once: nothing of the call ran, or it ran in a transaction the
+/// server undid when the connection went.
+macro_rules! statement_trip {
+    ($conn:expr, $sql:expr, |$c:ident, $s:ident| $call:expr) => {{
+        let conn: &mut Conn = $conn;
+        if std::mem::take(&mut conn.begin_pending) {
+            let mut retried = false;
+            loop {
+                let was_connected = conn.client.is_some();
+                let result = conn.statement($sql).and_then(|statement| {
+                    let $s = &statement;
+                    round_trip!(&mut *conn, |$c| async {
+                        let (begun, done) = tokio::join!($c.batch_execute("BEGIN"), $call);
+                        begun.and(done)
+                    })
+                });
+                match result {
+                    Err(StoreError::Unavailable(_)) if was_connected && !retried => retried = true,
+                    other => break other,
+                }
+            }
+        } else {
+            conn.statement($sql).and_then(|statement| {
+                let $s = &statement;
+                round_trip!(&mut *conn, |$c| $call)
+            })
+        }
+    }};
+}
+
 impl Conn {
     fn new(connector: Arc<Connector>) -> std::io::Result<Conn> {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -538,6 +567,7 @@ impl Conn {
             client: None,
             statements: HashMap::new(),
             connector,
+            begin_pending: false,
         })
     }
 
@@ -571,8 +601,7 @@ impl Conn {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let statement = self.statement(sql)?;
-        round_trip!(self, |c| c.query(&statement, params))
+        statement_trip!(self, sql, |c, s| c.query(s, params))
     }
 
     fn execute(
@@ -580,8 +609,7 @@ impl Conn {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, StoreError> {
-        let statement = self.statement(sql)?;
-        round_trip!(self, |c| c.execute(&statement, params))
+        statement_trip!(self, sql, |c, s| c.execute(s, params))
     }
 
     /// Runs statements without parameters (transaction control, migrations).
@@ -769,12 +797,34 @@ impl Store for PgStore {
     }
 
     fn lock_attempts(&self, user: &str) -> Result<Lockout, StoreError> {
-        // Held until this call's transaction ends, on every host sharing the database.
-        self.query(
-            "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-            &[&ATTEMPT_LOCK, &user],
-        )?;
-        self.lockout(user)
+        // The lock is held until this call's transaction ends, on every host sharing the
+        // database. The record is read by a statement of its own, pipelined behind the lock:
+        // its snapshot is taken once the lock is held, so it sees every failure counted before.
+        let mut conn = self.conn();
+        if conn.begin_pending {
+            conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
+                &[&ATTEMPT_LOCK, &user],
+            )?;
+            drop(conn);
+            return self.lockout(user);
+        }
+        let lock = conn.statement("SELECT pg_advisory_xact_lock($1, hashtext($2))")?;
+        let read = conn.statement(r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#)?;
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&ATTEMPT_LOCK, &user];
+        let read_params: [&(dyn ToSql + Sync); 1] = [&user];
+        let rows = round_trip!(&mut *conn, |c| async {
+            let (locked, rows) =
+                tokio::join!(c.execute(&lock, &lock_params), c.query(&read, &read_params));
+            locked.and(rows)
+        })?;
+        match rows.first() {
+            Some(r) => Ok(Lockout {
+                failures: to_u32(user, col(r, 0)?)?,
+                until: col(r, 1)?,
+            }),
+            None => Ok(Lockout::default()),
+        }
     }
 
     fn record_failure(
@@ -824,29 +874,40 @@ impl Store for PgStore {
         host: &str,
         uid: Option<u32>,
     ) -> Result<Option<u32>, StoreError> {
-        let has_records = self
-            .query_opt(
-                r#"SELECT 1 FROM tokens WHERE "user" = $1
-                   UNION ALL SELECT 1 FROM backup_codes WHERE "user" = $1
-                   UNION ALL SELECT 1 FROM lockouts WHERE "user" = $1 AND failures > 0
-                   LIMIT 1"#,
-                &[&user],
-            )?
-            .is_some();
-        let mut bound: Option<i64> = self
-            .query_opt(
-                r#"SELECT uid FROM bindings WHERE "user" = $1 AND host = $2"#,
-                &[&user, &host],
-            )?
-            .map(|r| r.get(0));
-        if bound.is_none() {
+        Ok(self.login_record(user, host, uid)?.foreign)
+    }
+
+    fn login_record(
+        &self,
+        user: &str,
+        host: &str,
+        uid: Option<u32>,
+    ) -> Result<LoginRecord, StoreError> {
+        // One round trip for what a login needs; the binding is written only at first sight.
+        let row = self.query(
+            r#"SELECT
+                 (SELECT uid FROM bindings WHERE "user" = $1 AND host = $2),
+                 EXISTS (SELECT 1 FROM tokens WHERE "user" = $1)
+                   OR EXISTS (SELECT 1 FROM backup_codes WHERE "user" = $1)
+                   OR EXISTS (SELECT 1 FROM lockouts WHERE "user" = $1 AND failures > 0),
+                 EXISTS (SELECT 1 FROM tokens WHERE "user" = $1 AND state = 'active'),
+                 EXISTS (SELECT 1 FROM backup_codes WHERE "user" = $1)"#,
+            &[&user, &host],
+        )?;
+        let row = row
+            .first()
+            .ok_or_else(|| StoreError::Corrupt(user.into()))?;
+        let (mut bound, has_records): (Option<i64>, bool) = (col(row, 0)?, col(row, 1)?);
+        let (active, backup): (bool, bool) = (col(row, 2)?, col(row, 3)?);
+        if bound.is_none() && has_records {
             bound = self
                 .query_opt(
                     r#"UPDATE bindings SET host = $2 WHERE "user" = $1 AND host = ''
                        RETURNING uid"#,
                     &[&user, &host],
                 )?
-                .map(|r| r.get(0));
+                .map(|r| col(&r, 0))
+                .transpose()?;
         }
         let binding = Binding::decide(has_records, bound, uid);
         match binding {
@@ -865,7 +926,11 @@ impl Store for PgStore {
             }
             Binding::Keep => {}
         }
-        Ok(binding.foreign(bound, uid))
+        Ok(LoginRecord {
+            foreign: binding.foreign(bound, uid),
+            active,
+            can_answer: active || backup,
+        })
     }
 
     fn add_invitation(

@@ -473,7 +473,7 @@ impl Store for SqliteStore {
             .prepare_cached("SELECT uid FROM bindings WHERE user = ?1 AND host = ?2")?
             .query_row([user, host], |r| r.get(0))
             .optional()?;
-        if bound.is_none() {
+        if bound.is_none() && has_records {
             bound = conn
                 .prepare_cached(
                     "UPDATE bindings SET host = ?2 WHERE user = ?1 AND host = '' RETURNING uid",
