@@ -1115,9 +1115,11 @@ impl From<StoreError> for Status {
             _ => tracing::error!("{e}"),
         }
         match e {
-            StoreError::Busy | StoreError::Unavailable(_) | StoreError::Stopped => {
-                Status::unavailable(e.to_string())
+            // The reason (a host name, a server message) is for the log, not for any caller.
+            StoreError::Unavailable(_) => {
+                Status::unavailable("the token database is unreachable; see the guardd log")
             }
+            StoreError::Busy | StoreError::Stopped => Status::unavailable(e.to_string()),
             StoreError::Overloaded => Status::resource_exhausted(e.to_string()),
             _ => Status::internal("the token database failed; see the guardd log"),
         }
