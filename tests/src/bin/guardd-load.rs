@@ -3,8 +3,8 @@
 //! for T seconds, and reports throughput, latency percentiles and guardd's peak RSS.
 //!
 //! ```text
-//! cargo build --release -p guardd && \
-//! cargo run --release -p guardd --bin guardd-load -- --users 1000 --clients 32 --seconds 10
+//! cargo build --release -p guardd -p soffid-otp-tests && \
+//! cargo run --release -p soffid-otp-tests --bin guardd-load -- --users 1000 --clients 32 --seconds 10
 //! ```
 //!
 //! `--mode ok` (right codes), `wrong` (a wrong-code storm: the back-off must stay cheap) or
@@ -119,7 +119,12 @@ fn main() -> anyhow::Result<()> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .spawn()
-        .with_context(|| format!("cannot start {}", guardd.display()))?;
+        .with_context(|| {
+            format!(
+                "cannot start {} (build it: cargo build --release -p guardd)",
+                guardd.display()
+            )
+        })?;
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         if started.elapsed() > Duration::from_secs(30) {
             let _ = child.kill();
