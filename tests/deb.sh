@@ -52,6 +52,19 @@ done
 systemd-analyze verify /lib/systemd/system/guardd.service || fail "unit does not verify"
 systemd-analyze security --offline=true /lib/systemd/system/guardd.service 2>/dev/null \
   | grep 'Overall exposure' || true
+# The fleet drop-in as an admin installs it: systemd reads it without complaint, and it opens IP
+# (AF_INET, AF_INET6) to an allow list while IPAddressDeny=any stays.
+fleet=/usr/share/doc/soffid-otp/examples/guardd-fleet.conf
+[ -e "$fleet" ] || fail "$fleet not installed"
+mkdir -p "$scratch/units/guardd.service.d"
+cp /lib/systemd/system/guardd.service "$scratch/units/"
+cp "$fleet" "$scratch/units/guardd.service.d/fleet.conf"
+systemd-analyze verify "$scratch/units/guardd.service" >"$scratch/verify" 2>&1 \
+  || fail "unit + fleet drop-in do not verify: $(cat "$scratch/verify")"
+grep -q fleet.conf "$scratch/verify" && fail "systemd-analyze: $(cat "$scratch/verify")"
+systemd-analyze security --offline=true "$scratch/units/guardd.service" >"$scratch/security" 2>&1 || true
+grep -q 'may allocate Internet sockets' "$scratch/security" || fail "the fleet drop-in does not allow AF_INET"
+grep -q 'defines IP address allow list' "$scratch/security" || fail "the fleet drop-in lost IPAddressDeny=any"
 
 echo "== run guardd as the unit does, log in through the installed module"
 install -d -m 0755 /run/soffid-otp
