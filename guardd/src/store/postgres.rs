@@ -346,6 +346,23 @@ impl PgStore {
         Ok(self.query(sql, params)?.into_iter().next())
     }
 
+    /// A plain SELECT (no lock, no write): see `Conn::read`.
+    fn read(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.conn().read(sql, params)
+    }
+
+    fn read_opt(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.read(sql, params)?.into_iter().next())
+    }
+
     fn execute(
         &self,
         sql: &'static str,
@@ -612,6 +629,29 @@ impl Conn {
         statement_trip!(self, sql, |c, s| c.execute(s, params))
     }
 
+    /// A plain SELECT. Before the call's first write or lock it runs outside the transaction,
+    /// whose BEGIN is still pending: under READ COMMITTED every statement sees what was
+    /// committed when it starts, inside a transaction or not, and a plain read holds no lock,
+    /// so the call means the same and a call that only reads needs no BEGIN and no COMMIT. A
+    /// connection found dead then is replaced once (a read can be repeated).
+    fn read(
+        &mut self,
+        sql: &'static str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut retried = !self.begin_pending;
+        loop {
+            let was_connected = self.client.is_some();
+            let rows = self
+                .statement(sql)
+                .and_then(|statement| round_trip!(&mut *self, |c| c.query(&statement, params)));
+            match rows {
+                Err(StoreError::Unavailable(_)) if was_connected && !retried => retried = true,
+                other => return other,
+            }
+        }
+    }
+
     /// Runs statements without parameters (transaction control, migrations).
     fn simple(&mut self, sql: &str) -> Result<(), StoreError> {
         round_trip!(self, |c| c.batch_execute(sql))
@@ -684,7 +724,7 @@ impl Store for PgStore {
     }
 
     fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
-        let rows = self.query(
+        let rows = self.read(
             r#"SELECT id, kind, secret, algorithm, digits, period, last, drift FROM tokens
                WHERE "user" = $1 AND state = $2 ORDER BY created DESC, id"#,
             &[&user, &state.as_str()],
@@ -718,7 +758,7 @@ impl Store for PgStore {
 
     fn has_active(&self, user: &str) -> Result<bool, StoreError> {
         Ok(self
-            .query_opt(
+            .read_opt(
                 r#"SELECT 1 FROM tokens WHERE "user" = $1 AND state = 'active' LIMIT 1"#,
                 &[&user],
             )?
@@ -744,7 +784,7 @@ impl Store for PgStore {
     }
 
     fn list(&self, user: Option<&str>) -> Result<Vec<TokenInfo>, StoreError> {
-        let rows = self.query(
+        let rows = self.read(
             r#"SELECT id, "user", label, kind, state, created, last_used FROM tokens
                WHERE $1::text IS NULL OR "user" = $1 ORDER BY "user", created, id"#,
             &[&user],
@@ -784,7 +824,7 @@ impl Store for PgStore {
     }
 
     fn lockout(&self, user: &str) -> Result<Lockout, StoreError> {
-        match self.query_opt(
+        match self.read_opt(
             r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#,
             &[&user],
         )? {
@@ -800,23 +840,26 @@ impl Store for PgStore {
         // The lock is held until this call's transaction ends, on every host sharing the
         // database. The record is read by a statement of its own, pipelined behind the lock:
         // its snapshot is taken once the lock is held, so it sees every failure counted before.
+        // With the call's BEGIN still pending, it goes first in the same round trip.
         let mut conn = self.conn();
-        if conn.begin_pending {
-            conn.execute(
-                "SELECT pg_advisory_xact_lock($1, hashtext($2))",
-                &[&ATTEMPT_LOCK, &user],
-            )?;
-            drop(conn);
-            return self.lockout(user);
-        }
         let lock = conn.statement("SELECT pg_advisory_xact_lock($1, hashtext($2))")?;
         let read = conn.statement(r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#)?;
+        let begin = std::mem::take(&mut conn.begin_pending);
         let lock_params: [&(dyn ToSql + Sync); 2] = [&ATTEMPT_LOCK, &user];
         let read_params: [&(dyn ToSql + Sync); 1] = [&user];
         let rows = round_trip!(&mut *conn, |c| async {
-            let (locked, rows) =
-                tokio::join!(c.execute(&lock, &lock_params), c.query(&read, &read_params));
-            locked.and(rows)
+            let begun = async {
+                match begin {
+                    true => c.batch_execute("BEGIN").await,
+                    false => Ok(()),
+                }
+            };
+            let (begun, locked, rows) = tokio::join!(
+                begun,
+                c.execute(&lock, &lock_params),
+                c.query(&read, &read_params)
+            );
+            begun.and(locked).and(rows)
         })?;
         match rows.first() {
             Some(r) => Ok(Lockout {
@@ -884,7 +927,7 @@ impl Store for PgStore {
         uid: Option<u32>,
     ) -> Result<LoginRecord, StoreError> {
         // One round trip for what a login needs; the binding is written only at first sight.
-        let row = self.query(
+        let row = self.read(
             r#"SELECT
                  (SELECT uid FROM bindings WHERE "user" = $1 AND host = $2),
                  EXISTS (SELECT 1 FROM tokens WHERE "user" = $1)
@@ -987,7 +1030,7 @@ impl Store for PgStore {
 
     fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
         Ok(self
-            .query(
+            .read(
                 r#"SELECT id, hash FROM backup_codes WHERE "user" = $1"#,
                 &[&user],
             )?
