@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use harness::{artefact, is_deny, is_permit, is_root, Daemon};
+use harness::{artefact, is_deny, is_permit, Daemon};
 use proto::v1::{BeginRequest, ListRequest, LoginContext};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,13 +161,10 @@ async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
 }
 
 /// Callers are identified by SO_PEERCRED: another uid cannot begin a login for someone else,
-/// nor administer tokens, but may begin its own.
+/// nor administer tokens, but may begin its own. Needs root (a client under another uid).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_uid_cannot_act_for_someone_else() {
-    if !is_root() {
-        eprintln!("skipped: needs root to run a client under another uid");
-        return;
-    }
+#[ignore = "needs root"]
+async fn as_root_another_uid_cannot_act_for_someone_else() {
     let d = Daemon::start();
     let _ = d.enroll_active("daemon").await;
     // The checkout may sit under a private home: run copies from the daemon's 0755 scratch dir.
@@ -211,9 +208,9 @@ async fn another_uid_cannot_act_for_someone_else() {
     );
 }
 
-/// Runs inside `another_uid_cannot_act_for_someone_else`, as nobody.
+/// Runs inside `as_root_another_uid_cannot_act_for_someone_else`, as nobody.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "helper: run by another_uid_cannot_act_for_someone_else under setpriv"]
+#[ignore = "helper: run by as_root_another_uid_cannot_act_for_someone_else under setpriv"]
 async fn helper_begin_as_caller() {
     let socket = std::env::var("SOFFID_HELPER_SOCKET").expect("run by the parent test");
     assert_ne!(nix::unistd::getuid().as_raw(), 0);
