@@ -587,11 +587,8 @@ fn print_tokens(tokens: &[Token]) {
 
 /// Unix seconds as UTC RFC 3339, or `-` for never.
 fn format_time(secs: i64) -> String {
-    match u64::try_from(secs) {
-        Ok(s) if s > 0 => {
-            humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(s))
-                .to_string()
-        }
+    match jiff::Timestamp::from_second(secs) {
+        Ok(t) if secs > 0 => t.to_string(),
         _ => "-".into(),
     }
 }
