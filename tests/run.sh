@@ -20,3 +20,5 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 # The Debian package: build, install, log in, upgrade, purge (root only; skipped otherwise).
 bash tests/deb.sh
+# scripts/install.sh and its --uninstall leave nothing behind (root only; skipped otherwise).
+bash tests/install.sh
