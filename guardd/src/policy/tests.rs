@@ -60,7 +60,7 @@ fn deny(message: Option<&str>) -> Verdict {
     }
 }
 
-/// The examples of POLICY.md, as shipped (commented) in packaging/rules.toml.
+/// The Soffid examples of docs/rules.md#examples, as shipped (commented) in packaging/rules.toml.
 const SOFFID: &str = include_str!("../../../packaging/examples/soffid-rules.toml");
 
 #[test]
