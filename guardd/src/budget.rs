@@ -4,7 +4,8 @@
 //! open login, a slot on the blocking pool, an Argon2 hash) has a budget: a limit per key (a uid,
 //! a target user) well below the whole, and a part of the whole that only privileged callers
 //! (root) may use. No unprivileged uid can then delay a root login by using something up.
-//! A refusal is immediate: nobody queues behind an attacker.
+//! A refusal is immediate: nobody queues behind an attacker. The budgets and their limits:
+//! docs/architecture.md#budgets.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

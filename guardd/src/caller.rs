@@ -16,7 +16,7 @@ pub struct Caller {
     pub real_uid: Option<u32>,
 }
 
-/// What a caller asks to do, for the access table of DESIGN.md §3.
+/// What a caller asks to do, for the access table (docs/architecture.md#callers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
     /// Begin or Answer a login conversation for a user.

@@ -1,6 +1,6 @@
 //! The rules: who needs an OTP, for which service, on which server, from where, when.
 //!
-//! XACML's useful core without its XML (see ../shared/POLICY.md): ordered rules with
+//! XACML's useful core without its XML (the reference: docs/rules.md): ordered rules with
 //! AND-of-OR targets and `except`, NotApplicable vs Indeterminate, the first-applicable,
 //! deny-overrides and permit-overrides algorithms, and the "verify an OTP" obligation.
 //! A file is parsed and validated once; a decision is a walk over compiled matchers, and the

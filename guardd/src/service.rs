@@ -279,7 +279,8 @@ impl GuardService {
         self.store.run(f).await
     }
 
-    /// Checks the caller against the access table; refusals are audited.
+    /// Checks the caller against the access table (docs/architecture.md#callers); refusals are
+    /// audited.
     async fn authorize(
         &self,
         caller: Caller,
@@ -289,7 +290,8 @@ impl GuardService {
         self_service: impl FnOnce(&dyn Store, &str) -> Result<bool, StoreError> + Send + 'static,
     ) -> Result<(), Status> {
         if caller.is_root() {
-            // Root may do everything (DESIGN §3): no look-up, no hop to a blocking thread.
+            // Root may do everything (docs/architecture.md#callers): no look-up, no hop to a
+            // blocking thread.
             return Ok(());
         }
         let u = user.clone();

@@ -53,7 +53,7 @@ pub trait PamHandle {
 }
 
 /// Why guardd gave no decision. Only [`DaemonError::Absent`] lets `failmode=safe` step aside:
-/// everything else fails closed in every failmode.
+/// everything else fails closed in every failmode (docs/architecture.md#failure-modes).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// No guardd was running when the conversation started: its socket does not exist or

@@ -1,6 +1,6 @@
 //! Layer 2, crash durability: a code guardd accepted must stay used across a `kill -9`, or it
-//! could be replayed after the crash (DESIGN §6: an accepted step is on disk before the answer
-//! leaves guardd).
+//! could be replayed after the crash (docs/architecture.md#durability: an accepted code is
+//! committed before the answer leaves guardd).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

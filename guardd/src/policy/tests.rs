@@ -60,7 +60,7 @@ fn deny(message: Option<&str>) -> Verdict {
     }
 }
 
-/// The examples of POLICY.md, as shipped (commented) in packaging/rules.toml.
+/// The Soffid examples of docs/rules.md#examples, as shipped (commented) in packaging/rules.toml.
 const SOFFID: &str = include_str!("../../../packaging/examples/soffid-rules.toml");
 
 #[test]
@@ -517,4 +517,102 @@ fn shadowed_rules_are_warned_about() {
     );
     assert_eq!(p.warnings().len(), 1);
     assert!(p.warnings()[0].contains("never"));
+}
+
+/// Every TOML example in docs/rules.md loads (a fragment without `version` as part of a file),
+/// and the one shown as the shipped default decides as the shipped file does.
+#[test]
+fn the_examples_in_the_rules_reference_load() {
+    let doc = include_str!("../../../docs/rules.md");
+    let blocks: Vec<&str> = doc
+        .split("```toml\n")
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block))
+        .collect();
+    assert!(blocks.len() >= 4, "found {} toml blocks", blocks.len());
+    for block in &blocks {
+        let text = if block.contains("version") {
+            block.to_string()
+        } else {
+            format!("version = 1\n{block}")
+        };
+        if let Err(e) = Policy::parse("docs/rules.md", &text) {
+            panic!("{e}\n{text}");
+        }
+    }
+    let shown = blocks
+        .iter()
+        .find(|b| b.contains("ssh-and-sudo-otp-if-enrolled"))
+        .map(|b| policy(b))
+        .expect("the shipped default is shown");
+    let shipped = policy(DEFAULT_POLICY);
+    for enrolled in [true, false] {
+        let f = FakeFacts::new(&[], enrolled);
+        for service in ["sshd", "sudo", "enroll", "recovery", "login"] {
+            let r = req("a", service);
+            assert_eq!(
+                decide(&shown, &r, &f),
+                decide(&shipped, &r, &f),
+                "{service}"
+            );
+        }
+    }
+}
+
+/// Details docs/rules.md states that the tests above do not reach.
+#[test]
+fn details_of_the_rules_reference_hold() {
+    let f = FakeFacts::new(&[], true);
+    let at = |p: &Policy, rfc3339: &str| {
+        let mut r = req("a", "sshd");
+        r.time = rfc3339.parse::<jiff::Timestamp>().unwrap().as_second();
+        matches!(decide(p, &r, &f), Verdict::Deny { .. })
+    };
+    // Day ranges wrap; the end is exclusive; 24:00 is the end of the day.
+    let p = policy(
+        "version = 1\ndefault = \"permit\"\n[[rule]]\nid = \"w\"\neffect = \"deny\"\nmatch = { time = [\"fri-mon 20:00-24:00\"] }\n",
+    );
+    assert!(at(&p, "2026-11-30T23:59:00Z"), "Monday is inside fri-mon");
+    assert!(!at(&p, "2026-12-01T21:00:00Z"), "Tuesday is not");
+    assert!(!at(&p, "2026-11-30T19:59:00Z"), "before the start");
+    // A default of "otp" requires a token of every user.
+    let p = policy("version = 1\ndefault = \"otp\"\n");
+    assert_eq!(decide(&p, &req("a", "sshd"), &f), OTP);
+    // Without `default`, no applicable rule is a deny.
+    let p = policy("version = 1\n");
+    assert_eq!(decide(&p, &req("a", "sshd"), &f), deny(None));
+    // rhost: a name is compared with the text; a set may hold networks.
+    let p = policy(
+        "version = 1\ndefault = \"permit\"\n[sets]\nnets = [\"192.0.2.0/28\"]\n[[rule]]\nid = \"n\"\neffect = \"deny\"\nmatch = { rhost = [\"@nets\", \"gw.example.com\"] }\n",
+    );
+    let mut r = req("a", "sshd");
+    assert!(matches!(decide(&p, &r, &f), Verdict::Deny { .. }));
+    r.rhost = Some("gw.example.com".into());
+    assert!(matches!(decide(&p, &r, &f), Verdict::Deny { .. }));
+    r.rhost = Some("GW.example.com".into());
+    assert_eq!(
+        decide(&p, &r, &f),
+        Verdict::Permit,
+        "names are case-sensitive"
+    );
+    // Errors the reference lists beyond invalid_files_are_refused_with_line_and_column.
+    for (text, words) in [
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"otp\"\nmessage = \"no\"\n",
+            "message applies only to deny rules",
+        ),
+        (
+            "version = 1\n[sets]\na = [\"@b\"]\nb = [\"x\"]\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nmatch = { user = [\"@a\"] }\n",
+            "sets cannot contain sets",
+        ),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"deny\"\nmatch = { time = [\"10:00-10:00\"] }\n",
+            "empty time window",
+        ),
+    ] {
+        match Policy::parse("rules.toml", text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => assert!(e.message.contains(words), "{e}"),
+        }
+    }
 }

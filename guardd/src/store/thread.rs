@@ -2,7 +2,8 @@
 //! the write it leads to (a lockout and the failure it counts, a code and its replay guard) are
 //! never interleaved with another login's. The calls that queue up while one batch runs form the
 //! next batch: one transaction and one commit (one fsync) for all of them, each call undone alone
-//! if it fails, and no caller hears back before its writes are on disk.
+//! if it fails, and no caller hears back before its writes are on disk
+//! (docs/architecture.md#durability).
 //!
 //! Against a pool of blocking threads sharing one connection this saves the hand-offs: a login
 //! storm wakes one thread per batch instead of one per call, and nobody queues on a mutex.
