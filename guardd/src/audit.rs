@@ -217,6 +217,7 @@ mod tests {
             gid: 0,
             pid: None,
             real_uid: None,
+            owner: false,
         };
         for _ in 0..100 {
             refused(&caller, "list", "*", "permission denied");

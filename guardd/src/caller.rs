@@ -14,6 +14,10 @@ pub struct Caller {
     /// The real uid of the connecting process (`/proc/<pid>/status`), when it could be read:
     /// the user behind a setuid-root sudo or su.
     pub real_uid: Option<u32>,
+    /// The caller is the unprivileged uid guardd itself runs as. In production guardd runs as
+    /// root and this is never set; a guardd that a user runs (development, the test suite) is
+    /// that user's to administer, since they own its database and key file anyway.
+    pub owner: bool,
 }
 
 /// What a caller asks to do, for the access table (docs/architecture.md#callers).
@@ -48,6 +52,7 @@ impl Caller {
             gid,
             pid,
             real_uid: pid.and_then(real_uid_of),
+            owner: uid != 0 && uid == nix::unistd::geteuid().as_raw(),
         }
     }
 
@@ -74,7 +79,11 @@ impl Caller {
             return vec![Key::Uid(self.uid)];
         }
         let mut keys = Vec::with_capacity(2);
-        if let Some(real) = self.real_uid.filter(|&u| u != 0) {
+        // Root's own work, or the owner's (see `owner`), counts against no uid.
+        if let Some(real) = self
+            .real_uid
+            .filter(|&u| u != 0 && !(self.owner && u == self.uid))
+        {
             keys.push(Key::Uid(real));
         }
         if let Some(user) = target {
@@ -83,8 +92,9 @@ impl Caller {
         keys
     }
 
+    /// Whether the caller has root's rights here: root, or the owner (see `owner`).
     pub fn is_root(&self) -> bool {
-        self.uid == 0
+        self.uid == 0 || self.owner
     }
 }
 
@@ -132,15 +142,22 @@ mod tests {
         gid: 65534,
         pid: None,
         real_uid: None,
+        owner: false,
     };
 
     #[test]
-    fn root_may_do_everything() {
+    fn root_and_the_owner_of_an_unprivileged_guardd_may_do_everything() {
         let root = Caller {
             uid: 0,
             gid: 0,
             pid: None,
             real_uid: None,
+            owner: false,
+        };
+        let owner = Caller {
+            uid: 1000,
+            owner: true,
+            ..NOBODY
         };
         for a in [
             Action::Login,
@@ -150,7 +167,13 @@ mod tests {
             Action::Admin,
         ] {
             assert!(authorize(&root, a, false, false, false).is_ok());
+            assert!(authorize(&owner, a, false, false, false).is_ok());
+            assert!(authorize(&NOBODY, a, false, false, false).is_err());
         }
+        // Only the uid guardd runs as is its owner, and never for a root guardd.
+        let me = nix::unistd::geteuid().as_raw();
+        assert_eq!(Caller::from_cred(me, 0, None).owner, me != 0);
+        assert!(!Caller::from_cred(me.wrapping_add(1), 0, None).owner);
     }
 
     #[test]

@@ -152,6 +152,8 @@ async fn a_second_daemon_on_the_same_socket_refuses_to_start() {
         .arg(&d.socket)
         .arg("--database")
         .arg(d.dir.path().join("other.db"))
+        .arg("--key-file")
+        .arg(d.dir.path().join("other.key"))
         .output()
         .unwrap();
     assert!(!out.status.success());

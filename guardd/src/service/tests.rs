@@ -114,6 +114,7 @@ const ROOT: Caller = Caller {
     gid: 0,
     pid: None,
     real_uid: Some(0),
+    owner: false,
 };
 
 fn user(uid: u32) -> Caller {
@@ -122,6 +123,7 @@ fn user(uid: u32) -> Caller {
         gid: uid,
         pid: None,
         real_uid: Some(uid),
+        owner: false,
     }
 }
 
