@@ -9,7 +9,7 @@
 //! Then the caller's identity: a user namespace, a borrowed group id, a user asking about
 //! themself, a reused account name.
 //!
-//! Root only (users, setpriv); skipped otherwise, like daemon.rs. One test at a time, whatever
+//! Root only (users, setpriv): reported as ignored otherwise. One test at a time, whatever
 //! `--test-threads` says: an attack takes the machine's cores, and another test's logins would
 //! measure it. The figures:
 //!
