@@ -66,7 +66,7 @@ impl HashAlg {
 /// Why a token's stored parameters cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("token parameters are invalid: {0}")]
-pub struct ParamsError(String);
+pub struct ParamsError(#[from] totp_rs::TotpError);
 
 /// A fresh random secret from the OS CSPRNG.
 pub fn new_secret() -> Result<Zeroizing<Vec<u8>>, getrandom::Error> {
@@ -235,8 +235,7 @@ impl Generator {
             .with_digits(params.digits)
             .with_step_duration(unit)
             .with_secret(secret)
-            .build()
-            .map_err(|e| ParamsError(e.to_string()))?;
+            .build()?;
         Ok(Generator { totp, unit })
     }
 

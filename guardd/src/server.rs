@@ -64,6 +64,8 @@ pub enum ServerError {
     Store(#[from] StoreError),
     #[error("no valid rules: {0}")]
     Policy(#[from] crate::policy::PolicyError),
+    #[error("cannot watch SIGHUP (rules reload): {0}")]
+    Signal(std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
 }
@@ -177,7 +179,7 @@ pub async fn run_with_clock(
     })?;
     // SIGHUP re-reads the rules, as `guardctl reload` does.
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(io_err(Path::new("SIGHUP")))?;
+        .map_err(ServerError::Signal)?;
     let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
     let store_name = store.describe();
     let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));

@@ -68,8 +68,12 @@ pub enum StoreError {
     Unavailable(String),
     #[error("the database setting is unusable: {0}")]
     Settings(String),
-    #[error("{0}")]
-    Batch(String),
+    /// The group commit (or transaction) this call was part of failed; every call in it gets
+    /// the reason that was logged.
+    #[error("the token database did not commit: {0}")]
+    NotCommitted(String),
+    #[error("internal error in the token store; see the guardd log")]
+    Internal,
     #[error("the store stopped; restart guardd")]
     Stopped,
     #[error("the token database holds an invalid row for token {0}")]
@@ -89,6 +93,17 @@ pub enum TokenState {
 }
 
 impl TokenState {
+    /// The state a stored name stands for.
+    pub fn parse(name: &str) -> Option<TokenState> {
+        [
+            TokenState::Pending,
+            TokenState::Active,
+            TokenState::Disabled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             TokenState::Pending => "pending",
@@ -105,7 +120,7 @@ pub struct TokenInfo {
     pub user: String,
     pub label: String,
     pub kind: String,
-    pub state: String,
+    pub state: TokenState,
     pub created: i64,
     pub last_used: Option<i64>,
 }

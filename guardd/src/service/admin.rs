@@ -121,8 +121,10 @@ pub(super) async fn enroll(
                 // Checked before anything is used up: a refusal here costs no code or invitation.
                 // A pending token does not count: this enrolment replaces it.
                 let tokens = store.list(Some(&u))?;
-                let pending = TokenState::Pending.as_str();
-                let held = tokens.iter().filter(|t| t.state != pending).count();
+                let held = tokens
+                    .iter()
+                    .filter(|t| t.state != TokenState::Pending)
+                    .count();
                 if held >= MAX_OWN_TOKENS {
                     return Ok(Err(Status::failed_precondition(format!(
                         "you already have {held} tokens; ask your administrator to delete one you no longer use"
@@ -158,7 +160,7 @@ pub(super) async fn enroll(
                     )));
                 }
                 // One pending enrolment at a time: a new one replaces it.
-                for t in tokens.iter().filter(|t| t.state == pending) {
+                for t in tokens.iter().filter(|t| t.state == TokenState::Pending) {
                     store.delete(&u, &t.id)?;
                 }
             }
@@ -466,7 +468,10 @@ pub(super) async fn delete(
         Action::Delete,
         Some(user.clone()),
         "delete",
-        move |s, u| Ok(s.get(u, &id)?.is_some_and(|t| t.state == "pending")),
+        move |s, u| {
+            Ok(s.get(u, &id)?
+                .is_some_and(|t| t.state == TokenState::Pending))
+        },
     )
     .await?;
     let (u, id) = (user.clone(), token_id.clone());
@@ -692,7 +697,7 @@ fn token_message(t: TokenInfo) -> Token {
         user: t.user,
         label: t.label,
         kind: t.kind,
-        state: t.state,
+        state: t.state.as_str().into(),
         created: t.created,
         last_used: t.last_used.unwrap_or(0),
     }

@@ -56,9 +56,7 @@ where
         let result = match (failed, self.result) {
             (Some(e), _) => Err(E::from(e.to_error())),
             (None, Some(result)) => result,
-            (None, None) => Err(E::from(StoreError::Batch(
-                "internal error in the store; see the guardd log".into(),
-            ))),
+            (None, None) => Err(E::from(StoreError::Internal)),
         };
         // The caller may have gone (its client hung up); the writes stand all the same.
         let _ = self.reply.send(result);
@@ -95,7 +93,7 @@ impl Failure {
         match self.kind {
             FailureKind::Busy => StoreError::Busy,
             FailureKind::Unavailable => StoreError::Unavailable(self.message.clone()),
-            FailureKind::Other => StoreError::Batch(self.message.clone()),
+            FailureKind::Other => StoreError::NotCommitted(self.message.clone()),
         }
     }
 }

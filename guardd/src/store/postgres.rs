@@ -413,7 +413,7 @@ impl PgStore {
 pub(crate) fn prepare(connector: Arc<Connector>, key_file: &Path) -> Result<Sealer, StoreError> {
     let mut conn = Conn::new(connector).map_err(|e| StoreError::Unavailable(e.to_string()))?;
     let loaded = prepare_with(&mut conn, KeySource::File(key_file))?;
-    loaded.ok_or_else(|| StoreError::Batch("internal error: no key loaded".into()))
+    loaded.ok_or(StoreError::Internal)
 }
 
 fn prepare_with(c: &mut Conn, key: KeySource<'_>) -> Result<Option<Sealer>, StoreError> {
@@ -717,7 +717,7 @@ impl Store for PgStore {
             user: token.user.into(),
             label: token.label.into(),
             kind: token.kind.as_str().into(),
-            state: TokenState::Pending.as_str().into(),
+            state: TokenState::Pending,
             created: now,
             last_used: None,
         })
@@ -789,18 +789,22 @@ impl Store for PgStore {
                WHERE $1::text IS NULL OR "user" = $1 ORDER BY "user", created, id"#,
             &[&user],
         )?;
-        Ok(rows
-            .into_iter()
-            .map(|r| TokenInfo {
-                id: r.get(0),
-                user: r.get(1),
-                label: r.get(2),
-                kind: r.get(3),
-                state: r.get(4),
-                created: r.get(5),
-                last_used: r.get(6),
+        rows.into_iter()
+            .map(|r| {
+                let id: String = col(&r, 0)?;
+                let state: String = col(&r, 4)?;
+                Ok(TokenInfo {
+                    state: TokenState::parse(&state)
+                        .ok_or_else(|| StoreError::Corrupt(id.clone()))?,
+                    id,
+                    user: col(&r, 1)?,
+                    label: col(&r, 2)?,
+                    kind: col(&r, 3)?,
+                    created: col(&r, 5)?,
+                    last_used: col(&r, 6)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn set_state(

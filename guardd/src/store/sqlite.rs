@@ -277,7 +277,7 @@ impl Store for SqliteStore {
             user: token.user.into(),
             label: token.label.into(),
             kind: token.kind.as_str().into(),
-            state: TokenState::Pending.as_str().into(),
+            state: TokenState::Pending,
             created: now,
             last_used: None,
         })
@@ -358,17 +358,27 @@ impl Store for SqliteStore {
              WHERE ?1 IS NULL OR user = ?1 ORDER BY user, created, id",
         )?;
         let rows = stmt.query_map([user], |r| {
-            Ok(TokenInfo {
-                id: r.get(0)?,
-                user: r.get(1)?,
-                label: r.get(2)?,
-                kind: r.get(3)?,
-                state: r.get(4)?,
-                created: r.get(5)?,
-                last_used: r.get(6)?,
-            })
+            Ok((
+                TokenInfo {
+                    id: r.get(0)?,
+                    user: r.get(1)?,
+                    label: r.get(2)?,
+                    kind: r.get(3)?,
+                    state: TokenState::Pending,
+                    created: r.get(5)?,
+                    last_used: r.get(6)?,
+                },
+                r.get::<_, String>(4)?,
+            ))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut out = Vec::new();
+        for row in rows {
+            let (mut info, state) = row?;
+            info.state =
+                TokenState::parse(&state).ok_or_else(|| StoreError::Corrupt(info.id.clone()))?;
+            out.push(info);
+        }
+        Ok(out)
     }
 
     fn set_state(

@@ -135,7 +135,7 @@ fn pending_token_becomes_active_once_and_counters_only_move_forward(s: &dyn Stor
     );
     assert!(s.accept(&t.id, TokenState::Active, 101, -1, 3).unwrap());
     let info = s.get("ann", &t.id).unwrap().unwrap();
-    assert_eq!((info.state.as_str(), info.last_used), ("active", Some(3)));
+    assert_eq!((info.state, info.last_used), (TokenState::Active, Some(3)));
     let secret = &s.secrets("ann", TokenState::Active).unwrap()[0];
     assert_eq!((secret.counter.last, secret.counter.drift), (Some(101), -1));
 }

@@ -175,7 +175,7 @@ mod tests {
         let b_id = bob.clone();
         let (b, mut rb) = call(move |s: &dyn Store| {
             s.accept(&b_id, TokenState::Active, 5, 0, 2)?;
-            Err::<bool, _>(StoreError::Batch("refused after writing".into()))
+            Err::<bool, _>(StoreError::Overloaded)
         });
         let c_id = cy.clone();
         let (c, mut rc) = call(move |s: &dyn Store| -> Result<bool, StoreError> {
@@ -188,7 +188,10 @@ mod tests {
             call.reply(None);
         }
         assert!(ra.blocking_recv().unwrap().unwrap());
-        assert!(matches!(rb.try_recv().unwrap(), Err(StoreError::Batch(_))));
+        assert!(matches!(
+            rb.try_recv().unwrap(),
+            Err(StoreError::Overloaded)
+        ));
         assert!(rc.try_recv().unwrap().is_err());
         // Read back through a second connection: only ann's write reached the disk.
         drop(store);
