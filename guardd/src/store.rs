@@ -136,6 +136,21 @@ pub struct LoginRecord {
     pub can_answer: bool,
 }
 
+impl TokenInfo {
+    /// The description of `token`, just added as pending under `id`.
+    fn pending(id: String, token: &NewToken<'_>, now: i64) -> TokenInfo {
+        TokenInfo {
+            id,
+            user: token.user.into(),
+            label: token.label.into(),
+            kind: token.kind.as_str().into(),
+            state: TokenState::Pending,
+            created: now,
+            last_used: None,
+        }
+    }
+}
+
 /// What verification needs: the opened secret (zeroized on drop) and the counter state.
 pub struct TokenSecret {
     pub id: String,

@@ -247,6 +247,28 @@ impl Guard {
         secret
     }
 
+    /// Enrolls `user` with an HOTP token, confirmed with counter 0, and returns its secret: the
+    /// next codes are counters 1, 2, ... (many logins without waiting for a TOTP step).
+    pub async fn enroll_hotp(&self, user: &str) -> Secret {
+        let (secret, _) = self
+            .enroll(EnrollRequest {
+                user: user.into(),
+                kind: "hotp".into(),
+                ..EnrollRequest::default()
+            })
+            .await;
+        self.remember(&secret.hotp(0));
+        self.client()
+            .await
+            .confirm(ConfirmRequest {
+                user: user.into(),
+                code: secret.hotp(0).into_bytes(),
+            })
+            .await
+            .expect("confirm the HOTP token");
+        secret
+    }
+
     /// Enrolls a pending token with these options and returns its secret and URI.
     pub async fn enroll(&self, request: EnrollRequest) -> (Secret, String) {
         let uri = self

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use harness::{is_deny, is_permit, login_with, Daemon, Secret, SharedStore, STRICT_RULES};
 use proto::v1::guard_client::GuardClient;
-use proto::v1::{step, ConfirmRequest, DenyReason, EnrollRequest};
+use proto::v1::{step, DenyReason};
 
 /// System accounts every Debian machine has: one HOTP token each in the load runs.
 const USERS: [&str; 8] = ["daemon", "bin", "sys", "games", "man", "lp", "mail", "news"];
@@ -49,28 +49,6 @@ impl Fleet {
             .map(|(i, d)| format!("--- host-{i}\n{}", d.log()))
             .collect()
     }
-}
-
-/// Enrols `user` with an HOTP token through `d` and confirms it with counter 0.
-async fn enroll_hotp(d: &Daemon, user: &str) -> Secret {
-    let (secret, _) = d
-        .enroll(EnrollRequest {
-            user: user.into(),
-            kind: "hotp".into(),
-            label: "fleet".into(),
-            ..EnrollRequest::default()
-        })
-        .await;
-    d.remember(&secret.hotp(0));
-    d.client()
-        .await
-        .confirm(ConfirmRequest {
-            user: user.into(),
-            code: secret.hotp(0).into_bytes(),
-        })
-        .await
-        .expect("confirm");
-    secret
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -191,7 +169,7 @@ impl LoadRun {
         let stop = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         for (i, user) in USERS.iter().enumerate() {
-            let secret = enroll_hotp(&fleet.hosts[0], user).await;
+            let secret = fleet.hosts[0].enroll_hotp(user).await;
             let host = i % sockets.len();
             let socket = sockets[host].clone();
             let record = Record {

@@ -1,5 +1,8 @@
 //! One queued store call with its types erased, shared by both runners.
 
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
 use tokio::sync::oneshot;
 
 use super::{Store, StoreError};
@@ -94,6 +97,57 @@ impl Failure {
             FailureKind::Busy => StoreError::Busy,
             FailureKind::Unavailable => StoreError::Unavailable(self.message.clone()),
             FailureKind::Other => StoreError::NotCommitted(self.message.clone()),
+        }
+    }
+}
+
+/// A bounded queue of calls and the threads that serve it. A full queue refuses at once, so a
+/// flood of calls cannot grow guardd's memory or every caller's wait without bound. Dropping
+/// it lets the threads finish the calls already queued, then waits for them.
+pub(super) struct Queue {
+    calls: Option<mpsc::SyncSender<Box<dyn Call>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Queue {
+    /// A queue of at most `bound` calls, and its receiving end for the threads to serve.
+    pub(super) fn new(bound: usize) -> (Queue, mpsc::Receiver<Box<dyn Call>>) {
+        let (calls, receiver) = mpsc::sync_channel(bound);
+        let queue = Queue {
+            calls: Some(calls),
+            threads: Vec::new(),
+        };
+        (queue, receiver)
+    }
+
+    /// Starts a thread named `name` that serves this queue until it is dropped.
+    pub(super) fn serve_with(
+        &mut self,
+        name: String,
+        serve: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let thread = std::thread::Builder::new().name(name).spawn(serve)?;
+        self.threads.push(thread);
+        Ok(())
+    }
+
+    /// Queues `call`; with the queue full it does not run and the error is "overloaded".
+    pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
+        let Some(calls) = &self.calls else {
+            return Err(StoreError::Stopped);
+        };
+        calls.try_send(call).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => StoreError::Overloaded,
+            mpsc::TrySendError::Disconnected(_) => StoreError::Stopped,
+        })
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        drop(self.calls.take());
+        for thread in self.threads.drain(..) {
+            let _ = thread.join();
         }
     }
 }

@@ -8,10 +8,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::call::{Call, Failure};
+use super::call::{Call, Failure, Queue};
 use super::postgres::Connector;
 use super::{PgSettings, PgStore, Store, StoreError};
 use crate::seal::{SealError, Sealer};
@@ -26,14 +25,13 @@ const MAX_QUEUE: usize = 1024;
 
 /// The handle the service keeps; see [`Runner`](super::Runner).
 pub struct PgPool {
-    calls: Option<mpsc::SyncSender<Box<dyn Call>>>,
-    workers: Vec<JoinHandle<()>>,
+    queue: Queue,
     describe: String,
 }
 
 /// What the workers share.
 struct Shared {
-    queue: Mutex<mpsc::Receiver<Box<dyn Call>>>,
+    calls: Mutex<mpsc::Receiver<Box<dyn Call>>>,
     /// Until when calls fail at once, and why.
     down: Mutex<Option<(Instant, String)>>,
     /// Whether the schema and the key were checked against the database (at start, or on the
@@ -76,53 +74,30 @@ impl PgPool {
             }
             Err(e) => return Err(e),
         };
-        let (calls, queue) = mpsc::sync_channel(MAX_QUEUE);
+        let (mut queue, calls) = Queue::new(MAX_QUEUE);
         let shared = Arc::new(Shared {
-            queue: Mutex::new(queue),
+            calls: Mutex::new(calls),
             down: Mutex::new(None),
             prepared: AtomicBool::new(prepared),
             sealer: Arc::new(sealer),
         });
-        let mut workers = Vec::with_capacity(connections);
         for n in 0..connections.max(1) {
             let store =
                 PgStore::new(connector.clone(), shared.sealer.clone()).map_err(io_unavailable)?;
             let shared = shared.clone();
-            let worker = std::thread::Builder::new()
-                .name(format!("guardd-pg-{n}"))
-                .spawn(move || work(&shared, &store))
+            queue
+                .serve_with(format!("guardd-pg-{n}"), move || work(&shared, &store))
                 .map_err(io_unavailable)?;
-            workers.push(worker);
         }
-        Ok(PgPool {
-            calls: Some(calls),
-            workers,
-            describe,
-        })
+        Ok(PgPool { queue, describe })
     }
 
     pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
-        let Some(calls) = &self.calls else {
-            return Err(StoreError::Stopped);
-        };
-        calls.try_send(call).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => StoreError::Overloaded,
-            mpsc::TrySendError::Disconnected(_) => StoreError::Stopped,
-        })
+        self.queue.submit(call)
     }
 
     pub(super) fn describe(&self) -> String {
         self.describe.clone()
-    }
-}
-
-impl Drop for PgPool {
-    /// Lets the workers finish the calls already queued, then waits for them.
-    fn drop(&mut self) {
-        drop(self.calls.take());
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
     }
 }
 
@@ -133,7 +108,7 @@ fn io_unavailable(e: std::io::Error) -> StoreError {
 fn work(shared: &Shared, store: &PgStore) {
     loop {
         let next = shared
-            .queue
+            .calls
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .recv();

@@ -712,15 +712,7 @@ fn to_u32(id: &str, v: i64) -> Result<u32, StoreError> {
 impl Store for PgStore {
     fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError> {
         let id = self.insert_token(&token, TokenState::Pending, now)?;
-        Ok(TokenInfo {
-            id,
-            user: token.user.into(),
-            label: token.label.into(),
-            kind: token.kind.as_str().into(),
-            state: TokenState::Pending,
-            created: now,
-            last_used: None,
-        })
+        Ok(TokenInfo::pending(id, &token, now))
     }
 
     fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {

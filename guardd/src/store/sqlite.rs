@@ -272,15 +272,7 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
 impl Store for SqliteStore {
     fn add_pending(&self, token: NewToken<'_>, now: i64) -> Result<TokenInfo, StoreError> {
         let id = self.insert_token(&self.conn(), &token, TokenState::Pending, now)?;
-        Ok(TokenInfo {
-            id,
-            user: token.user.into(),
-            label: token.label.into(),
-            kind: token.kind.as_str().into(),
-            state: TokenState::Pending,
-            created: now,
-            last_used: None,
-        })
+        Ok(TokenInfo::pending(id, &token, now))
     }
 
     fn secrets(&self, user: &str, state: TokenState) -> Result<Vec<TokenSecret>, StoreError> {
