@@ -287,6 +287,46 @@ pub trait Store: Send + Sync {
 /// Associated data of the key-check value, which proves at start-up that the key file fits.
 pub(crate) const KEY_CHECK: &[u8] = b"soffid-otp key check";
 
+/// Loads the sealing key from `key_file` for the store `store`, which holds sealed secrets when
+/// `has_check` (then a missing key file is an error, never replaced by a new key).
+pub(crate) fn load_key(
+    key_file: &std::path::Path,
+    has_check: bool,
+    store: &str,
+) -> Result<crate::seal::Sealer, StoreError> {
+    crate::seal::Sealer::load(key_file, !has_check).map_err(|e| match e {
+        SealError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            StoreError::KeyMissing {
+                key_file: key_file.display().to_string(),
+                path: store.into(),
+            }
+        }
+        e => e.into(),
+    })
+}
+
+/// Checks `sealer` against a store's recorded key-check value; for a store without one, the
+/// value to record.
+pub(crate) fn check_key(
+    sealer: &crate::seal::Sealer,
+    check: Option<&[u8]>,
+    key_file: &str,
+    store: &str,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    match check {
+        Some(sealed) => {
+            sealer
+                .open(KEY_CHECK, sealed)
+                .map_err(|_| StoreError::WrongKey {
+                    key_file: key_file.into(),
+                    path: store.into(),
+                })?;
+            Ok(None)
+        }
+        None => Ok(Some(sealer.seal(KEY_CHECK, KEY_CHECK)?)),
+    }
+}
+
 /// A token's OTP parameters from a stored row; out-of-range values mark the row corrupt.
 pub(crate) fn row_params(
     id: &str,

@@ -16,8 +16,8 @@ use zeroize::Zeroizing;
 
 use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
-    row_params, Binding, LoginRecord, NewToken, Store, StoreError, TokenInfo, TokenSecret,
-    TokenState, KEY_CHECK, SCHEMA_VERSION,
+    check_key, load_key, row_params, Binding, LoginRecord, NewToken, Store, StoreError, TokenInfo,
+    TokenSecret, TokenState, SCHEMA_VERSION,
 };
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, Kind};
@@ -487,37 +487,18 @@ fn prepare_in(
     let (sealer, key_name): (&Sealer, String) = match key {
         KeySource::File(path) => {
             let name = path.display().to_string();
-            match Sealer::load(path, check.is_none()) {
-                Ok(sealer) => (loaded.insert(sealer), name),
-                Err(SealError::Read { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    return Err(StoreError::KeyMissing {
-                        key_file: name,
-                        path: display.into(),
-                    })
-                }
-                Err(e) => return Err(e.into()),
-            }
+            (
+                loaded.insert(load_key(path, check.is_some(), display)?),
+                name,
+            )
         }
         KeySource::Loaded(sealer) => (sealer, "this host's key file".into()),
     };
-    match check {
-        Some(sealed) => {
-            sealer
-                .open(KEY_CHECK, &sealed)
-                .map_err(|_| StoreError::WrongKey {
-                    key_file: key_name,
-                    path: display.into(),
-                })?;
-        }
-        None => {
-            let sealed = sealer.seal(KEY_CHECK, KEY_CHECK)?;
-            c.execute(
-                "INSERT INTO meta (key, value) VALUES ('key_check', $1)",
-                &[&sealed],
-            )?;
-        }
+    if let Some(sealed) = check_key(sealer, check.as_deref(), &key_name, display)? {
+        c.execute(
+            "INSERT INTO meta (key, value) VALUES ('key_check', $1)",
+            &[&sealed],
+        )?;
     }
     Ok(loaded)
 }

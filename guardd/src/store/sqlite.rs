@@ -10,8 +10,8 @@ use zeroize::Zeroizing;
 
 use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
-    row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret, TokenState,
-    KEY_CHECK, SCHEMA_VERSION,
+    check_key, load_key, row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret,
+    TokenState, SCHEMA_VERSION,
 };
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, Kind};
@@ -138,35 +138,13 @@ impl SqliteStore {
                 r.get(0)
             })
             .optional()?;
+        let sealer = load_key(key_file, check.is_some(), &display)?;
         let key_name = key_file.display().to_string();
-        let sealer = match Sealer::load(key_file, check.is_none()) {
-            Ok(sealer) => sealer,
-            Err(SealError::Read { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                return Err(StoreError::KeyMissing {
-                    key_file: key_name,
-                    path: display,
-                })
-            }
-            Err(e) => return Err(e.into()),
-        };
-        match check {
-            Some(sealed) => {
-                sealer
-                    .open(KEY_CHECK, &sealed)
-                    .map_err(|_| StoreError::WrongKey {
-                        key_file: key_name,
-                        path: display.clone(),
-                    })?;
-            }
-            None => {
-                let sealed = sealer.seal(KEY_CHECK, KEY_CHECK)?;
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
-                    [sealed],
-                )?;
-            }
+        if let Some(sealed) = check_key(&sealer, check.as_deref(), &key_name, &display)? {
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('key_check', ?1)",
+                [sealed],
+            )?;
         }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
