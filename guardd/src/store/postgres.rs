@@ -142,14 +142,24 @@ impl Connector {
             ));
         }
         let describe = settings.url.clone();
-        let remote: Vec<&str> = config
-            .get_hosts()
-            .iter()
-            .filter_map(|h| match h {
-                Host::Tcp(name) if !is_loopback(name) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
+        // Where each connection goes: `hostaddr` when given (then `host` only names the server
+        // for the certificate), else `host`.
+        let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
+        let mut remote = Vec::new();
+        for i in 0..hosts.len().max(addrs.len()) {
+            match (hosts.get(i), addrs.get(i)) {
+                (host, Some(addr)) if !addr.is_loopback() => {
+                    if settings.ca_file.is_some() && !matches!(host, Some(Host::Tcp(_))) {
+                        return Err(bad(format!(
+                            "hostaddr={addr} needs a host name in host= to verify the server's certificate against"
+                        )));
+                    }
+                    remote.push(addr.to_string());
+                }
+                (Some(Host::Tcp(name)), None) if !is_loopback(name) => remote.push(name.clone()),
+                _ => {}
+            }
+        }
         let tls = match &settings.ca_file {
             Some(ca) => {
                 if config.get_ssl_mode() == SslMode::Disable {

@@ -559,6 +559,29 @@ mod postgres_only {
             ..settings("postgresql://guardd@db.example.com/guardd?sslmode=disable")
         });
         assert!(m.contains("sslmode=disable"), "{m}");
+        // `hostaddr` is where the connection goes, whatever `host` names (loopback or a Unix
+        // socket directory): a remote address there needs TLS as much as a remote host name.
+        for url in [
+            "postgresql://guardd@localhost/guardd?hostaddr=192.0.2.10",
+            "postgresql://guardd@/guardd?host=/run/postgresql&hostaddr=192.0.2.10",
+            "postgresql://guardd@127.0.0.1,localhost/guardd?hostaddr=127.0.0.1,192.0.2.10",
+        ] {
+            let m = refused(settings(url));
+            assert!(
+                m.contains("database_ca_file") && m.contains("192.0.2.10"),
+                "{url}: {m}"
+            );
+        }
+        // With the CA, a remote address needs a host name to verify: a socket directory is none.
+        let m = refused(PgSettings {
+            ca_file: Some(dir.path().join("absent.crt")),
+            ..settings("postgresql://guardd@/guardd?host=/run/postgresql&hostaddr=192.0.2.10")
+        });
+        assert!(m.contains("hostaddr"), "{m}");
+        Connector::new(&settings(
+            "postgresql://guardd@localhost/guardd?hostaddr=127.0.0.1",
+        ))
+        .unwrap();
         // Several hosts, the writable one chosen, and loopback without TLS, are fine.
         Connector::new(&settings(
             "postgresql://guardd@127.0.0.1:5432,localhost:5433/guardd?target_session_attrs=read-write",
