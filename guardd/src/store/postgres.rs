@@ -303,6 +303,10 @@ struct Conn {
     connector: Arc<Connector>,
     /// A call's BEGIN not sent yet: it goes with the call's first statement, in one round trip.
     begin_pending: bool,
+    /// A transaction was begun on the connection and not ended yet. If the connection goes
+    /// meanwhile, the server undoes the transaction: the rest of the call must not run on a new
+    /// connection (outside any transaction), and its COMMIT must not be reported as done.
+    in_transaction: bool,
 }
 
 impl PgStore {
@@ -332,7 +336,7 @@ impl PgStore {
         if std::mem::take(&mut conn.begin_pending) {
             return Ok(());
         }
-        conn.simple(if keep { "COMMIT" } else { "ROLLBACK" })
+        conn.finish(keep)
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -411,14 +415,14 @@ pub(crate) fn prepare(connector: Arc<Connector>, key_file: &Path) -> Result<Seal
 
 fn prepare_with(c: &mut Conn, key: KeySource<'_>) -> Result<Option<Sealer>, StoreError> {
     let display = c.connector.describe().to_owned();
-    c.simple("BEGIN")?;
+    c.start("BEGIN")?;
     match prepare_in(c, &display, key) {
         Ok(loaded) => {
-            c.simple("COMMIT")?;
+            c.finish(true)?;
             Ok(loaded)
         }
         Err(e) => {
-            let _ = c.simple("ROLLBACK");
+            let _ = c.finish(false);
             Err(e)
         }
     }
@@ -548,13 +552,18 @@ macro_rules! statement_trip {
                 let was_connected = conn.client.is_some();
                 let result = conn.statement($sql).and_then(|statement| {
                     let $s = &statement;
+                    conn.in_transaction = true;
                     round_trip!(&mut *conn, |$c| async {
                         let (begun, done) = tokio::join!($c.batch_execute("BEGIN"), $call);
                         begun.and(done)
                     })
                 });
                 match result {
-                    Err(StoreError::Unavailable(_)) if was_connected && !retried => retried = true,
+                    // The connection (and the transaction begun on it) is gone: start afresh.
+                    Err(StoreError::Unavailable(_)) if was_connected && !retried => {
+                        conn.in_transaction = false;
+                        retried = true
+                    }
                     other => break other,
                 }
             }
@@ -578,13 +587,18 @@ impl Conn {
             statements: HashMap::new(),
             connector,
             begin_pending: false,
+            in_transaction: false,
         })
     }
 
-    /// Makes a connection if there is none (or the last one closed).
+    /// Makes a connection if there is none (or the last one closed), unless a transaction was
+    /// begun on the one that went.
     fn connect(&mut self) -> Result<(), StoreError> {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.forget();
+        }
+        if self.client.is_none() && self.in_transaction {
+            return Err(lost());
         }
         if self.client.is_none() {
             self.client = Some(self.connector.connect(&self.rt)?);
@@ -627,6 +641,31 @@ impl Conn {
         round_trip!(self, |c| c.batch_execute(sql))
     }
 
+    /// Begins a transaction with `sql` (a BEGIN, perhaps with more statements).
+    fn start(&mut self, sql: &str) -> Result<(), StoreError> {
+        // A connection that went before this call is replaced first: nothing of it ran yet.
+        self.connect()?;
+        self.in_transaction = true;
+        self.simple(sql)
+    }
+
+    /// Commits (`keep`) or undoes the transaction begun on this connection. If the connection
+    /// went meanwhile, the server undid it: a commit then fails, an undo is done.
+    fn finish(&mut self, keep: bool) -> Result<(), StoreError> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.forget();
+        }
+        let alive = self.client.is_some();
+        let done = match (alive, keep) {
+            (true, true) => self.simple("COMMIT"),
+            (true, false) => self.simple("ROLLBACK"),
+            (false, true) => Err(lost()),
+            (false, false) => Ok(()),
+        };
+        self.in_transaction = false;
+        done
+    }
+
     /// A round trip's outcome; a connection that failed or did not answer in time is dropped,
     /// so the next call starts on a fresh one.
     fn settle<T>(
@@ -651,6 +690,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// The connection went in the middle of a call: its transaction was undone by the server.
+fn lost() -> StoreError {
+    StoreError::Unavailable(
+        "the connection to the database was lost during the call; its writes were undone".into(),
+    )
 }
 
 /// Sorts a database error: gone or going away (try again later), contention (busy), or a fault.
@@ -1023,12 +1069,12 @@ impl Rows for PgStore {
         let mut conn = self.conn();
         if write {
             // Held until the commit: no guardd writes between the merge's read and its writes.
-            conn.simple(
+            conn.start(
                 "BEGIN; LOCK TABLE tokens, lockouts, backup_codes, invitations, bindings
                  IN EXCLUSIVE MODE",
             )
         } else {
-            conn.simple("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.start("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         }
     }
 

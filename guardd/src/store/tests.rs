@@ -699,3 +699,190 @@ fn a_frozen_database_bounds_every_call_and_the_pool_recovers() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// A Unix-socket proxy in front of a cluster that, once armed, cuts the connection right after
+/// passing on the server's answer holding `trigger`: what a fail-over, a restart or a network
+/// cut between two statements of one call looks like to guardd.
+struct Cutter {
+    dir: tempfile::TempDir,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cutter {
+    fn start(cluster: &pgtemp::Cluster, trigger: &'static [u8]) -> Cutter {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let name = ".s.PGSQL.5432";
+        let listener = UnixListener::bind(dir.path().join(name)).unwrap();
+        let upstream = cluster.socket_dir().join(name);
+        let (armed, cut) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (a, c) = (armed.clone(), cut.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = UnixStream::connect(&upstream).unwrap();
+                let (mut to_server, mut from_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                });
+                let (a, c) = (a.clone(), c.clone());
+                std::thread::spawn(move || {
+                    let (mut server, mut client) = (server, client);
+                    let mut buf = [0; 65536];
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger)
+                            && a.swap(false, Ordering::SeqCst);
+                        if hit {
+                            c.store(true, Ordering::SeqCst);
+                        }
+                        if client.write_all(&buf[..n]).is_err() || hit {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Cutter { dir, armed, cut }
+    }
+
+    /// `url` (of a database in the cluster) through this proxy.
+    fn url(&self, cluster: &pgtemp::Cluster, url: &str) -> String {
+        let (from, to) = (cluster.socket_dir(), self.dir.path().to_owned());
+        url.replace(&*from.to_string_lossy(), &to.to_string_lossy())
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn has_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The connection is lost after a call's write was answered and before its COMMIT: the server
+/// undid the write, so the caller must not hear that it stands. Reconnecting silently and
+/// sending the COMMIT on a new connection (where it commits nothing) acknowledged a used code
+/// that the store then accepted again.
+#[test]
+fn a_connection_lost_inside_a_call_is_never_reported_as_committed() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"UPDATE 1\0");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &cluster.database())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    // Past the pause after a lost connection.
+    let run = |f: fn(&dyn Store, &str) -> Result<bool, StoreError>, id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let id = id.to_owned();
+            match runtime.block_on(runner.run(move |s| f(s, &id))) {
+                Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    };
+    let id = runtime
+        .block_on(
+            runner.run(|s| Ok::<_, StoreError>(s.add_pending(new_token("ann", &[1; 20]), 1)?.id)),
+        )
+        .unwrap();
+    assert!(run(|s, id| s.accept(id, TokenState::Pending, 5, 0, 1), &id).unwrap());
+    let step = |s: &dyn Store, id: &str| s.accept(id, TokenState::Active, 10, 0, 2);
+    for _ in 0..5 {
+        // Past the pause that follows a lost connection, so this call reaches the database.
+        assert!(run(|s, _| s.has_active("ann"), "").unwrap());
+        cutter.arm();
+        let first = {
+            let id = id.clone();
+            runtime.block_on(runner.run(move |s| step(s, &id)))
+        };
+        assert!(cutter.has_cut(), "the proxy did not cut: {first:?}");
+        cutter.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        match first {
+            // Acknowledged: the step is used, here and on every other guardd.
+            Ok(true) => {
+                assert!(
+                    !run(step, &id).unwrap(),
+                    "a step acknowledged as used was accepted again"
+                );
+                return;
+            }
+            Err(StoreError::Unavailable(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Never acknowledged, and indeed never recorded.
+    assert!(
+        run(step, &id).unwrap(),
+        "the step was recorded though every call failed"
+    );
+}
+
+/// The connection is lost between two statements of one call: the rest of the call does not
+/// run on a new connection, outside any transaction (where it would be committed alone, and a
+/// per-user attempt lock taken there would be released at once).
+#[test]
+fn the_rest_of_a_call_cut_off_from_its_transaction_does_not_run() {
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"UPDATE 1\0");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &cluster.database())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    let id = runtime
+        .block_on(runner.run(|s| {
+            let id = s.add_pending(new_token("ann", &[1; 20]), 1)?.id;
+            s.accept(&id, TokenState::Pending, 5, 0, 1)?;
+            Ok::<_, StoreError>(id)
+        }))
+        .unwrap();
+    cutter.arm();
+    let result = runtime.block_on(runner.run(move |s| {
+        s.accept(&id, TokenState::Active, 10, 0, 2)?;
+        s.record_failure("bob", None, &Backoff::default(), 2)?;
+        s.add_invitation("cy", 1, &[1; 32], 99)
+    }));
+    assert!(cutter.has_cut());
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    let name = fixture.url.as_deref().unwrap().split('/').nth(3).unwrap();
+    let name = name.split('?').next().unwrap();
+    let rows = cluster.psql(
+        name,
+        "SELECT (SELECT count(*) FROM lockouts) + (SELECT count(*) FROM invitations)",
+    );
+    assert_eq!(
+        rows, "0",
+        "statements of the call ran outside its transaction"
+    );
+}
