@@ -204,8 +204,12 @@ impl Connector {
         &self.describe
     }
 
-    /// A new connection, its I/O driven by `rt` whenever a statement runs on it.
-    fn connect(&self, rt: &tokio::runtime::Runtime) -> Result<Client, StoreError> {
+    /// A new connection, its I/O driven by `rt` whenever a statement runs on it, and the task
+    /// that drives it (aborted to close the connection).
+    fn connect(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
         let timed = |e: tokio::time::error::Elapsed| {
             StoreError::Unavailable(format!(
                 "no connection within {} ms ({e})",
@@ -217,15 +221,14 @@ impl Connector {
             Some(db) => StoreError::Unavailable(format!("refused: {}", db.message())),
             None => StoreError::Unavailable(e.to_string()),
         };
-        let client = match &self.tls {
+        let connected = match &self.tls {
             Some(tls) => {
                 let connect = self.config.connect(tls.clone());
                 let (client, connection) = rt
                     .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await })
                     .map_err(timed)?
                     .map_err(unreachable)?;
-                rt.spawn(drive(connection));
-                client
+                (client, rt.spawn(drive(connection)))
             }
             None => {
                 let connect = self.config.connect(NoTls);
@@ -233,11 +236,10 @@ impl Connector {
                     .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await })
                     .map_err(timed)?
                     .map_err(unreachable)?;
-                rt.spawn(drive(connection));
-                client
+                (client, rt.spawn(drive(connection)))
             }
         };
-        Ok(client)
+        Ok(connected)
     }
 }
 
@@ -299,6 +301,8 @@ pub struct PgStore {
 struct Conn {
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
+    /// The task driving the client's connection.
+    driver: Option<tokio::task::JoinHandle<()>>,
     statements: HashMap<&'static str, Statement>,
     connector: Arc<Connector>,
     /// A call's BEGIN not sent yet: it goes with the call's first statement, in one round trip.
@@ -584,6 +588,7 @@ impl Conn {
         Ok(Conn {
             rt,
             client: None,
+            driver: None,
             statements: HashMap::new(),
             connector,
             begin_pending: false,
@@ -601,14 +606,23 @@ impl Conn {
             return Err(lost());
         }
         if self.client.is_none() {
-            self.client = Some(self.connector.connect(&self.rt)?);
+            let (client, driver) = self.connector.connect(&self.rt)?;
+            self.client = Some(client);
+            self.driver = Some(driver);
         }
         Ok(())
     }
 
+    /// Drops the connection and closes it at once: a statement may still be waiting for its
+    /// answer, and the connection would otherwise stay open, its transaction holding its locks on
+    /// the server, until the server answered and this worker ran again.
     fn forget(&mut self) {
         self.client = None;
         self.statements.clear();
+        if let Some(driver) = self.driver.take() {
+            driver.abort();
+            let _ = self.rt.block_on(driver);
+        }
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {

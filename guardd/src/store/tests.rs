@@ -422,8 +422,10 @@ fn a_pool_fails_fast_while_the_database_is_down_and_reconnects_by_itself() {
         // trying again).
         let restart = scope.spawn(|| {
             std::thread::sleep(Duration::from_secs(1));
+            // The server may answer before `pg_ctl -w start` (which polls it) returns.
+            let starting = Instant::now();
             cluster.start_server();
-            Instant::now()
+            starting
         });
         runtime.block_on(async {
             let mut served = None;
@@ -762,6 +764,9 @@ struct Cutter {
     dir: tempfile::TempDir,
     armed: Arc<std::sync::atomic::AtomicBool>,
     cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Set: the next server answer, and all after it on that connection, are held back (a
+    /// database or network that stops answering), while the connection stays open.
+    stall: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Cutter {
@@ -773,11 +778,12 @@ impl Cutter {
         let name = ".s.PGSQL.5432";
         let listener = UnixListener::bind(dir.path().join(name)).unwrap();
         let upstream = cluster.socket_dir().join(name);
-        let (armed, cut) = (
+        let (armed, cut, stall) = (
+            Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (a, c) = (armed.clone(), cut.clone());
+        let (a, c, st) = (armed.clone(), cut.clone(), stall.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
@@ -786,16 +792,23 @@ impl Cutter {
                     (server.try_clone().unwrap(), client.try_clone().unwrap());
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut from_client, &mut to_server);
+                    // The client closed: so does the server's side.
+                    let _ = to_server.shutdown(std::net::Shutdown::Write);
                 });
-                let (a, c) = (a.clone(), c.clone());
+                let (a, c, st) = (a.clone(), c.clone(), st.clone());
                 std::thread::spawn(move || {
                     let (mut server, mut client) = (server, client);
                     let mut buf = [0; 65536];
+                    let mut stalled = false;
                     loop {
                         let n = match server.read(&mut buf) {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
+                        if stalled || st.swap(false, Ordering::SeqCst) {
+                            stalled = true;
+                            continue;
+                        }
                         let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger)
                             && a.swap(false, Ordering::SeqCst);
                         if hit {
@@ -810,7 +823,12 @@ impl Cutter {
                 });
             }
         });
-        Cutter { dir, armed, cut }
+        Cutter {
+            dir,
+            armed,
+            cut,
+            stall,
+        }
     }
 
     /// `url` (of a database in the cluster) through this proxy.
@@ -940,4 +958,50 @@ fn the_rest_of_a_call_cut_off_from_its_transaction_does_not_run() {
         rows, "0",
         "statements of the call ran outside its transaction"
     );
+}
+
+/// A call's connection stops answering while its transaction holds the user's attempt lock:
+/// the call gives up (unavailable), and the connection is closed at once, so the server ends
+/// the transaction and every other guardd can check that user again. Left open (until the
+/// worker's next call, or the server's 10 s idle-in-transaction timeout) it held the lock, and
+/// every host's checks of the user waited 2 s and failed as busy.
+#[test]
+fn a_call_that_gives_up_releases_its_locks_at_once() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"never");
+    let url = cluster.database();
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &url)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    let stall = cutter.stall.clone();
+    let result = runtime.block_on(runner.run(move |s| {
+        s.lock_attempts("ann")?;
+        stall.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.has_active("ann")
+    }));
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    // Another guardd, straight to the database.
+    let other = PgStore::new(
+        Arc::new(Connector::new(&settings(&url)).unwrap()),
+        Arc::new(crate::seal::Sealer::load(&fixture.dir.path().join("k"), false).unwrap()),
+    )
+    .unwrap();
+    other.begin().unwrap();
+    let started = Instant::now();
+    let locked = other.lock_attempts("ann");
+    let waited = started.elapsed();
+    other.end(false).unwrap();
+    assert!(locked.is_ok(), "{locked:?} after {waited:?}");
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+    drop(runner);
 }
