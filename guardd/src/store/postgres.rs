@@ -25,9 +25,13 @@ use crate::seal::{SealError, Sealer};
 
 /// Connecting (TCP, TLS, authentication) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Each round trip must finish within this; the server also cancels a statement or a lock wait
-/// after it. Both stay well under the PAM module's default 5 s timeout.
+/// Each round trip must finish within this. Both stay well under the PAM module's default 5 s
+/// timeout.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The server cancels a statement or a lock wait after this: before the round trip's own limit,
+/// so a lock held elsewhere ends one call as busy, on a connection that stays, rather than as
+/// an unreachable database (connection dropped, the pool paused for every user).
+const SERVER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Advisory lock classes: schema migrations, and one lock per user for checks of codes.
 const MIGRATION_LOCK: i32 = 0x534f;
 const ATTEMPT_LOCK: i32 = 0x534e;
@@ -190,7 +194,7 @@ impl Connector {
             .application_name(format!("guardd@{}", settings.host))
             .options(format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={idle}",
-                ms = STATEMENT_TIMEOUT.as_millis(),
+                ms = SERVER_TIMEOUT.as_millis(),
                 idle = STATEMENT_TIMEOUT.as_millis() * 5
             ));
         Ok(Connector {

@@ -1005,3 +1005,28 @@ fn a_call_that_gives_up_releases_its_locks_at_once() {
     assert!(waited < Duration::from_secs(1), "waited {waited:?}");
     drop(runner);
 }
+
+/// Another guardd holds a user's attempt lock for longer than a statement may wait: this
+/// guardd's check of that user is refused by the server as busy (its lock_timeout), and the
+/// pool goes on serving everyone else. The server's and the client's limits were both 2 s, so
+/// the client usually gave up first: the connection was dropped as unreachable and the whole
+/// pool refused every call (every user's logins, root's too) for half a second.
+#[test]
+fn a_lock_held_elsewhere_makes_that_call_busy_not_the_pool_unavailable() {
+    let (fixture, holder) = Fixture::postgres();
+    holder.begin().unwrap();
+    holder.lock_attempts("ann").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    // Which limit fired first was a race: three tries.
+    for _ in 0..3 {
+        let waited = runtime.block_on(runner.run(|s| s.lock_attempts("ann").map(drop)));
+        assert!(matches!(waited, Err(StoreError::Busy)), "{waited:?}");
+        let other = runtime.block_on(runner.run(|s| s.has_active("root")));
+        assert!(matches!(other, Ok(false)), "{other:?}");
+    }
+    holder.end(false).unwrap();
+}
