@@ -454,7 +454,12 @@ fn prepare_in(
     let found: i64 = c
         .query("SELECT coalesce(max(version), 0) FROM schema_version", &[])?
         .first()
-        .map_or(0, |r| r.get(0));
+        .map_or(Ok(0), |r| col(r, 0))?;
+    if found < 0 {
+        return Err(StoreError::Unversioned {
+            path: display.into(),
+        });
+    }
     if found > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew {
             path: display.into(),
@@ -463,11 +468,13 @@ fn prepare_in(
         });
     }
     if found == 0 {
-        let tables: i64 = c.query(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'schema_version'",
-            &[],
-        )?[0]
-            .get(0);
+        let tables: i64 = c
+            .query(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'schema_version'",
+                &[],
+            )?
+            .first()
+            .map_or(Ok(0), |r| col(r, 0))?;
         if tables > 0 {
             return Err(StoreError::Unversioned {
                 path: display.into(),
@@ -487,7 +494,8 @@ fn prepare_in(
     let check: Option<Vec<u8>> = c
         .query("SELECT value FROM meta WHERE key = 'key_check'", &[])?
         .first()
-        .map(|r| r.get(0));
+        .map(|r| col(r, 0))
+        .transpose()?;
     let mut loaded = None;
     let (sealer, key_name): (&Sealer, String) = match key {
         KeySource::File(path) => {
@@ -765,13 +773,12 @@ impl Store for PgStore {
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: String = row.get(0);
-            let kind: String = row.get(1);
-            let sealed = Zeroizing::new(row.get::<_, Vec<u8>>(2));
-            let params = row_params(&id, row.get::<_, &str>(3), row.get(4), row.get(5))?;
+            let id: String = col(&row, 0)?;
+            let kind: String = col(&row, 1)?;
+            let sealed = Zeroizing::new(col::<Vec<u8>>(&row, 2)?);
+            let params = row_params(&id, col(&row, 3)?, col(&row, 4)?, col(&row, 5)?)?;
             let kind = Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
-            let last = row
-                .get::<_, Option<i64>>(6)
+            let last = col::<Option<i64>>(&row, 6)?
                 .map(u64::try_from)
                 .transpose()
                 .map_err(|_| StoreError::Corrupt(id.clone()))?;
@@ -781,7 +788,7 @@ impl Store for PgStore {
                     kind,
                     params,
                     last,
-                    drift: row.get(7),
+                    drift: col(&row, 7)?,
                 },
                 id,
                 secret,
@@ -823,18 +830,19 @@ impl Store for PgStore {
                WHERE $1::text IS NULL OR "user" = $1 ORDER BY "user", created, id"#,
             &[&user],
         )?;
-        Ok(rows
-            .into_iter()
-            .map(|r| TokenInfo {
-                id: r.get(0),
-                user: r.get(1),
-                label: r.get(2),
-                kind: r.get(3),
-                state: r.get(4),
-                created: r.get(5),
-                last_used: r.get(6),
+        rows.iter()
+            .map(|r| {
+                Ok(TokenInfo {
+                    id: col(r, 0)?,
+                    user: col(r, 1)?,
+                    label: col(r, 2)?,
+                    kind: col(r, 3)?,
+                    state: col(r, 4)?,
+                    created: col(r, 5)?,
+                    last_used: col(r, 6)?,
+                })
             })
-            .collect())
+            .collect()
     }
 
     fn set_state(
@@ -863,8 +871,8 @@ impl Store for PgStore {
             &[&user],
         )? {
             Some(r) => Ok(Lockout {
-                failures: to_u32(user, r.get(0))?,
-                until: r.get(1),
+                failures: to_u32(user, col(&r, 0)?)?,
+                until: col(&r, 1)?,
             }),
             None => Ok(Lockout::default()),
         }
@@ -914,7 +922,10 @@ impl Store for PgStore {
                RETURNING failures"#,
             &[&user, &uid.map(i64::from)],
         )?;
-        let failures = to_u32(user, row[0].get(0))?;
+        let row = row
+            .first()
+            .ok_or_else(|| StoreError::Corrupt(user.into()))?;
+        let failures = to_u32(user, col(row, 0)?)?;
         let until = backoff
             .delay(failures)
             .map_or(0, |d| now.saturating_add(d as i64));
@@ -932,7 +943,7 @@ impl Store for PgStore {
             &[&user],
         )?;
         if let Some(row) = left {
-            if backoff.delay(to_u32(user, row.get(0))?).is_none() {
+            if backoff.delay(to_u32(user, col(&row, 0)?)?).is_none() {
                 self.execute(
                     r#"UPDATE lockouts SET until = 0 WHERE "user" = $1"#,
                     &[&user],
@@ -1060,14 +1071,13 @@ impl Store for PgStore {
     }
 
     fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
-        Ok(self
-            .query(
-                r#"SELECT id, hash FROM backup_codes WHERE "user" = $1"#,
-                &[&user],
-            )?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        self.query(
+            r#"SELECT id, hash FROM backup_codes WHERE "user" = $1"#,
+            &[&user],
+        )?
+        .iter()
+        .map(|r| Ok((col(r, 0)?, col(r, 1)?)))
+        .collect()
     }
 
     fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {

@@ -696,6 +696,56 @@ mod postgres_only {
         assert!(err.to_string().contains("upgrade guardd"), "{err}");
     }
 
+    /// Rows another host or the database's administrator changed (a NULL where guardd never
+    /// writes one, a column of another type, a negative schema version) make the call fail with
+    /// an error, never panic: the key check runs on a pool worker outside the panic guard (a
+    /// panic there ended the worker thread for good), and a panic costs a lot besides.
+    #[test]
+    fn odd_rows_fail_the_call_without_a_panic() {
+        let (fixture, store) = Fixture::postgres();
+        store.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        store
+            .record_failure("ann", None, &Backoff::default(), 1)
+            .unwrap();
+        store
+            .replace_backup_codes("ann", None, &["$argon2id$x".into()], 1)
+            .unwrap();
+        let url = fixture.url.clone().unwrap();
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        let psql = |sql: &str| pgtemp::Cluster::shared().psql(name, sql);
+        psql(
+            "ALTER TABLE tokens ALTER COLUMN label DROP NOT NULL, ALTER COLUMN drift DROP NOT NULL; \
+             UPDATE tokens SET label = NULL, drift = NULL; \
+             ALTER TABLE lockouts ALTER COLUMN until TYPE text; \
+             ALTER TABLE backup_codes ALTER COLUMN hash TYPE bytea USING hash::bytea; \
+             ALTER TABLE meta ALTER COLUMN value TYPE text USING encode(value, 'hex')",
+        );
+        type Call<'a> = &'a dyn Fn() -> Result<(), StoreError>;
+        let quiet = |f: Call<'_>| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let calls: [(&str, Call<'_>); 6] = [
+            ("list", &|| store.list(Some("ann")).map(drop)),
+            ("secrets", &|| {
+                store.secrets("ann", TokenState::Pending).map(drop)
+            }),
+            ("lockout", &|| store.lockout("ann").map(drop)),
+            ("lock_attempts", &|| store.lock_attempts("ann").map(drop)),
+            ("backup_codes", &|| store.backup_codes("ann").map(drop)),
+            ("check", &|| store.check()),
+        ];
+        for (what, call) in calls {
+            store.begin().unwrap();
+            let result = quiet(call);
+            store.end(false).unwrap();
+            assert!(matches!(result, Ok(Err(_))), "{what}: {result:?}");
+        }
+        psql("ALTER TABLE meta ALTER COLUMN value TYPE bytea USING decode(value, 'hex'); UPDATE schema_version SET version = -1");
+        let result = quiet(&|| store.check());
+        assert!(
+            matches!(&result, Ok(Err(StoreError::Unversioned { .. }))),
+            "{result:?}"
+        );
+    }
+
     /// A database administrator or a dump reads no secret.
     #[test]
     fn secrets_are_sealed_in_the_database() {
