@@ -26,16 +26,19 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Sqlite(path) => write!(f, "{}", path.display()),
-            // Such a URL is refused when connecting; it must not be echoed meanwhile.
+            // A URL with a password is refused when connecting, and one that does not parse may
+            // hold one: neither is echoed meanwhile.
             Target::Postgres(settings)
                 if settings
                     .url
                     .parse::<tokio_postgres::Config>()
-                    .is_ok_and(|c| c.get_password().is_some()) =>
+                    .is_ok_and(|c| c.get_password().is_none()) =>
             {
-                f.write_str("the database URL (password withheld)")
+                f.write_str(&settings.url)
             }
-            Target::Postgres(settings) => f.write_str(&settings.url),
+            Target::Postgres(_) => {
+                f.write_str("the database URL (not shown: it holds a password or does not parse)")
+            }
         }
     }
 }
@@ -704,6 +707,22 @@ mod tests {
             );
             assert_eq!(Dump::read(&dest, &other_key).unwrap(), theirs);
         }
+    }
+
+    /// A URL is shown in messages and logs only when it parses and holds no password.
+    #[test]
+    fn a_database_url_is_never_shown_with_its_password() {
+        for url in [
+            "postgresql://u:s3cretpw@db.example/db",
+            "postgresql://u:s3cretpw@db.example/db?bogus=1",
+            "postgresql://u@db.example/db?password=s3cretpw&bogus=1",
+            "postgres://u:s3cretpw@[::1/db",
+        ] {
+            let shown = Target::Postgres(settings(url)).to_string();
+            assert!(!shown.contains("s3cretpw"), "{shown}");
+        }
+        let url = "postgresql://guardd@db.example/guardd?sslmode=require";
+        assert_eq!(Target::Postgres(settings(url)).to_string(), url);
     }
 
     #[test]
