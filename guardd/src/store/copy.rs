@@ -658,8 +658,8 @@ mod tests {
             assert_eq!(b.lockout("ann").unwrap(), locked, "{dest}");
 
             // A backup code and an invitation used up in the destination.
-            let (code, _) = b.backup_codes("bob").unwrap()[0].clone();
-            assert!(b.use_backup_code(code).unwrap());
+            let (code, hash) = b.backup_codes("bob").unwrap()[0].clone();
+            assert!(b.use_backup_code(code, &hash).unwrap());
             assert!(b.use_invitation("dee", 1004, &[9; 32], 50).unwrap());
             drop(b);
             let before = Dump::read(&dest, &key).unwrap();

@@ -1080,8 +1080,11 @@ impl Store for PgStore {
         .collect()
     }
 
-    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
-        Ok(self.execute("DELETE FROM backup_codes WHERE id = $1", &[&id])? == 1)
+    fn use_backup_code(&self, id: i64, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.execute(
+            "DELETE FROM backup_codes WHERE id = $1 AND hash = $2",
+            &[&id, &hash],
+        )? == 1)
     }
 }
 

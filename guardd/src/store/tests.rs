@@ -112,7 +112,8 @@ on_both!(
     a_name_is_bound_per_host_to_the_uid_seen_first,
     a_forgiven_failure_ends_the_wait_it_started,
     invitations_are_single_use_bound_to_the_uid_and_expire,
-    backup_codes_are_replaced_and_used_once
+    backup_codes_are_replaced_and_used_once,
+    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one
 );
 on_both!(with fixture:
     concurrent_accepts_record_one_step_once,
@@ -251,8 +252,27 @@ fn backup_codes_are_replaced_and_used_once(s: &dyn Store) {
         .unwrap();
     let codes = s.backup_codes("ann").unwrap();
     assert_eq!(codes.len(), 1);
-    assert!(s.use_backup_code(codes[0].0).unwrap());
-    assert!(!s.use_backup_code(codes[0].0).unwrap());
+    assert!(s.use_backup_code(codes[0].0, &codes[0].1).unwrap());
+    assert!(!s.use_backup_code(codes[0].0, &codes[0].1).unwrap());
+}
+
+/// A login compares the typed code with the user's hashes off the store thread, then uses up
+/// the one that matched, by its id. If the codes were reissued meanwhile (the sheet was lost),
+/// the revoked code must not get in: on SQLite the new codes took the ids of the old ones, and
+/// the old code used up a new one and logged in.
+fn a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one(s: &dyn Store) {
+    s.replace_backup_codes("ann", None, &["old1".into(), "old2".into()], 1)
+        .unwrap();
+    let compared = s.backup_codes("ann").unwrap();
+    s.replace_backup_codes("ann", None, &["new1".into(), "new2".into()], 2)
+        .unwrap();
+    for (id, hash) in &compared {
+        assert!(
+            !s.use_backup_code(*id, hash).unwrap(),
+            "a revoked code used up a new one"
+        );
+    }
+    assert_eq!(s.backup_codes("ann").unwrap().len(), 2);
 }
 
 /// Many callers at once (for PostgreSQL, eight connections, as eight hosts would be) with the
