@@ -957,14 +957,19 @@ impl GuardService {
             Checked::Done(verdict) => return Ok(verdict),
             Checked::Backup(code, hashes) => (code, hashes),
         };
+        let compared = hashes.clone();
         let Some(id) = self.find_backup_code(caller, user, code, hashes).await? else {
+            return Ok(Verdict::Wrong);
+        };
+        let Some((_, hash)) = compared.into_iter().find(|(i, _)| *i == id) else {
             return Ok(Verdict::Wrong);
         };
         let u = user.to_owned();
         self.store(move |store| {
             // The failure counted before the compare is forgiven with the rest: a backup code
-            // is a second factor like a token's code. Used once, also by two racing logins.
-            if store.use_backup_code(id)? {
+            // is a second factor like a token's code. Used once, also by two racing logins, and
+            // only if it was not reissued meanwhile.
+            if store.use_backup_code(id, &hash)? {
                 store.clear_failures(&u)?;
                 return Ok(Verdict::Backup);
             }

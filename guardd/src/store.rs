@@ -275,8 +275,9 @@ pub trait Store: Send + Sync {
     ) -> Result<(), StoreError>;
     /// `user`'s unused backup-code hashes, with their row ids.
     fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError>;
-    /// Uses up backup code `id`; true only for the one caller that removed it.
-    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError>;
+    /// Uses up backup code `id` if it still has `hash` (codes reissued meanwhile may have taken
+    /// its id); true only for the one caller that removed it.
+    fn use_backup_code(&self, id: i64, hash: &str) -> Result<bool, StoreError>;
 
     /// The token `id` if it belongs to `user`.
     fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {

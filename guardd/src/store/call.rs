@@ -13,6 +13,9 @@ pub(super) trait Call: Send {
     fn run(&mut self, store: &dyn Store) -> bool;
     /// Sends the caller its result, or `failed` when its writes were not committed.
     fn reply(self: Box<Self>, failed: Option<&Failure>);
+    /// Whether nobody waits for the result any more (the client hung up, or the call timed
+    /// out): such a call is dropped unrun, so calls given up cannot keep a runner busy.
+    fn abandoned(&self) -> bool;
 }
 
 pub(super) struct Pending<F, T, E> {
@@ -63,6 +66,10 @@ where
         };
         // The caller may have gone (its client hung up); the writes stand all the same.
         let _ = self.reply.send(result);
+    }
+
+    fn abandoned(&self) -> bool {
+        self.reply.is_closed()
     }
 }
 

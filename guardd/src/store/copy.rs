@@ -26,16 +26,19 @@ impl std::fmt::Display for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Target::Sqlite(path) => write!(f, "{}", path.display()),
-            // Such a URL is refused when connecting; it must not be echoed meanwhile.
+            // A URL with a password is refused when connecting, and one that does not parse may
+            // hold one: neither is echoed meanwhile.
             Target::Postgres(settings)
                 if settings
                     .url
                     .parse::<tokio_postgres::Config>()
-                    .is_ok_and(|c| c.get_password().is_some()) =>
+                    .is_ok_and(|c| c.get_password().is_none()) =>
             {
-                f.write_str("the database URL (password withheld)")
+                f.write_str(&settings.url)
             }
-            Target::Postgres(settings) => f.write_str(&settings.url),
+            Target::Postgres(_) => {
+                f.write_str("the database URL (not shown: it holds a password or does not parse)")
+            }
         }
     }
 }
@@ -173,7 +176,7 @@ impl Dump {
     fn missing_from(&self, dest: &Dump) -> Dump {
         Dump {
             tokens: to_write(&self.tokens, &dest.tokens, merge_token),
-            lockouts: to_write(&self.lockouts, &dest.lockouts, take_source),
+            lockouts: to_write(&self.lockouts, &dest.lockouts, merge_lockout),
             backup_codes: to_write(&self.backup_codes, &dest.backup_codes, take_source),
             invitations: to_write(&self.invitations, &dest.invitations, take_source),
             bindings: to_write(&self.bindings, &dest.bindings, take_source),
@@ -197,13 +200,36 @@ impl Dump {
 
 /// A token row merged into the destination's: the source's values, except that the accepted
 /// counter is the later of the two (NULL, never used, is the earliest), and the drift and last
-/// use go with it. A tie keeps the source's.
+/// use go with it (a tie keeps the source's), and the state is the further of the two: a token
+/// disabled on either side stays disabled, one confirmed on either side stays active.
 fn merge_token(source: &TokenRow, dest: Option<&TokenRow>) -> TokenRow {
     let mut row = source.clone();
     if let Some(d) = dest.filter(|d| d.last > source.last) {
         row.last = d.last;
         row.drift = d.drift;
         row.last_used = d.last_used;
+    }
+    fn rank(state: &str) -> u8 {
+        match state {
+            "pending" => 0,
+            "active" => 1,
+            // Disabled, or a state this guardd does not know: kept.
+            _ => 2,
+        }
+    }
+    if let Some(d) = dest.filter(|d| rank(&d.state) > rank(&source.state)) {
+        row.state = d.state.clone();
+    }
+    row
+}
+
+/// A failure record merged into the destination's: the more failures and the later end of the
+/// back-off, so a copy never shortens a wait or hands out fresh free failures.
+fn merge_lockout(source: &LockoutRow, dest: Option<&LockoutRow>) -> LockoutRow {
+    let mut row = source.clone();
+    if let Some(d) = dest {
+        row.failures = row.failures.max(d.failures);
+        row.until = row.until.max(d.until);
     }
     row
 }
@@ -247,7 +273,9 @@ pub fn copy(from: &Target, to: &Target, key_file: &Path) -> Result<Report, Store
         e => e,
     })?;
     let written = within(dest.as_ref(), true, || {
-        let writes = source.missing_from(&dest.read_rows()?);
+        let held = dest.read_rows()?;
+        refuse_resurrection(&source, &held, to)?;
+        let writes = source.missing_from(&held);
         dest.upsert_rows(&writes)?;
         Ok(writes.counts())
     })?;
@@ -260,6 +288,51 @@ pub fn copy(from: &Target, to: &Target, key_file: &Path) -> Result<Report, Store
         written,
         only_in_destination: Dump::only_in(&after, &source),
     })
+}
+
+/// A destination that holds rows of an earlier copy of `source` (a token id, or a backup code
+/// with its hash) but lacks other single-use rows of it (tokens, backup codes, invitations) may
+/// have used them up or deleted them since: a merge would bring a used backup code or
+/// invitation, or a deleted (lost) token, back. Such a copy is refused; nothing is written.
+fn refuse_resurrection(source: &Dump, dest: &Dump, to: &Target) -> Result<(), StoreError> {
+    let shared = source.tokens.keys().any(|id| dest.tokens.contains_key(id))
+        || source.backup_codes.iter().any(|(id, code)| {
+            dest.backup_codes
+                .get(id)
+                .is_some_and(|d| d.hash == code.hash)
+        });
+    if !shared {
+        return Ok(());
+    }
+    fn lacking<K: Ord, V>(source: &BTreeMap<K, V>, dest: &BTreeMap<K, V>) -> usize {
+        source.keys().filter(|k| !dest.contains_key(k)).count()
+    }
+    let missing = [
+        ("tokens", lacking(&source.tokens, &dest.tokens)),
+        (
+            "backup_codes",
+            lacking(&source.backup_codes, &dest.backup_codes),
+        ),
+        (
+            "invitations",
+            lacking(&source.invitations, &dest.invitations),
+        ),
+    ];
+    let missing: Vec<String> = missing
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(table, n)| format!("{table} {n}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(StoreError::CopyRefused(format!(
+        "{to} holds rows of an earlier copy of this store but lacks others it holds ({}): they \
+         may have been used up or deleted there since (a used backup code or invitation, a \
+         deleted token), and copying would bring them back. Nothing was written; for a move, \
+         copy into a new file or an empty database",
+        missing.join(", ")
+    )))
 }
 
 /// Every source row is in `after` as the merge leaves it.
@@ -551,6 +624,67 @@ mod tests {
         assert_eq!(copy(&a, &b, &key).unwrap().written, Counts::default());
     }
 
+    /// What the destination did after an earlier copy holds when the (older) source is copied
+    /// in again: a token it disabled stays disabled, its failures and back-off stay, and a
+    /// backup code or invitation it used up is not brought back.
+    #[test]
+    fn copying_again_never_undoes_what_the_destination_disabled_counted_or_used() {
+        let (f, s) = Fixture::sqlite();
+        populate(&s);
+        drop(s);
+        let key = f.dir.path().join("k");
+        for dest in [postgres(), sqlite_at(f.dir.path(), "b.db")] {
+            let a = sqlite_at(f.dir.path(), "t.db");
+            copy(&a, &dest, &key).unwrap();
+            let b = store_at(&dest, &key);
+            let bob = b.secrets("bob", TokenState::Active).unwrap();
+            let stolen = bob[0].id.clone();
+            assert!(b
+                .set_state("bob", &stolen, TokenState::Active, TokenState::Disabled)
+                .unwrap());
+            let backoff = Backoff::default();
+            for _ in 0..6 {
+                b.record_failure("ann", Some(1001), &backoff, 50).unwrap();
+            }
+            let locked = b.lockout("ann").unwrap();
+            drop(b);
+            copy(&a, &dest, &key).unwrap();
+            let b = store_at(&dest, &key);
+            assert_eq!(
+                b.get("bob", &stolen).unwrap().unwrap().state,
+                TokenState::Disabled,
+                "{dest}: a token disabled in the destination was enabled again"
+            );
+            assert_eq!(b.lockout("ann").unwrap(), locked, "{dest}");
+
+            // A backup code and an invitation used up in the destination.
+            let (code, hash) = b.backup_codes("bob").unwrap()[0].clone();
+            assert!(b.use_backup_code(code, &hash).unwrap());
+            assert!(b.use_invitation("dee", 1004, &[9; 32], 50).unwrap());
+            drop(b);
+            let before = Dump::read(&dest, &key).unwrap();
+            match copy(&a, &dest, &key) {
+                Err(StoreError::CopyRefused(m)) => {
+                    assert!(
+                        m.contains("backup_codes") && m.contains("invitations"),
+                        "{m}"
+                    );
+                    assert_eq!(Dump::read(&dest, &key).unwrap(), before, "{dest}");
+                }
+                other => {
+                    let b = store_at(&dest, &key);
+                    let codes: Vec<i64> =
+                        b.backup_codes("bob").unwrap().iter().map(|c| c.0).collect();
+                    assert!(
+                        !codes.contains(&code),
+                        "{dest}: a used backup code is back ({other:?})"
+                    );
+                    assert!(!b.use_invitation("dee", 1004, &[9; 32], 50).unwrap());
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_destination_sealed_with_another_key_is_refused_and_untouched() {
         let (f, s) = Fixture::sqlite();
@@ -573,6 +707,22 @@ mod tests {
             );
             assert_eq!(Dump::read(&dest, &other_key).unwrap(), theirs);
         }
+    }
+
+    /// A URL is shown in messages and logs only when it parses and holds no password.
+    #[test]
+    fn a_database_url_is_never_shown_with_its_password() {
+        for url in [
+            "postgresql://u:s3cretpw@db.example/db",
+            "postgresql://u:s3cretpw@db.example/db?bogus=1",
+            "postgresql://u@db.example/db?password=s3cretpw&bogus=1",
+            "postgres://u:s3cretpw@[::1/db",
+        ] {
+            let shown = Target::Postgres(settings(url)).to_string();
+            assert!(!shown.contains("s3cretpw"), "{shown}");
+        }
+        let url = "postgresql://guardd@db.example/guardd?sslmode=require";
+        assert_eq!(Target::Postgres(settings(url)).to_string(), url);
     }
 
     #[test]

@@ -115,6 +115,9 @@ fn work(shared: &Shared, store: &PgStore) {
         let Ok(mut call) = next else {
             return;
         };
+        if call.abandoned() {
+            continue;
+        }
         // While the database is known to be away, fail at once; past the pause, try again.
         let refused = match &*shared.down.lock().unwrap_or_else(|p| p.into_inner()) {
             Some((until, reason)) if Instant::now() < *until => {

@@ -25,9 +25,13 @@ use crate::seal::{SealError, Sealer};
 
 /// Connecting (TCP, TLS, authentication) must finish within this.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Each round trip must finish within this; the server also cancels a statement or a lock wait
-/// after it. Both stay well under the PAM module's default 5 s timeout.
+/// Each round trip must finish within this. Both stay well under the PAM module's default 5 s
+/// timeout.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The server cancels a statement or a lock wait after this: before the round trip's own limit,
+/// so a lock held elsewhere ends one call as busy, on a connection that stays, rather than as
+/// an unreachable database (connection dropped, the pool paused for every user).
+const SERVER_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Advisory lock classes: schema migrations, and one lock per user for checks of codes.
 const MIGRATION_LOCK: i32 = 0x534f;
 const ATTEMPT_LOCK: i32 = 0x534e;
@@ -142,14 +146,24 @@ impl Connector {
             ));
         }
         let describe = settings.url.clone();
-        let remote: Vec<&str> = config
-            .get_hosts()
-            .iter()
-            .filter_map(|h| match h {
-                Host::Tcp(name) if !is_loopback(name) => Some(name.as_str()),
-                _ => None,
-            })
-            .collect();
+        // Where each connection goes: `hostaddr` when given (then `host` only names the server
+        // for the certificate), else `host`.
+        let (hosts, addrs) = (config.get_hosts(), config.get_hostaddrs());
+        let mut remote = Vec::new();
+        for i in 0..hosts.len().max(addrs.len()) {
+            match (hosts.get(i), addrs.get(i)) {
+                (host, Some(addr)) if !addr.is_loopback() => {
+                    if settings.ca_file.is_some() && !matches!(host, Some(Host::Tcp(_))) {
+                        return Err(bad(format!(
+                            "hostaddr={addr} needs a host name in host= to verify the server's certificate against"
+                        )));
+                    }
+                    remote.push(addr.to_string());
+                }
+                (Some(Host::Tcp(name)), None) if !is_loopback(name) => remote.push(name.clone()),
+                _ => {}
+            }
+        }
         let tls = match &settings.ca_file {
             Some(ca) => {
                 if config.get_ssl_mode() == SslMode::Disable {
@@ -180,7 +194,7 @@ impl Connector {
             .application_name(format!("guardd@{}", settings.host))
             .options(format!(
                 "-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={idle}",
-                ms = STATEMENT_TIMEOUT.as_millis(),
+                ms = SERVER_TIMEOUT.as_millis(),
                 idle = STATEMENT_TIMEOUT.as_millis() * 5
             ));
         Ok(Connector {
@@ -194,8 +208,12 @@ impl Connector {
         &self.describe
     }
 
-    /// A new connection, its I/O driven by `rt` whenever a statement runs on it.
-    fn connect(&self, rt: &tokio::runtime::Runtime) -> Result<Client, StoreError> {
+    /// A new connection, its I/O driven by `rt` whenever a statement runs on it, and the task
+    /// that drives it (aborted to close the connection).
+    fn connect(
+        &self,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<(Client, tokio::task::JoinHandle<()>), StoreError> {
         let timed = |e: tokio::time::error::Elapsed| {
             StoreError::Unavailable(format!(
                 "no connection within {} ms ({e})",
@@ -207,15 +225,14 @@ impl Connector {
             Some(db) => StoreError::Unavailable(format!("refused: {}", db.message())),
             None => StoreError::Unavailable(e.to_string()),
         };
-        let client = match &self.tls {
+        let connected = match &self.tls {
             Some(tls) => {
                 let connect = self.config.connect(tls.clone());
                 let (client, connection) = rt
                     .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await })
                     .map_err(timed)?
                     .map_err(unreachable)?;
-                rt.spawn(drive(connection));
-                client
+                (client, rt.spawn(drive(connection)))
             }
             None => {
                 let connect = self.config.connect(NoTls);
@@ -223,11 +240,10 @@ impl Connector {
                     .block_on(async { tokio::time::timeout(CONNECT_TIMEOUT, connect).await })
                     .map_err(timed)?
                     .map_err(unreachable)?;
-                rt.spawn(drive(connection));
-                client
+                (client, rt.spawn(drive(connection)))
             }
         };
-        Ok(client)
+        Ok(connected)
     }
 }
 
@@ -289,10 +305,16 @@ pub struct PgStore {
 struct Conn {
     rt: tokio::runtime::Runtime,
     client: Option<Client>,
+    /// The task driving the client's connection.
+    driver: Option<tokio::task::JoinHandle<()>>,
     statements: HashMap<&'static str, Statement>,
     connector: Arc<Connector>,
     /// A call's BEGIN not sent yet: it goes with the call's first statement, in one round trip.
     begin_pending: bool,
+    /// A transaction was begun on the connection and not ended yet. If the connection goes
+    /// meanwhile, the server undoes the transaction: the rest of the call must not run on a new
+    /// connection (outside any transaction), and its COMMIT must not be reported as done.
+    in_transaction: bool,
 }
 
 impl PgStore {
@@ -322,7 +344,7 @@ impl PgStore {
         if std::mem::take(&mut conn.begin_pending) {
             return Ok(());
         }
-        conn.simple(if keep { "COMMIT" } else { "ROLLBACK" })
+        conn.finish(keep)
     }
 
     fn conn(&self) -> MutexGuard<'_, Conn> {
@@ -418,14 +440,14 @@ pub(crate) fn prepare(connector: Arc<Connector>, key_file: &Path) -> Result<Seal
 
 fn prepare_with(c: &mut Conn, key: KeySource<'_>) -> Result<Option<Sealer>, StoreError> {
     let display = c.connector.describe().to_owned();
-    c.simple("BEGIN")?;
+    c.start("BEGIN")?;
     match prepare_in(c, &display, key) {
         Ok(loaded) => {
-            c.simple("COMMIT")?;
+            c.finish(true)?;
             Ok(loaded)
         }
         Err(e) => {
-            let _ = c.simple("ROLLBACK");
+            let _ = c.finish(false);
             Err(e)
         }
     }
@@ -449,7 +471,12 @@ fn prepare_in(
     let found: i64 = c
         .query("SELECT coalesce(max(version), 0) FROM schema_version", &[])?
         .first()
-        .map_or(0, |r| r.get(0));
+        .map_or(Ok(0), |r| col(r, 0))?;
+    if found < 0 {
+        return Err(StoreError::Unversioned {
+            path: display.into(),
+        });
+    }
     if found > SCHEMA_VERSION {
         return Err(StoreError::SchemaTooNew {
             path: display.into(),
@@ -458,11 +485,13 @@ fn prepare_in(
         });
     }
     if found == 0 {
-        let tables: i64 = c.query(
-            "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'schema_version'",
-            &[],
-        )?[0]
-            .get(0);
+        let tables: i64 = c
+            .query(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema() AND tablename <> 'schema_version'",
+                &[],
+            )?
+            .first()
+            .map_or(Ok(0), |r| col(r, 0))?;
         if tables > 0 {
             return Err(StoreError::Unversioned {
                 path: display.into(),
@@ -482,7 +511,8 @@ fn prepare_in(
     let check: Option<Vec<u8>> = c
         .query("SELECT value FROM meta WHERE key = 'key_check'", &[])?
         .first()
-        .map(|r| r.get(0));
+        .map(|r| col(r, 0))
+        .transpose()?;
     let mut loaded = None;
     let (sealer, key_name): (&Sealer, String) = match key {
         KeySource::File(path) => {
@@ -536,13 +566,18 @@ macro_rules! statement_trip {
                 let was_connected = conn.client.is_some();
                 let result = conn.statement($sql).and_then(|statement| {
                     let $s = &statement;
+                    conn.in_transaction = true;
                     round_trip!(&mut *conn, |$c| async {
                         let (begun, done) = tokio::join!($c.batch_execute("BEGIN"), $call);
                         begun.and(done)
                     })
                 });
                 match result {
-                    Err(StoreError::Unavailable(_)) if was_connected && !retried => retried = true,
+                    // The connection (and the transaction begun on it) is gone: start afresh.
+                    Err(StoreError::Unavailable(_)) if was_connected && !retried => {
+                        conn.in_transaction = false;
+                        retried = true
+                    }
                     other => break other,
                 }
             }
@@ -563,26 +598,41 @@ impl Conn {
         Ok(Conn {
             rt,
             client: None,
+            driver: None,
             statements: HashMap::new(),
             connector,
             begin_pending: false,
+            in_transaction: false,
         })
     }
 
-    /// Makes a connection if there is none (or the last one closed).
+    /// Makes a connection if there is none (or the last one closed), unless a transaction was
+    /// begun on the one that went.
     fn connect(&mut self) -> Result<(), StoreError> {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.forget();
         }
+        if self.client.is_none() && self.in_transaction {
+            return Err(lost());
+        }
         if self.client.is_none() {
-            self.client = Some(self.connector.connect(&self.rt)?);
+            let (client, driver) = self.connector.connect(&self.rt)?;
+            self.client = Some(client);
+            self.driver = Some(driver);
         }
         Ok(())
     }
 
+    /// Drops the connection and closes it at once: a statement may still be waiting for its
+    /// answer, and the connection would otherwise stay open, its transaction holding its locks on
+    /// the server, until the server answered and this worker ran again.
     fn forget(&mut self) {
         self.client = None;
         self.statements.clear();
+        if let Some(driver) = self.driver.take() {
+            driver.abort();
+            let _ = self.rt.block_on(driver);
+        }
     }
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
@@ -638,6 +688,31 @@ impl Conn {
         round_trip!(self, |c| c.batch_execute(sql))
     }
 
+    /// Begins a transaction with `sql` (a BEGIN, perhaps with more statements).
+    fn start(&mut self, sql: &str) -> Result<(), StoreError> {
+        // A connection that went before this call is replaced first: nothing of it ran yet.
+        self.connect()?;
+        self.in_transaction = true;
+        self.simple(sql)
+    }
+
+    /// Commits (`keep`) or undoes the transaction begun on this connection. If the connection
+    /// went meanwhile, the server undid it: a commit then fails, an undo is done.
+    fn finish(&mut self, keep: bool) -> Result<(), StoreError> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.forget();
+        }
+        let alive = self.client.is_some();
+        let done = match (alive, keep) {
+            (true, true) => self.simple("COMMIT"),
+            (true, false) => self.simple("ROLLBACK"),
+            (false, true) => Err(lost()),
+            (false, false) => Ok(()),
+        };
+        self.in_transaction = false;
+        done
+    }
+
     /// A round trip's outcome; a connection that failed or did not answer in time is dropped,
     /// so the next call starts on a fresh one.
     fn settle<T>(
@@ -662,6 +737,13 @@ impl Conn {
             }
         }
     }
+}
+
+/// The connection went in the middle of a call: its transaction was undone by the server.
+fn lost() -> StoreError {
+    StoreError::Unavailable(
+        "the connection to the database was lost during the call; its writes were undone".into(),
+    )
 }
 
 /// Sorts a database error: gone or going away (try again later), contention (busy), or a fault.
@@ -704,13 +786,12 @@ impl Store for PgStore {
         )?;
         let mut out = Vec::with_capacity(rows.len());
         for row in rows {
-            let id: String = row.get(0);
-            let kind: String = row.get(1);
-            let sealed = Zeroizing::new(row.get::<_, Vec<u8>>(2));
-            let params = row_params(&id, row.get::<_, &str>(3), row.get(4), row.get(5))?;
+            let id: String = col(&row, 0)?;
+            let kind: String = col(&row, 1)?;
+            let sealed = Zeroizing::new(col::<Vec<u8>>(&row, 2)?);
+            let params = row_params(&id, col(&row, 3)?, col(&row, 4)?, col(&row, 5)?)?;
             let kind = Kind::parse(&kind).ok_or_else(|| StoreError::Corrupt(id.clone()))?;
-            let last = row
-                .get::<_, Option<i64>>(6)
+            let last = col::<Option<i64>>(&row, 6)?
                 .map(u64::try_from)
                 .transpose()
                 .map_err(|_| StoreError::Corrupt(id.clone()))?;
@@ -720,7 +801,7 @@ impl Store for PgStore {
                     kind,
                     params,
                     last,
-                    drift: row.get(7),
+                    drift: col(&row, 7)?,
                 },
                 id,
                 secret,
@@ -806,8 +887,8 @@ impl Store for PgStore {
             &[&user],
         )? {
             Some(r) => Ok(Lockout {
-                failures: to_u32(user, r.get(0))?,
-                until: r.get(1),
+                failures: to_u32(user, col(&r, 0)?)?,
+                until: col(&r, 1)?,
             }),
             None => Ok(Lockout::default()),
         }
@@ -819,25 +900,44 @@ impl Store for PgStore {
         // its snapshot is taken once the lock is held, so it sees every failure counted before.
         // With the call's BEGIN still pending, it goes first in the same round trip.
         let mut conn = self.conn();
-        let lock = conn.statement("SELECT pg_advisory_xact_lock($1, hashtext($2))")?;
-        let read = conn.statement(r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#)?;
         let begin = std::mem::take(&mut conn.begin_pending);
         let lock_params: [&(dyn ToSql + Sync); 2] = [&ATTEMPT_LOCK, &user];
         let read_params: [&(dyn ToSql + Sync); 1] = [&user];
-        let rows = round_trip!(&mut *conn, |c| async {
-            let begun = async {
-                match begin {
-                    true => c.batch_execute("BEGIN").await,
-                    false => Ok(()),
+        let mut retried = !begin;
+        let rows = loop {
+            let was_connected = conn.client.is_some();
+            let statements = conn
+                .statement("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+                .and_then(|lock| {
+                    conn.statement(r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#)
+                        .map(|read| (lock, read))
+                });
+            let rows = statements.and_then(|(lock, read)| {
+                conn.in_transaction |= begin;
+                round_trip!(&mut *conn, |c| async {
+                    let begun = async {
+                        match begin {
+                            true => c.batch_execute("BEGIN").await,
+                            false => Ok(()),
+                        }
+                    };
+                    let (begun, locked, rows) = tokio::join!(
+                        begun,
+                        c.execute(&lock, &lock_params),
+                        c.query(&read, &read_params)
+                    );
+                    begun.and(locked).and(rows)
+                })
+            });
+            match rows {
+                // As for a call's first statement: its connection went before anything ran.
+                Err(StoreError::Unavailable(_)) if was_connected && !retried => {
+                    conn.in_transaction = false;
+                    retried = true;
                 }
-            };
-            let (begun, locked, rows) = tokio::join!(
-                begun,
-                c.execute(&lock, &lock_params),
-                c.query(&read, &read_params)
-            );
-            begun.and(locked).and(rows)
-        })?;
+                other => break other,
+            }
+        }?;
         match rows.first() {
             Some(r) => Ok(Lockout {
                 failures: to_u32(user, col(r, 0)?)?,
@@ -860,7 +960,10 @@ impl Store for PgStore {
                RETURNING failures"#,
             &[&user, &uid.map(i64::from)],
         )?;
-        let failures = to_u32(user, row[0].get(0))?;
+        let row = row
+            .first()
+            .ok_or_else(|| StoreError::Corrupt(user.into()))?;
+        let failures = to_u32(user, col(row, 0)?)?;
         let until = backoff
             .delay(failures)
             .map_or(0, |d| now.saturating_add(d as i64));
@@ -878,7 +981,7 @@ impl Store for PgStore {
             &[&user],
         )?;
         if let Some(row) = left {
-            if backoff.delay(to_u32(user, row.get(0))?).is_none() {
+            if backoff.delay(to_u32(user, col(&row, 0)?)?).is_none() {
                 self.execute(
                     r#"UPDATE lockouts SET until = 0 WHERE "user" = $1"#,
                     &[&user],
@@ -1006,18 +1109,20 @@ impl Store for PgStore {
     }
 
     fn backup_codes(&self, user: &str) -> Result<Vec<(i64, String)>, StoreError> {
-        Ok(self
-            .read(
-                r#"SELECT id, hash FROM backup_codes WHERE "user" = $1"#,
-                &[&user],
-            )?
-            .into_iter()
-            .map(|r| (r.get(0), r.get(1)))
-            .collect())
+        self.read(
+            r#"SELECT id, hash FROM backup_codes WHERE "user" = $1"#,
+            &[&user],
+        )?
+        .iter()
+        .map(|r| Ok((col(r, 0)?, col(r, 1)?)))
+        .collect()
     }
 
-    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
-        Ok(self.execute("DELETE FROM backup_codes WHERE id = $1", &[&id])? == 1)
+    fn use_backup_code(&self, id: i64, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.execute(
+            "DELETE FROM backup_codes WHERE id = $1 AND hash = $2",
+            &[&id, &hash],
+        )? == 1)
     }
 }
 
@@ -1033,12 +1138,12 @@ impl Rows for PgStore {
         let mut conn = self.conn();
         if write {
             // Held until the commit: no guardd writes between the merge's read and its writes.
-            conn.simple(
+            conn.start(
                 "BEGIN; LOCK TABLE tokens, lockouts, backup_codes, invitations, bindings
                  IN EXCLUSIVE MODE",
             )
         } else {
-            conn.simple("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.start("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         }
     }
 

@@ -540,11 +540,11 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn use_backup_code(&self, id: i64) -> Result<bool, StoreError> {
-        Ok(self
-            .conn()
-            .execute("DELETE FROM backup_codes WHERE id = ?1", [id])?
-            == 1)
+    fn use_backup_code(&self, id: i64, hash: &str) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "DELETE FROM backup_codes WHERE id = ?1 AND hash = ?2",
+            params![id, hash],
+        )? == 1)
     }
 }
 

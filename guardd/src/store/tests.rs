@@ -112,11 +112,13 @@ on_both!(
     a_name_is_bound_per_host_to_the_uid_seen_first,
     a_forgiven_failure_ends_the_wait_it_started,
     invitations_are_single_use_bound_to_the_uid_and_expire,
-    backup_codes_are_replaced_and_used_once
+    backup_codes_are_replaced_and_used_once,
+    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one
 );
 on_both!(with fixture:
     concurrent_accepts_record_one_step_once,
     a_burst_of_guesses_spread_over_connections_gets_only_the_free_failures,
+    calls_whose_callers_have_gone_do_not_hold_up_the_next_caller,
 );
 
 fn pending_token_becomes_active_once_and_counters_only_move_forward(s: &dyn Store) {
@@ -250,8 +252,27 @@ fn backup_codes_are_replaced_and_used_once(s: &dyn Store) {
         .unwrap();
     let codes = s.backup_codes("ann").unwrap();
     assert_eq!(codes.len(), 1);
-    assert!(s.use_backup_code(codes[0].0).unwrap());
-    assert!(!s.use_backup_code(codes[0].0).unwrap());
+    assert!(s.use_backup_code(codes[0].0, &codes[0].1).unwrap());
+    assert!(!s.use_backup_code(codes[0].0, &codes[0].1).unwrap());
+}
+
+/// A login compares the typed code with the user's hashes off the store thread, then uses up
+/// the one that matched, by its id. If the codes were reissued meanwhile (the sheet was lost),
+/// the revoked code must not get in: on SQLite the new codes took the ids of the old ones, and
+/// the old code used up a new one and logged in.
+fn a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one(s: &dyn Store) {
+    s.replace_backup_codes("ann", None, &["old1".into(), "old2".into()], 1)
+        .unwrap();
+    let compared = s.backup_codes("ann").unwrap();
+    s.replace_backup_codes("ann", None, &["new1".into(), "new2".into()], 2)
+        .unwrap();
+    for (id, hash) in &compared {
+        assert!(
+            !s.use_backup_code(*id, hash).unwrap(),
+            "a revoked code used up a new one"
+        );
+    }
+    assert_eq!(s.backup_codes("ann").unwrap().len(), 2);
 }
 
 /// Many callers at once (for PostgreSQL, eight connections, as eight hosts would be) with the
@@ -326,6 +347,60 @@ fn a_burst_of_guesses_spread_over_connections_gets_only_the_free_failures(
     });
     assert_eq!(checked as u32, backoff.free_failures);
     assert_eq!(s.lockout("ann").unwrap().failures, backoff.free_failures);
+}
+
+/// A local user opens logins and hangs up at once, again and again (gRPC drops the call's
+/// future, and with it the store call's answer): such calls are not run for nobody, so a root
+/// login queued behind them is served at once. Each stands for a call that costs the database
+/// 10 ms (a few round trips to a remote PostgreSQL): a thousand of them, run for nobody, held
+/// root's login for 1.3 s on eight connections (10 s on SQLite's one thread), and a few more
+/// filled the queue, refusing it.
+fn calls_whose_callers_have_gone_do_not_hold_up_the_next_caller(fixture: &Fixture, _: &dyn Store) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+    let ran = Arc::new(AtomicUsize::new(0));
+    let (waited, result) = with_runner(fixture, |runner| {
+        let ran = ran.clone();
+        async move {
+            for _ in 0..1000 {
+                let ran = ran.clone();
+                let call = runner.run(move |s| {
+                    ran.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(Duration::from_millis(10));
+                    s.has_active("mallory")
+                });
+                // Queued, then given up, as when the client hangs up.
+                let mut call = Box::pin(call);
+                let _ = futures_poll_once(call.as_mut()).await;
+            }
+            let started = Instant::now();
+            let result = runner.run(|s| s.has_active("root")).await;
+            (started.elapsed(), result)
+        }
+    });
+    assert!(matches!(result, Ok(false)), "{result:?}");
+    assert!(
+        waited < Duration::from_millis(500),
+        "root waited {waited:?}"
+    );
+    // Only calls already running when their callers went (one per connection) ran.
+    assert!(
+        ran.load(Ordering::SeqCst) <= 8,
+        "{}",
+        ran.load(Ordering::SeqCst)
+    );
+}
+
+/// Polls `f` once, so that a store call is queued without waiting for its answer.
+async fn futures_poll_once<F: std::future::Future>(f: std::pin::Pin<&mut F>) {
+    let mut f = Some(f);
+    std::future::poll_fn(|cx| {
+        if let Some(f) = f.take() {
+            let _ = f.poll(cx);
+        }
+        std::task::Poll::Ready(())
+    })
+    .await
 }
 
 /// Runs `f` with a runner over the fixture's store, on a runtime of its own.
@@ -561,6 +636,29 @@ mod postgres_only {
             ..settings("postgresql://guardd@db.example.com/guardd?sslmode=disable")
         });
         assert!(m.contains("sslmode=disable"), "{m}");
+        // `hostaddr` is where the connection goes, whatever `host` names (loopback or a Unix
+        // socket directory): a remote address there needs TLS as much as a remote host name.
+        for url in [
+            "postgresql://guardd@localhost/guardd?hostaddr=192.0.2.10",
+            "postgresql://guardd@/guardd?host=/run/postgresql&hostaddr=192.0.2.10",
+            "postgresql://guardd@127.0.0.1,localhost/guardd?hostaddr=127.0.0.1,192.0.2.10",
+        ] {
+            let m = refused(settings(url));
+            assert!(
+                m.contains("database_ca_file") && m.contains("192.0.2.10"),
+                "{url}: {m}"
+            );
+        }
+        // With the CA, a remote address needs a host name to verify: a socket directory is none.
+        let m = refused(PgSettings {
+            ca_file: Some(dir.path().join("absent.crt")),
+            ..settings("postgresql://guardd@/guardd?host=/run/postgresql&hostaddr=192.0.2.10")
+        });
+        assert!(m.contains("hostaddr"), "{m}");
+        Connector::new(&settings(
+            "postgresql://guardd@localhost/guardd?hostaddr=127.0.0.1",
+        ))
+        .unwrap();
         // Several hosts, the writable one chosen, and loopback without TLS, are fine.
         Connector::new(&settings(
             "postgresql://guardd@127.0.0.1:5432,localhost:5433/guardd?target_session_attrs=read-write",
@@ -616,6 +714,56 @@ mod postgres_only {
             .map(drop)
             .unwrap_err();
         assert!(err.to_string().contains("upgrade guardd"), "{err}");
+    }
+
+    /// Rows another host or the database's administrator changed (a NULL where guardd never
+    /// writes one, a column of another type, a negative schema version) make the call fail with
+    /// an error, never panic: the key check runs on a pool worker outside the panic guard (a
+    /// panic there ended the worker thread for good), and a panic costs a lot besides.
+    #[test]
+    fn odd_rows_fail_the_call_without_a_panic() {
+        let (fixture, store) = Fixture::postgres();
+        store.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+        store
+            .record_failure("ann", None, &Backoff::default(), 1)
+            .unwrap();
+        store
+            .replace_backup_codes("ann", None, &["$argon2id$x".into()], 1)
+            .unwrap();
+        let url = fixture.url.clone().unwrap();
+        let name = url.split('/').nth(3).unwrap().split('?').next().unwrap();
+        let psql = |sql: &str| pgtemp::Cluster::shared().psql(name, sql);
+        psql(
+            "ALTER TABLE tokens ALTER COLUMN label DROP NOT NULL, ALTER COLUMN drift DROP NOT NULL; \
+             UPDATE tokens SET label = NULL, drift = NULL; \
+             ALTER TABLE lockouts ALTER COLUMN until TYPE text; \
+             ALTER TABLE backup_codes ALTER COLUMN hash TYPE bytea USING hash::bytea; \
+             ALTER TABLE meta ALTER COLUMN value TYPE text USING encode(value, 'hex')",
+        );
+        type Call<'a> = &'a dyn Fn() -> Result<(), StoreError>;
+        let quiet = |f: Call<'_>| std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let calls: [(&str, Call<'_>); 6] = [
+            ("list", &|| store.list(Some("ann")).map(drop)),
+            ("secrets", &|| {
+                store.secrets("ann", TokenState::Pending).map(drop)
+            }),
+            ("lockout", &|| store.lockout("ann").map(drop)),
+            ("lock_attempts", &|| store.lock_attempts("ann").map(drop)),
+            ("backup_codes", &|| store.backup_codes("ann").map(drop)),
+            ("check", &|| store.check()),
+        ];
+        for (what, call) in calls {
+            store.begin().unwrap();
+            let result = quiet(call);
+            store.end(false).unwrap();
+            assert!(matches!(result, Ok(Err(_))), "{what}: {result:?}");
+        }
+        psql("ALTER TABLE meta ALTER COLUMN value TYPE bytea USING decode(value, 'hex'); UPDATE schema_version SET version = -1");
+        let result = quiet(&|| store.check());
+        assert!(
+            matches!(&result, Ok(Err(StoreError::Unversioned { .. }))),
+            "{result:?}"
+        );
     }
 
     /// A database administrator or a dump reads no secret.
@@ -677,4 +825,278 @@ fn a_frozen_database_bounds_every_call_and_the_pool_recovers() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// A Unix-socket proxy in front of a cluster that, once armed, cuts the connection right after
+/// passing on the server's answer holding `trigger`: what a fail-over, a restart or a network
+/// cut between two statements of one call looks like to guardd.
+struct Cutter {
+    dir: tempfile::TempDir,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    cut: Arc<std::sync::atomic::AtomicBool>,
+    /// Set: the next server answer, and all after it on that connection, are held back (a
+    /// database or network that stops answering), while the connection stays open.
+    stall: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Cutter {
+    fn start(cluster: &pgtemp::Cluster, trigger: &'static [u8]) -> Cutter {
+        use std::io::{Read, Write};
+        use std::os::unix::net::{UnixListener, UnixStream};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let name = ".s.PGSQL.5432";
+        let listener = UnixListener::bind(dir.path().join(name)).unwrap();
+        let upstream = cluster.socket_dir().join(name);
+        let (armed, cut, stall) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (a, c, st) = (armed.clone(), cut.clone(), stall.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let server = UnixStream::connect(&upstream).unwrap();
+                let (mut to_server, mut from_client) =
+                    (server.try_clone().unwrap(), client.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from_client, &mut to_server);
+                    // The client closed: so does the server's side.
+                    let _ = to_server.shutdown(std::net::Shutdown::Write);
+                });
+                let (a, c, st) = (a.clone(), c.clone(), st.clone());
+                std::thread::spawn(move || {
+                    let (mut server, mut client) = (server, client);
+                    let mut buf = [0; 65536];
+                    let mut stalled = false;
+                    loop {
+                        let n = match server.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if stalled || st.swap(false, Ordering::SeqCst) {
+                            stalled = true;
+                            continue;
+                        }
+                        let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger)
+                            && a.swap(false, Ordering::SeqCst);
+                        if hit {
+                            c.store(true, Ordering::SeqCst);
+                        }
+                        if client.write_all(&buf[..n]).is_err() || hit {
+                            break;
+                        }
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                    let _ = server.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Cutter {
+            dir,
+            armed,
+            cut,
+            stall,
+        }
+    }
+
+    /// `url` (of a database in the cluster) through this proxy.
+    fn url(&self, cluster: &pgtemp::Cluster, url: &str) -> String {
+        let (from, to) = (cluster.socket_dir(), self.dir.path().to_owned());
+        url.replace(&*from.to_string_lossy(), &to.to_string_lossy())
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn has_cut(&self) -> bool {
+        self.cut.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// The connection is lost after a call's write was answered and before its COMMIT: the server
+/// undid the write, so the caller must not hear that it stands. Reconnecting silently and
+/// sending the COMMIT on a new connection (where it commits nothing) acknowledged a used code
+/// that the store then accepted again.
+#[test]
+fn a_connection_lost_inside_a_call_is_never_reported_as_committed() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"UPDATE 1\0");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &cluster.database())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    // Past the pause after a lost connection.
+    let run = |f: fn(&dyn Store, &str) -> Result<bool, StoreError>, id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let id = id.to_owned();
+            match runtime.block_on(runner.run(move |s| f(s, &id))) {
+                Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                other => return other,
+            }
+        }
+    };
+    let id = runtime
+        .block_on(
+            runner.run(|s| Ok::<_, StoreError>(s.add_pending(new_token("ann", &[1; 20]), 1)?.id)),
+        )
+        .unwrap();
+    assert!(run(|s, id| s.accept(id, TokenState::Pending, 5, 0, 1), &id).unwrap());
+    let step = |s: &dyn Store, id: &str| s.accept(id, TokenState::Active, 10, 0, 2);
+    for _ in 0..5 {
+        // Past the pause that follows a lost connection, so this call reaches the database.
+        assert!(run(|s, _| s.has_active("ann"), "").unwrap());
+        cutter.arm();
+        let first = {
+            let id = id.clone();
+            runtime.block_on(runner.run(move |s| step(s, &id)))
+        };
+        assert!(cutter.has_cut(), "the proxy did not cut: {first:?}");
+        cutter.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+        match first {
+            // Acknowledged: the step is used, here and on every other guardd.
+            Ok(true) => {
+                assert!(
+                    !run(step, &id).unwrap(),
+                    "a step acknowledged as used was accepted again"
+                );
+                return;
+            }
+            Err(StoreError::Unavailable(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Never acknowledged, and indeed never recorded.
+    assert!(
+        run(step, &id).unwrap(),
+        "the step was recorded though every call failed"
+    );
+}
+
+/// The connection is lost between two statements of one call: the rest of the call does not
+/// run on a new connection, outside any transaction (where it would be committed alone, and a
+/// per-user attempt lock taken there would be released at once).
+#[test]
+fn the_rest_of_a_call_cut_off_from_its_transaction_does_not_run() {
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"UPDATE 1\0");
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &cluster.database())),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    let id = runtime
+        .block_on(runner.run(|s| {
+            let id = s.add_pending(new_token("ann", &[1; 20]), 1)?.id;
+            s.accept(&id, TokenState::Pending, 5, 0, 1)?;
+            Ok::<_, StoreError>(id)
+        }))
+        .unwrap();
+    cutter.arm();
+    let result = runtime.block_on(runner.run(move |s| {
+        s.accept(&id, TokenState::Active, 10, 0, 2)?;
+        s.record_failure("bob", None, &Backoff::default(), 2)?;
+        s.add_invitation("cy", 1, &[1; 32], 99)
+    }));
+    assert!(cutter.has_cut());
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    let name = fixture.url.as_deref().unwrap().split('/').nth(3).unwrap();
+    let name = name.split('?').next().unwrap();
+    let rows = cluster.psql(
+        name,
+        "SELECT (SELECT count(*) FROM lockouts) + (SELECT count(*) FROM invitations)",
+    );
+    assert_eq!(
+        rows, "0",
+        "statements of the call ran outside its transaction"
+    );
+}
+
+/// A call's connection stops answering while its transaction holds the user's attempt lock:
+/// the call gives up (unavailable), and the connection is closed at once, so the server ends
+/// the transaction and every other guardd can check that user again. Left open (until the
+/// worker's next call, or the server's 10 s idle-in-transaction timeout) it held the lock, and
+/// every host's checks of the user waited 2 s and failed as busy.
+#[test]
+fn a_call_that_gives_up_releases_its_locks_at_once() {
+    use std::time::{Duration, Instant};
+    let cluster = pgtemp::Cluster::shared();
+    let cutter = Cutter::start(cluster, b"never");
+    let url = cluster.database();
+    let fixture = Fixture {
+        dir: tempfile::tempdir().unwrap(),
+        url: Some(cutter.url(cluster, &url)),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    let stall = cutter.stall.clone();
+    let result = runtime.block_on(runner.run(move |s| {
+        s.lock_attempts("ann")?;
+        stall.store(true, std::sync::atomic::Ordering::SeqCst);
+        s.has_active("ann")
+    }));
+    assert!(
+        matches!(result, Err(StoreError::Unavailable(_))),
+        "{result:?}"
+    );
+    // Another guardd, straight to the database.
+    let other = PgStore::new(
+        Arc::new(Connector::new(&settings(&url)).unwrap()),
+        Arc::new(crate::seal::Sealer::load(&fixture.dir.path().join("k"), false).unwrap()),
+    )
+    .unwrap();
+    other.begin().unwrap();
+    let started = Instant::now();
+    let locked = other.lock_attempts("ann");
+    let waited = started.elapsed();
+    other.end(false).unwrap();
+    assert!(locked.is_ok(), "{locked:?} after {waited:?}");
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+    drop(runner);
+}
+
+/// Another guardd holds a user's attempt lock for longer than a statement may wait: this
+/// guardd's check of that user is refused by the server as busy (its lock_timeout), and the
+/// pool goes on serving everyone else. The server's and the client's limits were both 2 s, so
+/// the client usually gave up first: the connection was dropped as unreachable and the whole
+/// pool refused every call (every user's logins, root's too) for half a second.
+#[test]
+fn a_lock_held_elsewhere_makes_that_call_busy_not_the_pool_unavailable() {
+    let (fixture, holder) = Fixture::postgres();
+    holder.begin().unwrap();
+    holder.lock_attempts("ann").unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let runner = fixture.runner(1);
+    // Which limit fired first was a race: three tries.
+    for _ in 0..3 {
+        let waited = runtime.block_on(runner.run(|s| s.lock_attempts("ann").map(drop)));
+        assert!(matches!(waited, Err(StoreError::Busy)), "{waited:?}");
+        let other = runtime.block_on(runner.run(|s| s.has_active("root")));
+        assert!(matches!(other, Ok(false)), "{other:?}");
+    }
+    holder.end(false).unwrap();
 }

@@ -72,6 +72,11 @@ fn serve(store: &dyn Batched, queue: &mpsc::Receiver<Box<dyn Call>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        // Calls nobody waits for any more are dropped unrun.
+        batch.retain(|call| !call.abandoned());
+        if batch.is_empty() {
+            continue;
+        }
         let failed = run_batch(store, &mut batch).err().map(|e| {
             tracing::error!(calls = batch.len(), "store batch not committed: {e}");
             Failure::of(e)
