@@ -33,7 +33,7 @@ impl From<rusqlite::Error> for StoreError {
     }
 }
 
-pub(super) const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     "
 CREATE TABLE tokens (
     id        TEXT PRIMARY KEY,
