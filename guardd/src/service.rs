@@ -8,10 +8,9 @@ use proto::v1::{
     step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
     ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt, PromptKind,
-    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, RuleLine, SetEnabledRequest, Step,
-    Token, TokenReply, UnlockReply, UnlockRequest,
+    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, SetEnabledRequest, Step, TokenReply,
+    UnlockReply, UnlockRequest,
 };
-use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
@@ -22,11 +21,11 @@ use crate::budget::{Budget, Exhausted, Holding, Limits};
 use crate::caller::{authorize, Action, Caller};
 use crate::config::Config;
 use crate::lockout::Backoff;
-use crate::otp::{self, HashAlg, Kind, OtpParams, Windows};
+use crate::otp::{self, Windows};
 use crate::policy::{
-    self as rules, Facts, LookupError, Outcome, Policy, PolicyError, Unenrolled, Verdict as Rule,
+    self as rules, Facts, LookupError, Policy, PolicyError, Unenrolled, Verdict as Rule,
 };
-use crate::store::{NewToken, Runner, Store, StoreError, TokenInfo, TokenState};
+use crate::store::{Runner, Store, StoreError, TokenState};
 
 mod admin;
 mod explain;

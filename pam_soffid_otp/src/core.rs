@@ -342,8 +342,25 @@ mod tests {
     struct FakePam {
         user: Option<String>,
         authtok: Option<&'static str>,
-        answers: RefCell<VecDeque<Result<Option<&'static str>, PamResultCode>>>,
+        answers: Script,
         shown: RefCell<Vec<(Style, String)>>,
+    }
+
+    /// The user's scripted answers, in order. Dropping a script with answers left fails the
+    /// test: a test whose answers are never asked for does not check what it says.
+    #[derive(Default)]
+    struct Script(RefCell<VecDeque<Result<Option<&'static str>, PamResultCode>>>);
+
+    impl Drop for Script {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                let left = self.0.get_mut();
+                assert!(
+                    left.is_empty(),
+                    "scripted answers never asked for: {left:?}"
+                );
+            }
+        }
     }
 
     impl PamHandle for FakePam {
@@ -373,6 +390,7 @@ mod tests {
             match style {
                 Style::EchoOff | Style::EchoOn => self
                     .answers
+                    .0
                     .borrow_mut()
                     .pop_front()
                     .unwrap_or(Ok(None))
@@ -433,7 +451,7 @@ mod tests {
     fn pam(answers: Vec<Result<Option<&'static str>, PamResultCode>>) -> FakePam {
         FakePam {
             user: Some("ann".into()),
-            answers: RefCell::new(answers.into()),
+            answers: Script(RefCell::new(answers.into())),
             ..FakePam::default()
         }
     }
@@ -565,7 +583,7 @@ mod tests {
     }
 
     #[test]
-    fn empty_or_endless_conversations_are_cut_off() {
+    fn an_empty_step_is_cut_off() {
         let mut p = pam(vec![]);
         let mut d = FakeDaemon {
             steps: vec![Ok(Step { kind: None })].into(),
@@ -575,7 +593,11 @@ mod tests {
             run(&mut p, &mut d, false),
             PamResultCode::PAM_AUTHINFO_UNAVAIL
         );
-        let mut p = pam((0..=MAX_STEPS).map(|_| Ok(Some("1"))).collect());
+    }
+
+    #[test]
+    fn an_endless_conversation_is_cut_off_after_max_steps() {
+        let mut p = pam((0..MAX_STEPS).map(|_| Ok(Some("1"))).collect());
         let mut d = FakeDaemon {
             steps: (0..=MAX_STEPS)
                 .map(|i| Ok(prompt(&i.to_string())))
@@ -586,6 +608,7 @@ mod tests {
             run(&mut p, &mut d, false),
             PamResultCode::PAM_AUTHINFO_UNAVAIL
         );
+        assert_eq!(d.answers.len(), MAX_STEPS);
     }
 
     #[test]

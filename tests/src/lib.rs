@@ -396,6 +396,22 @@ impl Daemon {
         args: &[&str],
         lines: &[&str],
     ) -> (bool, String) {
+        let out = self.guardctl_output(runner, args, lines);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    /// As [`Daemon::guardctl_as`], for a test that checks the exit status or stdout alone.
+    pub fn guardctl_output(
+        &self,
+        runner: Option<&str>,
+        args: &[&str],
+        lines: &[&str],
+    ) -> std::process::Output {
         use std::io::Write;
         let guardctl = self.world_executable_copy(&artefact("guardctl"));
         let mut cmd = match runner {
@@ -419,12 +435,7 @@ impl Daemon {
         for l in lines {
             self.remember(l);
         }
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        (out.status.success(), text)
+        out
     }
 
     /// Starts guardd and waits until its socket accepts connections.

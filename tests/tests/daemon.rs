@@ -35,7 +35,7 @@ async fn unknown_users_and_users_without_a_token_are_denied_alike() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pending_token_does_not_open_logins_and_confirm_needs_the_right_code() {
     let d = Daemon::start();
-    let out = guardctl(&d, &["enroll", "sys", "--label", "phone"]);
+    let out = d.guardctl_output(None, &["enroll", "sys", "--label", "phone"], &[]);
     assert!(out.status.success(), "{out:?}");
     let stdout = String::from_utf8(out.stdout).unwrap();
     let uri = stdout
@@ -44,9 +44,9 @@ async fn a_pending_token_does_not_open_logins_and_confirm_needs_the_right_code()
         .expect("URI on a line of its own");
     let secret = harness::Secret::from_uri(uri);
     assert!(is_deny(&d.login("sys", &secret.code_at(0)).await));
-    let bad = guardctl(&d, &["confirm", "sys", &secret.wrong_code()]);
+    let bad = d.guardctl_output(None, &["confirm", "sys", &secret.wrong_code()], &[]);
     assert_eq!(bad.status.code(), Some(1));
-    let good = guardctl(&d, &["confirm", "sys", &secret.code_at(0)]);
+    let good = d.guardctl_output(None, &["confirm", "sys", &secret.code_at(0)], &[]);
     assert!(good.status.success(), "{good:?}");
     // The code that confirmed the token cannot log in, the next one can.
     assert!(is_deny(&d.login("sys", &secret.code_at(0)).await));
@@ -57,7 +57,7 @@ async fn a_pending_token_does_not_open_logins_and_confirm_needs_the_right_code()
 async fn guardctl_lists_deletes_and_exits_with_the_documented_codes() {
     let d = Daemon::start();
     let _ = d.enroll_active("daemon").await;
-    let list = guardctl(&d, &["list"]);
+    let list = d.guardctl_output(None, &["list"], &[]);
     assert!(list.status.success());
     let listing = String::from_utf8(list.stdout).unwrap();
     let row = listing.lines().find(|l| l.contains(" daemon ")).unwrap();
@@ -65,20 +65,28 @@ async fn guardctl_lists_deletes_and_exits_with_the_documented_codes() {
     let id = row.split_whitespace().next().unwrap();
 
     assert_eq!(
-        guardctl(&d, &["delete", "daemon", "ffffffffffff"])
+        d.guardctl_output(None, &["delete", "daemon", "ffffffffffff"], &[])
             .status
             .code(),
         Some(1)
     );
     assert_eq!(
-        guardctl(&d, &["enroll", "no-such-user-soffid"])
+        d.guardctl_output(None, &["enroll", "no-such-user-soffid"], &[])
             .status
             .code(),
         Some(1)
     );
-    assert_eq!(guardctl(&d, &["frobnicate"]).status.code(), Some(2));
-    assert_eq!(guardctl(&d, &["delete", "daemon"]).status.code(), Some(2));
-    let deleted = guardctl(&d, &["delete", "daemon", id]);
+    assert_eq!(
+        d.guardctl_output(None, &["frobnicate"], &[]).status.code(),
+        Some(2)
+    );
+    assert_eq!(
+        d.guardctl_output(None, &["delete", "daemon"], &[])
+            .status
+            .code(),
+        Some(2)
+    );
+    let deleted = d.guardctl_output(None, &["delete", "daemon", id], &[]);
     assert!(deleted.status.success(), "{deleted:?}");
     assert!(is_deny(&d.login("daemon", "123456").await));
 
@@ -194,14 +202,7 @@ async fn as_root_another_uid_cannot_act_for_someone_else() {
         "helper did not run: {stdout}"
     );
 
-    let as_nobody = Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "--"])
-        .arg(d.world_executable_copy(&artefact("guardctl")))
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(["list", "daemon"])
-        .output()
-        .unwrap();
+    let as_nobody = d.guardctl_output(Some("nobody"), &["list", "daemon"], &[]);
     assert_eq!(as_nobody.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("permission denied"));
     assert!(
@@ -235,13 +236,4 @@ async fn helper_begin_as_caller() {
     let own = client.begin(begin("nobody")).await.unwrap().into_inner();
     assert!(is_deny(&own));
     println!("helper: checked");
-}
-
-fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(artefact("guardctl"))
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .output()
-        .unwrap()
 }

@@ -9,15 +9,6 @@ use proto::v1::{step, Step};
 
 const SOFFID: &str = include_str!("../../packaging/examples/soffid-rules.toml");
 
-fn guardctl(d: &Daemon, args: &[&str]) -> std::process::Output {
-    Command::new(artefact("guardctl"))
-        .arg("--socket")
-        .arg(&d.socket)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 async fn begin(d: &Daemon, user: &str, service: &str, rhost: &str) -> Step {
     d.client()
         .await
@@ -52,7 +43,7 @@ async fn rules_decide_begin_and_a_reload_takes_effect_for_the_next_one() {
     );
 
     write_rules(d.dir.path(), SOFFID);
-    let out = guardctl(&d, &["reload"]);
+    let out = d.guardctl_output(None, &["reload"], &[]);
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("sha256:"));
     // The daemon's host name is not a prod host: permitted by default, no prompt.
@@ -97,7 +88,7 @@ async fn a_broken_reload_is_refused_with_its_position_and_the_old_rules_stay() {
         d.dir.path(),
         "version = 1\n[[rule]]\nid = \"x\"\neffect = \"deny\"\nmatch = { rhost = [\"10.0.0.0/99\"] }\n",
     );
-    let out = guardctl(&d, &["reload"]);
+    let out = d.guardctl_output(None, &["reload"], &[]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -130,7 +121,7 @@ async fn explain_shows_every_rule_and_the_decision_without_changing_anything() {
         "--host",
         "db-1.prod.example.com",
     ];
-    let out = guardctl(&d, &args);
+    let out = d.guardctl_output(None, &args, &[]);
     assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.starts_with("request : user=daemon groups=["), "{text}");
@@ -148,14 +139,14 @@ async fn explain_shows_every_rule_and_the_decision_without_changing_anything() {
 
     let mut json_args = args.to_vec();
     json_args.push("--json");
-    let out = guardctl(&d, &json_args);
+    let out = d.guardctl_output(None, &json_args, &[]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["rules"].as_array().unwrap().len(), 4);
     assert_eq!(doc["rules"][2]["decides"], true);
 
     // A time outside any window, in another zone, parses.
-    let out = guardctl(
-        &d,
+    let out = d.guardctl_output(
+        None,
         &[
             "explain",
             "--user",
@@ -165,6 +156,7 @@ async fn explain_shows_every_rule_and_the_decision_without_changing_anything() {
             "--time",
             "2026-11-27T23:30:00+01:00",
         ],
+        &[],
     );
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("Permit without OTP (default)"));

@@ -34,13 +34,8 @@ mod as_root {
     }
 
     impl Setup {
-        /// `guardctl ARGS` as `runner` (None: root), typing `lines`; (success, output).
-        fn guardctl(&self, runner: Option<&str>, args: &[&str], lines: &[&str]) -> (bool, String) {
-            self.d.guardctl_as(runner, args, lines)
-        }
-
         fn pending_tokens(&self, user: &str) -> usize {
-            let (_, out) = self.guardctl(None, &["list", user], &[]);
+            let (_, out) = self.d.guardctl_as(None, &["list", user], &[]);
             out.lines().filter(|l| l.contains("pending")).count()
         }
     }
@@ -54,23 +49,26 @@ mod as_root {
         let u = User::create_named("otpself");
         harness::set_password(&u.name, "Right-Pass-42");
         // No password typed: refused.
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &[""]);
+        let (ok, out) = s.d.guardctl_as(Some(&u.name), &["enroll"], &[""]);
         assert!(!ok && out.contains("password"), "{out}");
         // A wrong password: refused, and counted toward the back-off.
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["wrong-pass"]);
+        let (ok, out) = s.d.guardctl_as(Some(&u.name), &["enroll"], &["wrong-pass"]);
         assert!(!ok && out.contains("password is wrong"), "{out}");
         assert_eq!(s.pending_tokens(&u.name), 0);
         // The right one: a pending token, shown to the user only.
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
         assert!(ok && out.contains("otpauth://"), "{out}");
         assert_eq!(s.pending_tokens(&u.name), 1);
         // Enrolling again replaces the pending token rather than adding one.
-        let (ok, _) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+        let (ok, _) =
+            s.d.guardctl_as(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
         assert!(ok);
         assert_eq!(s.pending_tokens(&u.name), 1);
         // Another user's account: refused whatever the password.
         let other = User::create_named("otpself");
-        let (ok, out) = s.guardctl(Some(&other.name), &["enroll", &u.name], &["x"]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&other.name), &["enroll", &u.name], &["x"]);
         assert!(!ok && out.contains("permission denied"), "{out}");
         assert!(s.d.leaked_into(&s.d.log()).is_empty());
         assert!(!s.d.log().contains("Right-Pass-42"));
@@ -84,10 +82,11 @@ mod as_root {
         let u = User::create_named("otpself");
         harness::set_password(&u.name, "Right-Pass-42");
         for _ in 0..5 {
-            let (ok, _) = s.guardctl(Some(&u.name), &["enroll"], &["guess"]);
+            let (ok, _) = s.d.guardctl_as(Some(&u.name), &["enroll"], &["guess"]);
             assert!(!ok);
         }
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll"], &["Right-Pass-42"]);
         assert!(!ok && out.contains("too many failed attempts"), "{out}");
     }
 
@@ -100,7 +99,9 @@ mod as_root {
         harness::set_password(&u.name, "Right-Pass-42");
         std::thread::scope(|scope| {
             for _ in 0..20 {
-                scope.spawn(|| s.guardctl(Some(&u.name), &["enroll"], &["Right-Pass-42"]));
+                scope.spawn(|| {
+                    s.d.guardctl_as(Some(&u.name), &["enroll"], &["Right-Pass-42"])
+                });
             }
         });
         assert_eq!(s.pending_tokens(&u.name), 1);
@@ -121,16 +122,17 @@ mod as_root {
         let fresh = User::create_named("otpself");
         harness::set_password(&fresh.name, "Right-Pass-42");
         harness::run(Command::new("passwd").args(["-l", &fresh.name]));
-        let (ok, out) = s.guardctl(Some(&fresh.name), &["enroll"], &["Right-Pass-42"]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&fresh.name), &["enroll"], &["Right-Pass-42"]);
         assert!(!ok && out.contains("locked"), "{out}");
         let code = secret.code_at(0);
-        let (ok, out) = s.guardctl(
+        let (ok, out) = s.d.guardctl_as(
             Some(&u.name),
             &["recover"],
             &[&code, "New-Pass-77", "New-Pass-77"],
         );
         assert!(!ok && out.contains("locked"), "{out}");
-        let (ok, out) = s.guardctl(
+        let (ok, out) = s.d.guardctl_as(
             None,
             &["recover", "--user", &u.name],
             &[&code, "New-Pass-77", "New-Pass-77"],
@@ -151,12 +153,13 @@ mod as_root {
         let s = setup();
         let u = User::create_named("otpself");
         // The harness's users have no usable password ("*"): the password path is closed.
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll"], &["anything"]);
+        let (ok, out) = s.d.guardctl_as(Some(&u.name), &["enroll"], &["anything"]);
         assert!(!ok && out.contains("invitation"), "{out}");
         // A user cannot invite themself.
-        let (ok, _) = s.guardctl(Some(&u.name), &["enroll", &u.name, "--invite"], &[]);
+        let (ok, _) =
+            s.d.guardctl_as(Some(&u.name), &["enroll", &u.name, "--invite"], &[]);
         assert!(!ok);
-        let (ok, out) = s.guardctl(None, &["enroll", &u.name, "--invite"], &[]);
+        let (ok, out) = s.d.guardctl_as(None, &["enroll", &u.name, "--invite"], &[]);
         assert!(ok, "{out}");
         let invitation = out
             .split_whitespace()
@@ -166,15 +169,17 @@ mod as_root {
         s.d.remember(&invitation);
         // Another account cannot redeem it.
         let other = User::create_named("otpself");
-        let (ok, _) = s.guardctl(
+        let (ok, _) = s.d.guardctl_as(
             Some(&other.name),
             &["enroll", "--invitation"],
             &[&invitation],
         );
         assert!(!ok);
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
         assert!(ok && out.contains("otpauth://"), "{out}");
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
         assert!(!ok && out.contains("invitation"), "used once: {out}");
         assert!(s.d.leaked_into(&s.d.log()).is_empty());
     }
@@ -186,7 +191,7 @@ mod as_root {
     fn invitation_guesses_stop_at_the_back_off() {
         let s = setup();
         let u = User::create_named("otpself");
-        let (ok, out) = s.guardctl(None, &["enroll", &u.name, "--invite"], &[]);
+        let (ok, out) = s.d.guardctl_as(None, &["enroll", &u.name, "--invite"], &[]);
         assert!(ok, "{out}");
         let invitation = out
             .split_whitespace()
@@ -196,15 +201,17 @@ mod as_root {
         s.d.remember(&invitation);
         for _ in 0..5 {
             let (ok, out) =
-                s.guardctl(Some(&u.name), &["enroll", "--invitation"], &["abcde-fghjk"]);
+                s.d.guardctl_as(Some(&u.name), &["enroll", "--invitation"], &["abcde-fghjk"]);
             assert!(!ok && out.contains("invitation is wrong"), "{out}");
         }
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
         assert!(!ok && out.contains("too many failed attempts"), "{out}");
         // The admin lifts the back-off; the invitation was not used up meanwhile.
-        let (ok, out) = s.guardctl(None, &["unlock", &u.name], &[]);
+        let (ok, out) = s.d.guardctl_as(None, &["unlock", &u.name], &[]);
         assert!(ok, "{out}");
-        let (ok, out) = s.guardctl(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
+        let (ok, out) =
+            s.d.guardctl_as(Some(&u.name), &["enroll", "--invitation"], &[&invitation]);
         assert!(ok && out.contains("otpauth://"), "{out}");
     }
 
@@ -221,10 +228,12 @@ mod as_root {
             })
             .await;
         for _ in 0..5 {
-            let (ok, _) = s.guardctl(None, &["confirm", &u.name], &[&secret.wrong_code()]);
+            let (ok, _) =
+                s.d.guardctl_as(None, &["confirm", &u.name], &[&secret.wrong_code()]);
             assert!(!ok);
         }
-        let (ok, out) = s.guardctl(None, &["confirm", &u.name], &[&secret.code_at(0)]);
+        let (ok, out) =
+            s.d.guardctl_as(None, &["confirm", &u.name], &[&secret.code_at(0)]);
         assert!(!ok && out.contains("too many failed attempts"), "{out}");
     }
 }

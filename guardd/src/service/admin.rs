@@ -2,8 +2,25 @@
 //! its confirmation, listing, deletion, enabling and disabling, HOTP resynchronisation,
 //! unlocking, backup codes.
 
-use super::*;
+use proto::v1::{
+    BackupCodesReply, BackupCodesRequest, ConfirmReply, ConfirmRequest, DeleteReply, DeleteRequest,
+    EnrollReply, EnrollRequest, ListReply, ListRequest, LoginContext, ResyncRequest,
+    SetEnabledRequest, Token, TokenReply, UnlockReply, UnlockRequest,
+};
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::{
+    admin_audit, backup_status, consume_code, exhausted, foreign_reason, validate_name,
+    GuardService,
+};
 use crate::accounts::{Account, PasswordState};
+use crate::audit::{self, Event};
+use crate::backup;
+use crate::caller::{Action, Caller};
+use crate::otp::{self, HashAlg, Kind, OtpParams};
+use crate::policy::{Unenrolled, Verdict as Rule};
+use crate::store::{NewToken, TokenInfo, TokenState};
 
 /// How far ahead `Resync` searches for two consecutive HOTP codes.
 const RESYNC_WINDOW: u64 = 1000;

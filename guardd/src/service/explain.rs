@@ -1,6 +1,11 @@
 //! `guardctl explain`: how the rules in force decide a login, rule by rule.
 
-use super::*;
+use proto::v1::{ExplainReply, ExplainRequest, RuleLine};
+use tonic::{Request, Response, Status};
+
+use super::{validate_context, GuardService};
+use crate::caller::{Action, Caller};
+use crate::policy::{Facts, LookupError, Outcome, Unenrolled, Verdict as Rule};
 
 pub(super) async fn explain(
     svc: &GuardService,

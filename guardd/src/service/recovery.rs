@@ -3,8 +3,19 @@
 //! factor, never a way to mint a first one: an account whose password is locked or empty gets
 //! no password from it (`passwd -l` holds; root unlocks with the system's tools).
 
-use super::*;
+use proto::v1::{step, DenyReason, LoginContext, Permit, PromptKind, RecoverRequest, Step};
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::{
+    deny, foreign_reason, prompt, validate_name, Flow, GuardService, FOREIGN_MESSAGE, PROMPT_TEXT,
+};
 use crate::accounts::{self, PasswordState};
+use crate::audit::{self, Event};
+use crate::budget::Holding;
+use crate::caller::{Action, Caller};
+use crate::policy::Verdict as Rule;
 
 /// `Recover`: for one's own account (the caller's uid) or, as root, anyone's; the rules see the
 /// service `recovery`. Ends in an OTP prompt whose answer goes through `Answer`.

@@ -9,6 +9,7 @@ use proto::v1::guard_server::Guard;
 
 use super::*;
 use crate::accounts::{AccountError, PasswordState};
+use crate::otp::OtpParams;
 use crate::store::{SqliteStore, StoreThread};
 
 /// A directory that answers names case-insensitively, as some LDAP and AD setups do.
