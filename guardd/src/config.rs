@@ -60,7 +60,7 @@ impl Default for Config {
             database: Database::Sqlite(PathBuf::from("/var/lib/soffid-otp/guardd.db")),
             database_password_file: None,
             database_ca_file: None,
-            database_connections: 4,
+            database_connections: 2,
             admin_group: "soffid-otp-admin".into(),
             password_service: crate::accounts::PASSWORD_SERVICE.into(),
             issuer: None,

@@ -82,6 +82,9 @@ struct Args {
     /// and host name
     #[arg(long, default_value_t = 1)]
     guardds: usize,
+    /// A guardd.toml line for every guardd (repeatable), e.g. "database_connections = 2"
+    #[arg(long = "config", value_name = "LINE")]
+    config: Vec<String>,
     /// PostgreSQL only: seconds of bare committed writes (BEGIN, a one-row UPDATE, COMMIT) from
     /// as many connections as clients, before the logins
     #[arg(long, value_name = "SECONDS")]
@@ -241,7 +244,11 @@ fn main() -> anyhow::Result<()> {
     let mut sockets = Vec::with_capacity(args.guardds);
     for i in 0..args.guardds {
         let config = dir.path().join(format!("guardd-{i}.toml"));
-        std::fs::write(&config, format!("max_tries = 1\nhost = \"load-{i}\"\n"))?;
+        let extra: String = args.config.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(
+            &config,
+            format!("max_tries = 1\nhost = \"load-{i}\"\n{extra}"),
+        )?;
         let socket = dir.path().join(format!("guardd-{i}.sock"));
         let child = Command::new(&guardd)
             .arg("--config")
