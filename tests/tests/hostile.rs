@@ -30,7 +30,6 @@ mod as_root {
     use std::time::{Duration, Instant};
 
     use harness::{artefact, is_deny, Daemon, PamServices, Secret, User, STRICT_RULES};
-    use proto::v1::{ConfirmRequest, EnrollRequest};
 
     /// guardd's peak resident set must stay below this during any attack.
     const PEAK_RSS_LIMIT_KIB: u64 = 64 * 1024;
@@ -231,7 +230,7 @@ mod as_root {
     impl Victim {
         fn enroll(d: &Daemon, rt: &tokio::runtime::Runtime) -> Victim {
             let local = Local::create("otpvic");
-            let secret = rt.block_on(enroll_hotp(d, local.name()));
+            let secret = rt.block_on(d.enroll_hotp(local.name()));
             let pam = PamServices::new(
                 SERVICE,
                 &PamServices::module_line(&format!(
@@ -246,27 +245,6 @@ mod as_root {
                 pam,
             }
         }
-    }
-
-    /// Enrols `user` an HOTP token confirmed with counter 0; logins start at counter 1.
-    async fn enroll_hotp(d: &Daemon, user: &str) -> Secret {
-        let (secret, _) = d
-            .enroll(EnrollRequest {
-                user: user.into(),
-                kind: "hotp".into(),
-                ..EnrollRequest::default()
-            })
-            .await;
-        d.remember(&secret.hotp(0));
-        d.client()
-            .await
-            .confirm(ConfirmRequest {
-                user: user.into(),
-                code: secret.hotp(0).into_bytes(),
-            })
-            .await
-            .expect("confirm the HOTP token");
-        secret
     }
 
     /// Root's logins during an attack: each one's time, and what the failed ones printed.
