@@ -89,22 +89,21 @@ pub struct System {
 
 impl Accounts for System {
     fn by_name(&self, name: &str) -> Result<Option<Account>, LookupError> {
-        let user = nix::unistd::User::from_name(name)
-            .map_err(|e| LookupError(format!("NSS look-up failed: {e}")))?;
+        let user = nix::unistd::User::from_name(name).map_err(LookupError::Nss)?;
         Ok(user.map(account))
     }
 
     fn by_uid(&self, uid: u32) -> Result<Option<Account>, LookupError> {
         let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-            .map_err(|e| LookupError(format!("NSS look-up failed: {e}")))?;
+            .map_err(LookupError::Nss)?;
         Ok(user.map(account))
     }
 
     fn groups(&self, account: &Account) -> Result<Vec<String>, LookupError> {
         use nix::unistd::{getgrouplist, Gid, Group};
-        let lookup = |e: nix::Error| LookupError(format!("NSS look-up failed: {e}"));
-        let name = std::ffi::CString::new(account.name.as_str())
-            .map_err(|_| LookupError("bad user name".into()))?;
+        let lookup = LookupError::Nss;
+        let name =
+            std::ffi::CString::new(account.name.as_str()).map_err(|_| LookupError::BadName)?;
         let mut names = Vec::new();
         for gid in getgrouplist(&name, Gid::from_raw(account.gid)).map_err(lookup)? {
             if let Some(g) = Group::from_gid(gid).map_err(lookup)? {

@@ -134,9 +134,19 @@ impl Decision {
     }
 }
 
-/// A look-up that could not be done (NSS down, database error): the rule becomes Indeterminate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LookupError(pub String);
+/// A look-up that could not be done: a rule that needs it becomes Indeterminate.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// NSS (passwd, group) failed.
+    #[error("NSS look-up failed: {0}")]
+    Nss(nix::Error),
+    /// The name cannot be an account name (it holds a NUL byte).
+    #[error("not a valid user name")]
+    BadName,
+    /// The fact was not fetched yet: the caller fetches it when a rule asks, and decides again.
+    #[error("{0} not looked up yet")]
+    NotYet(&'static str),
+}
 
 /// The facts about a request that cost a look-up. Implementations should cache: the engine may
 /// ask several times per request.

@@ -16,8 +16,8 @@ use zeroize::Zeroizing;
 
 use crate::accounts::{Account, Accounts, System};
 use crate::audit::{self, Event};
-use crate::backup::{self, BackupError, Hasher};
-use crate::budget::{Budget, Exhausted, Holding, Limits};
+use crate::backup::{self, Hasher};
+use crate::budget::{Budget, Holding, Limits};
 use crate::caller::{authorize, Action, Caller};
 use crate::config::Config;
 use crate::lockout::Backoff;
@@ -28,8 +28,10 @@ use crate::policy::{
 use crate::store::{Runner, Store, StoreError, TokenState};
 
 mod admin;
+mod error;
 mod explain;
 mod recovery;
+pub use error::ServiceError;
 #[cfg(test)]
 mod tests;
 
@@ -273,8 +275,8 @@ impl GuardService {
     /// Runs `f` as one atomic store call.
     async fn store<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&dyn Store) -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
+        f: impl FnOnce(&dyn Store) -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
         self.store.run(f).await
     }
 
@@ -287,7 +289,7 @@ impl GuardService {
         user: Option<String>,
         name: &'static str,
         self_service: impl FnOnce(&dyn Store, &str) -> Result<bool, StoreError> + Send + 'static,
-    ) -> Result<(), Status> {
+    ) -> Result<(), ServiceError> {
         if caller.is_root() {
             // Root may do everything (docs/architecture.md#callers): no look-up, no hop to a
             // blocking thread.
@@ -312,15 +314,15 @@ impl GuardService {
                 None => false,
             };
             let admin = action != Action::Login && self.is_admin(&caller).await?;
-            authorize(&caller, action, is_self, admin, own)
+            authorize(&caller, action, is_self, admin, own).map_err(ServiceError::from)
         }
         .await;
-        if let Err(status) = &result {
+        if let Err(e) = &result {
             audit::refused(
                 &caller,
                 name,
                 user.as_deref().unwrap_or("*"),
-                status.message(),
+                &e.to_string(),
             );
         }
         result
@@ -332,12 +334,12 @@ impl GuardService {
     async fn blocking<T: Send + 'static>(
         &self,
         caller: &Caller,
-        f: impl FnOnce() -> Result<T, Status> + Send + 'static,
-    ) -> Result<T, Status> {
+        f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+    ) -> Result<T, ServiceError> {
         let _holding = self
             .blocking_budget
             .acquire(caller.budget_keys(None), caller.is_root())
-            .map_err(exhausted)?;
+            .map_err(ServiceError::from)?;
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|_| Status::internal("internal error; see the guardd log"))?
@@ -350,12 +352,15 @@ impl GuardService {
         user: &str,
         code: Zeroizing<String>,
         hashes: Vec<(i64, String)>,
-    ) -> Result<Option<i64>, Status> {
+    ) -> Result<Option<i64>, ServiceError> {
         let _holding = self
             .hashing_budget
             .acquire(caller.budget_keys(Some(user)), caller.is_root())
-            .map_err(exhausted)?;
-        self.hasher.find(code, hashes).await.map_err(backup_status)
+            .map_err(ServiceError::from)?;
+        self.hasher
+            .find(code, hashes)
+            .await
+            .map_err(ServiceError::from)
     }
 
     /// Stores a conversation waiting for an answer under a fresh challenge id. `holding` carries
@@ -369,7 +374,7 @@ impl GuardService {
         flow: Flow,
         uid: Option<u32>,
         holding: Option<Holding>,
-    ) -> Result<String, Status> {
+    ) -> Result<String, ServiceError> {
         let now = self.clock.now();
         let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
         if now > sessions.swept {
@@ -385,7 +390,7 @@ impl GuardService {
                     caller.login_keys(&context.user, &context.rhost),
                     caller.is_root(),
                 )
-                .map_err(exhausted)?,
+                .map_err(ServiceError::from)?,
         };
         let challenge =
             otp::random_hex(16).map_err(|_| Status::internal("the system random source failed"))?;
@@ -420,285 +425,305 @@ impl GuardService {
 #[tonic::async_trait]
 impl Guard for GuardService {
     async fn begin(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let (caller, ctx, account) = self.login_request(req, "begin").await?;
-        let uid = account.as_ref().map(|a| a.uid);
-        let (policy, decision, facts) = self.decide(&caller, &ctx, account.as_ref()).await?;
-        let can_answer = facts.can_answer;
-        let rule = decision.rule_label();
-        let event = |outcome, reason: &str| {
+        edge(async move {
+            let (caller, ctx, account) = self.login_request(req, "begin").await?;
+            let uid = account.as_ref().map(|a| a.uid);
+            let (policy, decision, facts) = self.decide(&caller, &ctx, account.as_ref()).await?;
+            let can_answer = facts.can_answer;
+            let rule = decision.rule_label();
+            let event = |outcome, reason: &str| {
+                audit::record(
+                    &Event {
+                        action: "begin",
+                        user: &ctx.user,
+                        service: &ctx.service,
+                        rhost: &ctx.rhost,
+                        tty: &ctx.tty,
+                        outcome,
+                        reason,
+                        rule: &rule,
+                        policy: policy.digest(),
+                        ..Event::default()
+                    }
+                    .caller(&caller),
+                )
+            };
+            let step = match decision.verdict {
+                // The records of another account: not a permit, not "unenrolled", whatever the
+                // rules say about this login (a deny stays a deny).
+                Rule::Permit | Rule::Otp { .. } if facts.foreign.is_some() => {
+                    event("deny", &foreign_reason(facts.foreign, &ctx.user, uid));
+                    deny(FOREIGN_MESSAGE, DenyReason::Policy)
+                }
+                Rule::Permit => {
+                    event("permit", "rules permit without otp");
+                    Step {
+                        kind: Some(step::Kind::Permit(Permit::default())),
+                    }
+                }
+                Rule::Deny { message } => {
+                    match &decision.indeterminate {
+                        Some(cause) => event("deny", &format!("indeterminate: {cause}")),
+                        None => event("deny", "rules deny"),
+                    }
+                    deny(
+                        message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
+                        DenyReason::Policy,
+                    )
+                }
+                Rule::Otp { .. } if can_answer => {
+                    let opened = self.open_session(
+                        ctx.clone(),
+                        &caller,
+                        self.max_tries,
+                        Flow::Login,
+                        uid,
+                        None,
+                    );
+                    let challenge = match opened {
+                        Ok(challenge) => challenge,
+                        Err(e) => {
+                            event("refused", &e.to_string());
+                            return Err(e);
+                        }
+                    };
+                    event("prompt", "otp required");
+                    prompt(challenge, PROMPT_TEXT, String::new(), PromptKind::Code)
+                }
+                Rule::Otp {
+                    unenrolled: Unenrolled::Permit,
+                } => {
+                    event("permit", "otp required only of enrolled users");
+                    Step {
+                        kind: Some(step::Kind::Permit(Permit::default())),
+                    }
+                }
+                Rule::Otp {
+                    unenrolled: Unenrolled::Deny,
+                } => {
+                    event("deny", "otp required and no active token");
+                    deny(NOT_ENROLLED_MESSAGE, DenyReason::NotEnrolled)
+                }
+            };
+            Ok(Response::new(step))
+        })
+        .await
+    }
+
+    async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<Step>, Status> {
+        edge(async move { recovery::begin(self, req).await }).await
+    }
+
+    async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
+        edge(async move {
+            let (caller, ctx, account) = self.login_request(req, "check").await?;
+            let (policy, decision, _) = self.decide(&caller, &ctx, account.as_ref()).await?;
+            let Rule::Deny { message } = &decision.verdict else {
+                return Ok(Response::new(Step {
+                    kind: Some(step::Kind::Permit(Permit::default())),
+                }));
+            };
+            let reason = match &decision.indeterminate {
+                Some(cause) => format!("indeterminate: {cause}"),
+                None => "rules deny".into(),
+            };
             audit::record(
                 &Event {
-                    action: "begin",
+                    action: "check",
                     user: &ctx.user,
                     service: &ctx.service,
                     rhost: &ctx.rhost,
                     tty: &ctx.tty,
-                    outcome,
-                    reason,
-                    rule: &rule,
+                    outcome: "deny",
+                    reason: &reason,
+                    rule: &decision.rule_label(),
                     policy: policy.digest(),
                     ..Event::default()
                 }
                 .caller(&caller),
-            )
-        };
-        let step = match decision.verdict {
-            // The records of another account: not a permit, not "unenrolled", whatever the
-            // rules say about this login (a deny stays a deny).
-            Rule::Permit | Rule::Otp { .. } if facts.foreign.is_some() => {
-                event("deny", &foreign_reason(facts.foreign, &ctx.user, uid));
-                deny(FOREIGN_MESSAGE, DenyReason::Policy)
-            }
-            Rule::Permit => {
-                event("permit", "rules permit without otp");
-                Step {
-                    kind: Some(step::Kind::Permit(Permit::default())),
-                }
-            }
-            Rule::Deny { message } => {
-                match &decision.indeterminate {
-                    Some(cause) => event("deny", &format!("indeterminate: {cause}")),
-                    None => event("deny", "rules deny"),
-                }
-                deny(
-                    message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
-                    DenyReason::Policy,
-                )
-            }
-            Rule::Otp { .. } if can_answer => {
-                let opened =
-                    self.open_session(ctx.clone(), &caller, self.max_tries, Flow::Login, uid, None);
-                let challenge = match opened {
-                    Ok(challenge) => challenge,
-                    Err(status) => {
-                        event("refused", status.message());
-                        return Err(status);
-                    }
-                };
-                event("prompt", "otp required");
-                prompt(challenge, PROMPT_TEXT, String::new(), PromptKind::Code)
-            }
-            Rule::Otp {
-                unenrolled: Unenrolled::Permit,
-            } => {
-                event("permit", "otp required only of enrolled users");
-                Step {
-                    kind: Some(step::Kind::Permit(Permit::default())),
-                }
-            }
-            Rule::Otp {
-                unenrolled: Unenrolled::Deny,
-            } => {
-                event("deny", "otp required and no active token");
-                deny(NOT_ENROLLED_MESSAGE, DenyReason::NotEnrolled)
-            }
-        };
-        Ok(Response::new(step))
-    }
-
-    async fn recover(&self, req: Request<RecoverRequest>) -> Result<Response<Step>, Status> {
-        recovery::begin(self, req).await
-    }
-
-    async fn check(&self, req: Request<BeginRequest>) -> Result<Response<Step>, Status> {
-        let (caller, ctx, account) = self.login_request(req, "check").await?;
-        let (policy, decision, _) = self.decide(&caller, &ctx, account.as_ref()).await?;
-        let Rule::Deny { message } = &decision.verdict else {
-            return Ok(Response::new(Step {
-                kind: Some(step::Kind::Permit(Permit::default())),
-            }));
-        };
-        let reason = match &decision.indeterminate {
-            Some(cause) => format!("indeterminate: {cause}"),
-            None => "rules deny".into(),
-        };
-        audit::record(
-            &Event {
-                action: "check",
-                user: &ctx.user,
-                service: &ctx.service,
-                rhost: &ctx.rhost,
-                tty: &ctx.tty,
-                outcome: "deny",
-                reason: &reason,
-                rule: &decision.rule_label(),
-                policy: policy.digest(),
-                ..Event::default()
-            }
-            .caller(&caller),
-        );
-        Ok(Response::new(deny(
-            message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
-            DenyReason::Policy,
-        )))
+            );
+            Ok(Response::new(deny(
+                message.as_deref().unwrap_or(POLICY_DENY_MESSAGE),
+                DenyReason::Policy,
+            )))
+        })
+        .await
     }
 
     async fn explain(
         &self,
         req: Request<ExplainRequest>,
     ) -> Result<Response<ExplainReply>, Status> {
-        explain::explain(self, req).await
+        edge(async move { explain::explain(self, req).await }).await
     }
 
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
-        let caller = Caller::of(&req)?;
-        self.authorize(caller, Action::Admin, None, "reload", |_, _| Ok(false))
-            .await?;
-        let result = self.reload();
-        admin_audit(&caller, "reload", "*", result.is_ok(), "");
-        match result {
-            Ok(policy) => Ok(Response::new(ReloadReply {
-                digest: policy.digest().to_owned(),
-                warnings: policy.warnings().to_vec(),
-            })),
-            Err(e) => Err(Status::failed_precondition(format!(
-                "{e} (the previous rules stay in force)"
-            ))),
-        }
+        edge(async move {
+            let caller = Caller::of(&req)?;
+            self.authorize(caller, Action::Admin, None, "reload", |_, _| Ok(false))
+                .await?;
+            let result = self.reload();
+            admin_audit(&caller, "reload", "*", result.is_ok(), "");
+            match result {
+                Ok(policy) => Ok(Response::new(ReloadReply {
+                    digest: policy.digest().to_owned(),
+                    warnings: policy.warnings().to_vec(),
+                })),
+                Err(e) => Err(Status::failed_precondition(format!(
+                    "{e} (the previous rules stay in force)"
+                ))
+                .into()),
+            }
+        })
+        .await
     }
 
     async fn answer(&self, req: Request<AnswerRequest>) -> Result<Response<Step>, Status> {
-        let caller = Caller::of(&req)?;
-        let AnswerRequest {
-            challenge,
-            response,
-        } = req.into_inner();
-        let response = Zeroizing::new(response);
-        let Some(session) = self.take_session(&challenge, caller.uid) else {
+        edge(async move {
+            let caller = Caller::of(&req)?;
+            let AnswerRequest {
+                challenge,
+                response,
+            } = req.into_inner();
+            let response = Zeroizing::new(response);
+            let Some(session) = self.take_session(&challenge, caller.uid) else {
+                audit::record(
+                    &Event {
+                        action: "answer",
+                        outcome: "deny",
+                        reason: "unknown or expired challenge",
+                        ..Event::default()
+                    }
+                    .caller(&caller),
+                );
+                return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
+            };
+            let tries_left = session.tries_left;
+            let holding = session.holding;
+            let uid = session.uid;
+            let flow = match session.flow {
+                Flow::Login => Flow::Login,
+                Flow::RecoverCode => Flow::RecoverCode,
+                other => {
+                    return recovery::password(
+                        self,
+                        caller,
+                        session.context,
+                        other,
+                        response,
+                        uid,
+                        holding,
+                    )
+                    .await
+                    .map(Response::new)
+                }
+            };
+            let ctx = session.context;
+            let verdict = self.check_answer(&caller, &ctx.user, uid, response).await?;
+            let foreign;
+            let (outcome, reason, token) = match &verdict {
+                Verdict::Otp(id) => ("permit", "otp verified", id.as_str()),
+                Verdict::Backup => ("permit", "backup code used", ""),
+                Verdict::Locked(_) => ("deny", "locked after repeated failures", ""),
+                Verdict::Foreign(other) => {
+                    foreign = foreign_reason(Some(*other), &ctx.user, uid);
+                    ("deny", foreign.as_str(), "")
+                }
+                Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
+            };
             audit::record(
                 &Event {
                     action: "answer",
-                    outcome: "deny",
-                    reason: "unknown or expired challenge",
+                    user: &ctx.user,
+                    service: &ctx.service,
+                    rhost: &ctx.rhost,
+                    tty: &ctx.tty,
+                    outcome,
+                    reason,
+                    token,
                     ..Event::default()
                 }
                 .caller(&caller),
             );
-            return Ok(Response::new(deny(EXPIRED_MESSAGE, DenyReason::Expired)));
-        };
-        let tries_left = session.tries_left;
-        let holding = session.holding;
-        let uid = session.uid;
-        let flow = match session.flow {
-            Flow::Login => Flow::Login,
-            Flow::RecoverCode => Flow::RecoverCode,
-            other => {
-                return recovery::password(
-                    self,
-                    caller,
-                    session.context,
-                    other,
-                    response,
-                    uid,
-                    holding,
-                )
-                .await
-                .map(Response::new)
-            }
-        };
-        let ctx = session.context;
-        let verdict = self.check_answer(&caller, &ctx.user, uid, response).await?;
-        let foreign;
-        let (outcome, reason, token) = match &verdict {
-            Verdict::Otp(id) => ("permit", "otp verified", id.as_str()),
-            Verdict::Backup => ("permit", "backup code used", ""),
-            Verdict::Locked(_) => ("deny", "locked after repeated failures", ""),
-            Verdict::Foreign(other) => {
-                foreign = foreign_reason(Some(*other), &ctx.user, uid);
-                ("deny", foreign.as_str(), "")
-            }
-            Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
-        };
-        audit::record(
-            &Event {
-                action: "answer",
-                user: &ctx.user,
-                service: &ctx.service,
-                rhost: &ctx.rhost,
-                tty: &ctx.tty,
-                outcome,
-                reason,
-                token,
-                ..Event::default()
-            }
-            .caller(&caller),
-        );
-        Ok(Response::new(match verdict {
-            Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
-                let challenge =
-                    self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(holding))?;
-                prompt(
-                    challenge,
-                    "New password: ",
-                    String::new(),
-                    PromptKind::NewPassword,
-                )
-            }
-            Verdict::Otp(_) | Verdict::Backup => Step {
-                kind: Some(step::Kind::Permit(Permit::default())),
-            },
-            Verdict::Locked(wait) => deny(
-                &format!("Access denied: too many failed attempts; try again in {wait} s."),
-                DenyReason::Locked,
-            ),
-            Verdict::Foreign(_) => deny(FOREIGN_MESSAGE, DenyReason::Policy),
-            Verdict::Wrong if tries_left > 1 => {
-                // Another try in the same conversation, under a new challenge id.
-                let left = tries_left - 1;
-                let challenge = self.open_session(ctx, &caller, left, flow, uid, Some(holding))?;
-                prompt(
-                    challenge,
-                    PROMPT_TEXT,
-                    wrong_code_info(left),
-                    PromptKind::Code,
-                )
-            }
-            Verdict::Wrong if self.max_tries > 1 => {
-                deny("Access denied: too many wrong codes.", DenyReason::MaxTries)
-            }
-            Verdict::Wrong => deny(WRONG_CODE_MESSAGE, DenyReason::WrongCode),
-        }))
+            Ok(Response::new(match verdict {
+                Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
+                    let challenge =
+                        self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(holding))?;
+                    prompt(
+                        challenge,
+                        "New password: ",
+                        String::new(),
+                        PromptKind::NewPassword,
+                    )
+                }
+                Verdict::Otp(_) | Verdict::Backup => Step {
+                    kind: Some(step::Kind::Permit(Permit::default())),
+                },
+                Verdict::Locked(wait) => deny(
+                    &format!("Access denied: too many failed attempts; try again in {wait} s."),
+                    DenyReason::Locked,
+                ),
+                Verdict::Foreign(_) => deny(FOREIGN_MESSAGE, DenyReason::Policy),
+                Verdict::Wrong if tries_left > 1 => {
+                    // Another try in the same conversation, under a new challenge id.
+                    let left = tries_left - 1;
+                    let challenge =
+                        self.open_session(ctx, &caller, left, flow, uid, Some(holding))?;
+                    prompt(
+                        challenge,
+                        PROMPT_TEXT,
+                        wrong_code_info(left),
+                        PromptKind::Code,
+                    )
+                }
+                Verdict::Wrong if self.max_tries > 1 => {
+                    deny("Access denied: too many wrong codes.", DenyReason::MaxTries)
+                }
+                Verdict::Wrong => deny(WRONG_CODE_MESSAGE, DenyReason::WrongCode),
+            }))
+        })
+        .await
     }
 
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
-        admin::enroll(self, req).await
+        edge(async move { admin::enroll(self, req).await }).await
     }
 
     async fn confirm(
         &self,
         req: Request<ConfirmRequest>,
     ) -> Result<Response<ConfirmReply>, Status> {
-        admin::confirm(self, req).await
+        edge(async move { admin::confirm(self, req).await }).await
     }
 
     async fn list(&self, req: Request<ListRequest>) -> Result<Response<ListReply>, Status> {
-        admin::list(self, req).await
+        edge(async move { admin::list(self, req).await }).await
     }
 
     async fn delete(&self, req: Request<DeleteRequest>) -> Result<Response<DeleteReply>, Status> {
-        admin::delete(self, req).await
+        edge(async move { admin::delete(self, req).await }).await
     }
 
     async fn set_enabled(
         &self,
         req: Request<SetEnabledRequest>,
     ) -> Result<Response<TokenReply>, Status> {
-        admin::set_enabled(self, req).await
+        edge(async move { admin::set_enabled(self, req).await }).await
     }
 
     async fn resync(&self, req: Request<ResyncRequest>) -> Result<Response<TokenReply>, Status> {
-        admin::resync(self, req).await
+        edge(async move { admin::resync(self, req).await }).await
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockReply>, Status> {
-        admin::unlock(self, req).await
+        edge(async move { admin::unlock(self, req).await }).await
     }
 
     async fn issue_backup_codes(
         &self,
         req: Request<BackupCodesRequest>,
     ) -> Result<Response<BackupCodesReply>, Status> {
-        admin::issue_backup_codes(self, req).await
+        edge(async move { admin::issue_backup_codes(self, req).await }).await
     }
 }
 
@@ -737,7 +762,7 @@ impl Facts for LoginFacts {
             Some(groups) => groups.clone(),
             None => {
                 self.wanted_groups.set(true);
-                Err(LookupError("groups not looked up yet".into()))
+                Err(LookupError::NotYet("groups"))
             }
         }
     }
@@ -745,24 +770,9 @@ impl Facts for LoginFacts {
     fn enrolled(&self) -> Result<bool, LookupError> {
         if !self.read {
             self.wanted_stored.set(true);
-            return Err(LookupError("the token store was not read yet".into()));
+            return Err(LookupError::NotYet("the token store"));
         }
         Ok(self.enrolled)
-    }
-}
-
-/// A budget refusal as a status: the caller should try again later.
-fn exhausted(e: Exhausted) -> Status {
-    Status::resource_exhausted(e.to_string())
-}
-
-fn backup_status(e: BackupError) -> Status {
-    match e {
-        BackupError::Busy => Status::resource_exhausted(e.to_string()),
-        e => {
-            tracing::error!("{e}");
-            Status::internal("backup codes failed; see the guardd log")
-        }
     }
 }
 
@@ -788,7 +798,7 @@ impl GuardService {
         &self,
         req: Request<BeginRequest>,
         action: &'static str,
-    ) -> Result<(Caller, LoginContext, Option<Account>), Status> {
+    ) -> Result<(Caller, LoginContext, Option<Account>), ServiceError> {
         let caller = Caller::of(&req)?;
         let mut ctx = req
             .into_inner()
@@ -813,7 +823,7 @@ impl GuardService {
     /// Whether `caller` is root or its uid's account is in the admin group by NSS (the account's
     /// primary and supplementary groups): the connecting process's gid does not count, so a
     /// setgid program or `setpriv --regid` makes no administrator.
-    async fn is_admin(&self, caller: &Caller) -> Result<bool, Status> {
+    async fn is_admin(&self, caller: &Caller) -> Result<bool, ServiceError> {
         if caller.is_root() {
             return Ok(true);
         }
@@ -829,7 +839,7 @@ impl GuardService {
     /// An answer is reused for `ACCOUNT_TTL`: a login storm costs one look-up per user and
     /// second, not a hop to the blocking pool per call; a renamed or re-created account is seen
     /// within that second.
-    async fn account(&self, caller: &Caller, name: &str) -> Result<Option<Account>, Status> {
+    async fn account(&self, caller: &Caller, name: &str) -> Result<Option<Account>, ServiceError> {
         let now = std::time::Instant::now();
         if let Some((account, at)) = self
             .account_cache
@@ -844,10 +854,13 @@ impl GuardService {
         let (accounts, n) = (self.accounts.clone(), name.to_owned());
         let account = self
             .blocking(caller, move || {
-                accounts.by_name(&n).map_err(|e| {
-                    tracing::error!("{}", e.0);
-                    Status::unavailable("the account look-up failed; see the guardd log")
-                })
+                accounts
+                    .by_name(&n)
+                    .map_err(|e| {
+                        tracing::error!("{e}");
+                        Status::unavailable("the account look-up failed; see the guardd log")
+                    })
+                    .map_err(ServiceError::from)
             })
             .await?;
         let mut cache = self.account_cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -866,7 +879,7 @@ impl GuardService {
         caller: &Caller,
         ctx: &LoginContext,
         account: Option<&Account>,
-    ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), Status> {
+    ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), ServiceError> {
         let policy = self.policy();
         let request = self.rules_request(ctx, self.clock.now() as i64);
         let uid = account.map(|a| a.uid);
@@ -890,7 +903,7 @@ impl GuardService {
             // A permit or a prompt still needs the records: whose they are, what can answer.
             match self.facts(&ctx.user, uid).await {
                 Ok(read) => facts.read_from(read),
-                Err(status) if permit && status.code() == tonic::Code::Unavailable => {
+                Err(ServiceError::Store(StoreError::Unavailable(_))) if permit => {
                     audit::warn_limited(
                         "permit-without-store",
                         "the token store is unreachable; logins permitted by rules that need no stored fact go on",
@@ -907,7 +920,7 @@ impl GuardService {
         &self,
         caller: &Caller,
         account: Option<&Account>,
-    ) -> Result<Result<Vec<String>, LookupError>, Status> {
+    ) -> Result<Result<Vec<String>, LookupError>, ServiceError> {
         let Some(account) = account.cloned() else {
             return Ok(Ok(Vec::new()));
         };
@@ -917,7 +930,7 @@ impl GuardService {
     }
 
     /// What the store knows about `user` for a decision, read in one call.
-    async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, Status> {
+    async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, ServiceError> {
         let (u, host) = (user.to_owned(), self.host.clone());
         let record = self
             .store(move |store| Ok(store.login_record(&u, &host, uid)?))
@@ -939,7 +952,7 @@ impl GuardService {
         user: &str,
         uid: Option<u32>,
         response: Zeroizing<Vec<u8>>,
-    ) -> Result<Verdict, Status> {
+    ) -> Result<Verdict, ServiceError> {
         let (windows, backoff, now) = (self.windows, self.backoff, self.clock.now());
         let (u, host) = (user.to_owned(), self.host.clone());
         let checked = self
@@ -1110,26 +1123,11 @@ fn deny(message: &str, reason: DenyReason) -> Step {
     }
 }
 
-/// A store failure as a status: one clear line, the details only in the log.
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Status {
-        match &e {
-            // Repeats while the database is away: one line per interval is enough.
-            StoreError::Unavailable(_) | StoreError::Busy | StoreError::Overloaded => {
-                audit::warn_limited("store-unavailable", &e.to_string())
-            }
-            _ => tracing::error!("{e}"),
-        }
-        match e {
-            // The reason (a host name, a server message) is for the log, not for any caller.
-            StoreError::Unavailable(_) => {
-                Status::unavailable("the token database is unreachable; see the guardd log")
-            }
-            StoreError::Busy | StoreError::Stopped => Status::unavailable(e.to_string()),
-            StoreError::Overloaded => Status::resource_exhausted(e.to_string()),
-            _ => Status::internal("the token database failed; see the guardd log"),
-        }
-    }
+/// The edge of every call: what went wrong is logged once and becomes the caller's status.
+async fn edge<T>(
+    call: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, Status> {
+    call.await.map_err(ServiceError::into_status)
 }
 
 /// Checks a login context's fields before anything else sees them (public for the fuzz targets).

@@ -227,7 +227,7 @@ impl Rule {
             return match ctx.facts.enrolled() {
                 Ok(true) => Ok(Effect::Otp),
                 Ok(false) => Ok(Effect::Permit),
-                Err(LookupError(cause)) => Err(format!("enrolled: {cause}")),
+                Err(cause) => Err(format!("enrolled: {cause}")),
             };
         }
         Ok(self.effect)
@@ -259,7 +259,7 @@ fn all_hold(conditions: &[Condition], ctx: &Ctx<'_>) -> Holds {
                     String::new()
                 })
             }
-            Err(LookupError(cause)) => unknown = Some(format!("{}: {cause}", c.key())),
+            Err(cause) => unknown = Some(format!("{}: {cause}", c.key())),
         }
     }
     match unknown {

@@ -364,7 +364,7 @@ fn combining_algorithms_order_results_as_xacml_says() {
 #[test]
 fn failed_lookups_make_rules_indeterminate_and_the_result_deny() {
     let broken = FakeFacts {
-        groups: Err(LookupError("NSS unavailable".into())),
+        groups: Err(LookupError::Nss(nix::Error::EIO)),
         enrolled: Ok(true),
         group_lookups: Cell::new(0),
     };
@@ -383,7 +383,7 @@ fn failed_lookups_make_rules_indeterminate_and_the_result_deny() {
         .indeterminate
         .as_deref()
         .unwrap()
-        .contains("NSS unavailable"));
+        .contains("NSS look-up failed"));
     // permit-overrides: the applicable permit-class "o" still wins over Ind{P}.
     let d = algo("permit-overrides").evaluate(&r, &broken, false);
     assert!(matches!(d.verdict, Verdict::Otp { .. }));
@@ -424,7 +424,7 @@ effect = "permit"
     // An unenrolled=permit rule whose enrolled look-up fails is Indeterminate.
     let no_db = FakeFacts {
         groups: Ok(vec![]),
-        enrolled: Err(LookupError("database busy".into())),
+        enrolled: Err(LookupError::NotYet("the token store")),
         group_lookups: Cell::new(0),
     };
     let d = policy(DEFAULT_POLICY).evaluate(&req("a", "sudo"), &no_db, false);

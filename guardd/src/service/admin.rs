@@ -10,10 +10,7 @@ use proto::v1::{
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{
-    admin_audit, backup_status, consume_code, exhausted, foreign_reason, validate_name,
-    GuardService,
-};
+use super::{admin_audit, consume_code, foreign_reason, validate_name, GuardService, ServiceError};
 use crate::accounts::{Account, PasswordState};
 use crate::audit::{self, Event};
 use crate::backup;
@@ -32,7 +29,7 @@ pub(super) async fn admin_only(
     caller: Caller,
     user: &str,
     action: &'static str,
-) -> Result<(), Status> {
+) -> Result<(), ServiceError> {
     validate_name("user", user)?;
     svc.authorize(
         caller,
@@ -70,7 +67,7 @@ enum Proof {
 pub(super) async fn enroll(
     svc: &GuardService,
     req: Request<EnrollRequest>,
-) -> Result<Response<EnrollReply>, Status> {
+) -> Result<Response<EnrollReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let EnrollRequest {
         user,
@@ -102,7 +99,8 @@ pub(super) async fn enroll(
             audit::refused(&caller, "invite", &user, "not an administrator");
             return Err(Status::permission_denied(
                 "permission denied: only root or the guardd admin group may invite",
-            ));
+            )
+            .into());
         }
         return issue_invitation(svc, caller, account).await;
     }
@@ -114,7 +112,8 @@ pub(super) async fn enroll(
         audit::refused(&caller, "enroll", &user, "another user's account");
         return Err(Status::permission_denied(
             "permission denied: run this as root or as a member of the guardd admin group",
-        ));
+        )
+        .into());
     };
     let issuer = svc.issuer.clone();
     let (now, uid) = (svc.clock.now(), account.uid);
@@ -204,7 +203,7 @@ pub(super) async fn enroll(
         Ok(created) => created,
         Err(status) => {
             audit::refused(&caller, "enroll", &user, status.message());
-            return Err(status);
+            return Err(status.into());
         }
     };
     audit::record(
@@ -236,7 +235,7 @@ async fn own_proof(
     password: Zeroizing<Vec<u8>>,
     invitation: Zeroizing<Vec<u8>>,
     code: Zeroizing<Vec<u8>>,
-) -> Result<Proof, Status> {
+) -> Result<Proof, ServiceError> {
     let user = account.name.clone();
     let ctx = LoginContext {
         user: user.clone(),
@@ -244,9 +243,9 @@ async fn own_proof(
         ..LoginContext::default()
     };
     let (_, decision, facts) = svc.decide(caller, &ctx, Some(account)).await?;
-    let refuse = |status: Status| {
+    let refuse = |status: Status| -> Result<Proof, ServiceError> {
         audit::refused(caller, "enroll", &user, status.message());
-        Err(status)
+        Err(status.into())
     };
     let (needs_code, first_only) = match &decision.verdict {
         Rule::Deny { message } => {
@@ -304,7 +303,7 @@ async fn own_proof(
     let _one_at_a_time = svc
         .password_budget
         .acquire(caller.budget_keys(None), caller.is_root())
-        .map_err(exhausted)?;
+        .map_err(ServiceError::from)?;
     // Counted before the slow check, forgiven after a right password: no password oracle.
     let (backoff, now, uid) = (svc.backoff, svc.clock.now() as i64, account.uid);
     let u = user.clone();
@@ -323,10 +322,13 @@ async fn own_proof(
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let right = svc
         .blocking(caller, move || {
-            accounts.check_password(&u, &password).map_err(|e| {
-                tracing::error!(user = u, "{e}");
-                Status::unavailable("the password could not be checked; see the guardd log")
-            })
+            accounts
+                .check_password(&u, &password)
+                .map_err(|e| {
+                    tracing::error!(user = u, "{e}");
+                    Status::unavailable("the password could not be checked; see the guardd log")
+                })
+                .map_err(ServiceError::from)
         })
         .await?;
     if !right {
@@ -348,8 +350,8 @@ async fn issue_invitation(
     svc: &GuardService,
     caller: Caller,
     account: Account,
-) -> Result<Response<EnrollReply>, Status> {
-    let code = backup::random_code().map_err(backup_status)?;
+) -> Result<Response<EnrollReply>, ServiceError> {
+    let code = backup::random_code().map_err(ServiceError::from)?;
     let normal = backup::normalize(code.as_bytes())
         .ok_or_else(|| Status::internal("an invitation could not be made"))?;
     let hash = invitation_hash(&normal);
@@ -386,7 +388,7 @@ fn locked_status(wait: i64) -> Status {
 pub(super) async fn confirm(
     svc: &GuardService,
     req: Request<ConfirmRequest>,
-) -> Result<Response<ConfirmReply>, Status> {
+) -> Result<Response<ConfirmReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let ConfirmRequest { user, code } = req.into_inner();
     let code = Zeroizing::new(code);
@@ -405,7 +407,7 @@ pub(super) async fn confirm(
         .store(move |store| {
             // A wrong confirmation counts toward the back-off like a wrong login.
             if let Some(wait) = store.lock_attempts(&u)?.remaining(now as i64) {
-                return Err(locked_status(wait));
+                return Err(locked_status(wait).into());
             }
             let id = consume_code(store, &u, TokenState::Pending, &code, now, windows)?;
             match id {
@@ -439,20 +441,20 @@ pub(super) async fn confirm(
         Ok(Some(info)) => Ok(Response::new(ConfirmReply {
             token: Some(token_message(info)),
         })),
-        Ok(None) => Err(Status::not_found("the token was deleted meanwhile")),
+        Ok(None) => Err(Status::not_found("the token was deleted meanwhile").into()),
         Err(true) => Err(Status::failed_precondition(format!(
             "{user} has no pending token; run `guardctl enroll {user}` first"
-        ))),
+        )).into()),
         Err(false) => Err(Status::invalid_argument(
             "the code does not match the pending token; check the phone's clock and type the code it shows now",
-        )),
+        ).into()),
     }
 }
 
 pub(super) async fn list(
     svc: &GuardService,
     req: Request<ListRequest>,
-) -> Result<Response<ListReply>, Status> {
+) -> Result<Response<ListReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = Some(req.into_inner().user).filter(|u| !u.is_empty());
     if let Some(u) = &user {
@@ -473,7 +475,7 @@ pub(super) async fn list(
 pub(super) async fn delete(
     svc: &GuardService,
     req: Request<DeleteRequest>,
-) -> Result<Response<DeleteReply>, Status> {
+) -> Result<Response<DeleteReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let DeleteRequest { user, token_id } = req.into_inner();
     validate_name("user", &user)?;
@@ -513,14 +515,15 @@ pub(super) async fn delete(
     } else {
         Err(Status::not_found(format!(
             "{user} has no token {token_id}; see `guardctl list {user}`"
-        )))
+        ))
+        .into())
     }
 }
 
 pub(super) async fn set_enabled(
     svc: &GuardService,
     req: Request<SetEnabledRequest>,
-) -> Result<Response<TokenReply>, Status> {
+) -> Result<Response<TokenReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let SetEnabledRequest {
         user,
@@ -553,14 +556,15 @@ pub(super) async fn set_enabled(
         None => Err(Status::failed_precondition(format!(
             "{user} has no {} token {token_id}; see `guardctl list {user}`",
             from.as_str()
-        ))),
+        ))
+        .into()),
     }
 }
 
 pub(super) async fn resync(
     svc: &GuardService,
     req: Request<ResyncRequest>,
-) -> Result<Response<TokenReply>, Status> {
+) -> Result<Response<TokenReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let ResyncRequest {
         user,
@@ -578,12 +582,12 @@ pub(super) async fn resync(
             let Some(token) = tokens.into_iter().find(|t| t.id == id) else {
                 return Err(Status::not_found(format!(
                     "{u} has no active token {id}; see `guardctl list {u}`"
-                )));
+                )).into());
             };
             if token.counter.kind != Kind::Hotp {
                 return Err(Status::failed_precondition(
                     "only HOTP tokens need resynchronising; TOTP tokens follow the clock",
-                ));
+                ).into());
             }
             let counter = otp::resync(&token.secret, token.counter, &first, &second, RESYNC_WINDOW)
                 .map_err(|e| Status::internal(e.to_string()))?
@@ -593,7 +597,7 @@ pub(super) async fn resync(
                     ))
                 })?;
             if !store.accept(&id, TokenState::Active, counter, 0, now as i64)? {
-                return Err(Status::aborted("the token changed meanwhile; try again"));
+                return Err(Status::aborted("the token changed meanwhile; try again").into());
             }
             Ok(store.get(&u, &id)?)
         })
@@ -607,7 +611,7 @@ pub(super) async fn resync(
 pub(super) async fn unlock(
     svc: &GuardService,
     req: Request<UnlockRequest>,
-) -> Result<Response<UnlockReply>, Status> {
+) -> Result<Response<UnlockReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
     admin_only(svc, caller, &user, "unlock").await?;
@@ -622,7 +626,7 @@ pub(super) async fn unlock(
 pub(super) async fn issue_backup_codes(
     svc: &GuardService,
     req: Request<BackupCodesRequest>,
-) -> Result<Response<BackupCodesReply>, Status> {
+) -> Result<Response<BackupCodesReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
     admin_only(svc, caller, &user, "backup-codes").await?;
@@ -635,17 +639,15 @@ pub(super) async fn issue_backup_codes(
         let _holding = svc
             .hashing_budget
             .acquire(caller.budget_keys(Some(&user)), caller.is_root())
-            .map_err(exhausted)?;
-        svc.hasher.generate().await.map_err(backup_status)?
+            .map_err(ServiceError::from)?;
+        svc.hasher.generate().await.map_err(ServiceError::from)?
     };
     let (u, host) = (user.clone(), svc.host.clone());
     svc.store(move |store| {
         if let Some(other) = store.foreign_uid(&u, &host, Some(uid))? {
-            return Err(Status::failed_precondition(foreign_reason(
-                Some(other),
-                &u,
-                Some(uid),
-            )));
+            return Err(
+                Status::failed_precondition(foreign_reason(Some(other), &u, Some(uid))).into(),
+            );
         }
         store.replace_backup_codes(&u, Some(uid), &hashes, now as i64)?;
         store.foreign_uid(&u, &host, Some(uid))?;
@@ -663,12 +665,15 @@ async fn require_account(
     svc: &GuardService,
     caller: &Caller,
     user: &str,
-) -> Result<Account, Status> {
-    svc.account(caller, user).await?.ok_or_else(|| {
-        Status::not_found(format!(
-            "no such user: {user} (enroll only users the system knows)"
-        ))
-    })
+) -> Result<Account, ServiceError> {
+    svc.account(caller, user)
+        .await?
+        .ok_or_else(|| {
+            Status::not_found(format!(
+                "no such user: {user} (enroll only users the system knows)"
+            ))
+        })
+        .map_err(ServiceError::from)
 }
 
 /// Reads the token kind and parameters of an enrolment; empty or zero fields take defaults.
@@ -677,7 +682,7 @@ fn token_kind(
     algorithm: &str,
     digits: u32,
     period: u32,
-) -> Result<(Kind, OtpParams), Status> {
+) -> Result<(Kind, OtpParams), ServiceError> {
     let defaults = OtpParams::default();
     let kind = match kind {
         "" => Kind::Totp,
@@ -691,12 +696,12 @@ fn token_kind(
     let digits = match digits {
         0 => defaults.digits,
         d @ 6..=8 => d as u8,
-        _ => return Err(Status::invalid_argument("digits must be 6, 7 or 8")),
+        _ => return Err(Status::invalid_argument("digits must be 6, 7 or 8").into()),
     };
     let period = match period {
         0 => defaults.period,
         p @ 15..=120 => u64::from(p),
-        _ => return Err(Status::invalid_argument("period must be 15 to 120 seconds")),
+        _ => return Err(Status::invalid_argument("period must be 15 to 120 seconds").into()),
     };
     Ok((
         kind,
@@ -720,11 +725,12 @@ fn token_message(t: TokenInfo) -> Token {
     }
 }
 
-fn validate_label(label: &str) -> Result<(), Status> {
+fn validate_label(label: &str) -> Result<(), ServiceError> {
     if label.chars().count() > 64 || label.chars().any(char::is_control) {
         return Err(Status::invalid_argument(
             "the label must be at most 64 characters without control characters",
-        ));
+        )
+        .into());
     }
     Ok(())
 }

@@ -3,14 +3,14 @@
 use proto::v1::{ExplainReply, ExplainRequest, RuleLine};
 use tonic::{Request, Response, Status};
 
-use super::{validate_context, GuardService};
+use super::{validate_context, GuardService, ServiceError};
 use crate::caller::{Action, Caller};
 use crate::policy::{Facts, LookupError, Outcome, Unenrolled, Verdict as Rule};
 
 pub(super) async fn explain(
     svc: &GuardService,
     req: Request<ExplainRequest>,
-) -> Result<Response<ExplainReply>, Status> {
+) -> Result<Response<ExplainReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let ExplainRequest { context, time } = req.into_inner();
     let ctx = context.ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
@@ -44,11 +44,11 @@ pub(super) async fn explain(
     let yes_no = |r: Result<bool, LookupError>| match r {
         Ok(true) => "yes".to_owned(),
         Ok(false) => "no".to_owned(),
-        Err(LookupError(e)) => format!("unknown ({e})"),
+        Err(e) => format!("unknown ({e})"),
     };
     let groups = match facts.groups() {
         Ok(g) => format!("[{}]", g.join(",")),
-        Err(LookupError(e)) => format!("unknown ({e})"),
+        Err(e) => format!("unknown ({e})"),
     };
     let when = jiff::Timestamp::from_second(request.time)
         .map(|t| t.to_string())

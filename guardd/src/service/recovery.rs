@@ -9,7 +9,8 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::{
-    deny, foreign_reason, prompt, validate_name, Flow, GuardService, FOREIGN_MESSAGE, PROMPT_TEXT,
+    deny, foreign_reason, prompt, validate_name, Flow, GuardService, ServiceError, FOREIGN_MESSAGE,
+    PROMPT_TEXT,
 };
 use crate::accounts::{self, PasswordState};
 use crate::audit::{self, Event};
@@ -22,7 +23,7 @@ use crate::policy::Verdict as Rule;
 pub(super) async fn begin(
     svc: &GuardService,
     req: Request<RecoverRequest>,
-) -> Result<Response<Step>, Status> {
+) -> Result<Response<Step>, ServiceError> {
     let caller = Caller::of(&req)?;
     let requested = req.into_inner().user;
     let own = requested.is_empty();
@@ -30,7 +31,7 @@ pub(super) async fn begin(
         let accounts = svc.accounts.clone();
         svc.blocking(&caller, move || match accounts.by_uid(caller.uid) {
             Ok(Some(account)) => Ok(account.name),
-            _ => Err(Status::permission_denied("your uid has no user name")),
+            _ => Err(Status::permission_denied("your uid has no user name").into()),
         })
         .await?
     } else {
@@ -134,7 +135,7 @@ pub(super) async fn password(
     response: Zeroizing<Vec<u8>>,
     uid: Option<u32>,
     holding: Holding,
-) -> Result<Step, Status> {
+) -> Result<Step, ServiceError> {
     let audit = |outcome, reason: &str| {
         audit::record(
             &Event {
@@ -220,6 +221,8 @@ pub(super) async fn password(
                 }
             }
         }
-        Flow::Login | Flow::RecoverCode => Err(Status::internal("unexpected recovery stage")),
+        Flow::Login | Flow::RecoverCode => {
+            Err(Status::internal("unexpected recovery stage").into())
+        }
     }
 }

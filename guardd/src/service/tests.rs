@@ -294,7 +294,7 @@ async fn a_right_password_enrols_once_and_is_forgiven() {
     assert!(f.svc.enroll(enroll("right")).await.is_ok());
     let failures = f
         .svc
-        .store(|s| Ok::<_, Status>(s.lockout("dave")?.failures))
+        .store(|s| Ok::<_, ServiceError>(s.lockout("dave")?.failures))
         .await
         .unwrap();
     assert_eq!(
