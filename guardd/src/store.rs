@@ -372,25 +372,29 @@ impl Runner {
     {
         let (call, answer) = call::Pending::queue(f);
         async move {
+            let submitted = match self {
+                Runner::Sqlite(thread) => thread.submit(call),
+                Runner::Postgres(pool) => pool.submit(call),
+            };
+            submitted.map_err(E::from)?;
+            // Bounded, so a database that stops answering cannot hold a login past the module's
+            // timeout; the call may still finish, and then its writes stand. (The embedded
+            // store bounds its own waits with SQLite's busy timeout.)
+            let answer = async {
+                answer
+                    .await
+                    .unwrap_or_else(|_| Err(E::from(StoreError::Stopped)))
+            };
             match self {
-                Runner::Sqlite(thread) => {
-                    thread.submit(call).map_err(E::from)?;
-                    answer
-                        .await
-                        .unwrap_or_else(|_| Err(E::from(StoreError::Stopped)))
-                }
-                Runner::Postgres(pool) => {
-                    pool.submit(call).map_err(E::from)?;
-                    // Bounded, so a database that stops answering cannot hold a login past the
-                    // module's timeout; the call may still finish, and then its writes stand.
-                    match tokio::time::timeout(pool::CALL_TIMEOUT, answer).await {
-                        Ok(answer) => answer.unwrap_or_else(|_| Err(E::from(StoreError::Stopped))),
-                        Err(_) => Err(E::from(StoreError::Unavailable(format!(
+                Runner::Sqlite(_) => answer.await,
+                Runner::Postgres(_) => tokio::time::timeout(pool::CALL_TIMEOUT, answer)
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(E::from(StoreError::Unavailable(format!(
                             "no answer within {} ms",
                             pool::CALL_TIMEOUT.as_millis()
-                        )))),
-                    }
-                }
+                        ))))
+                    }),
             }
         }
     }

@@ -1,5 +1,6 @@
 //! One queued store call with its types erased, shared by both runners.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -157,4 +158,12 @@ impl Drop for Queue {
             let _ = thread.join();
         }
     }
+}
+
+/// Runs `call`, turning a panic into a failed call whose writes are undone.
+pub(super) fn run_guarded(call: &mut dyn Call, store: &dyn Store) -> bool {
+    catch_unwind(AssertUnwindSafe(|| call.run(store))).unwrap_or_else(|_| {
+        tracing::error!("a store call panicked; its writes were undone");
+        false
+    })
 }

@@ -4,16 +4,15 @@
 //! safe. While the database is unreachable, calls fail at once with "unavailable" and the
 //! workers reconnect by themselves.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::call::{Call, Failure, Queue};
+use super::call::{run_guarded, Call, Failure, Queue};
 use super::postgres::Connector;
-use super::{PgSettings, PgStore, Store, StoreError};
-use crate::seal::{SealError, Sealer};
+use super::{load_key, PgSettings, PgStore, StoreError};
+use crate::seal::Sealer;
 
 /// A caller waits at most this for its call, queueing included: under the PAM module's default
 /// 5 s timeout, so a login hears "unavailable" from guardd rather than timing out.
@@ -55,16 +54,12 @@ impl PgPool {
         let (sealer, prepared) = match super::postgres::prepare(connector.clone(), key_file) {
             Ok(sealer) => (sealer, true),
             Err(StoreError::Unavailable(reason)) => {
-                let sealer = Sealer::load(key_file, false).map_err(|e| match e {
-                    SealError::Read { source, .. }
-                        if source.kind() == std::io::ErrorKind::NotFound =>
-                    {
-                        StoreError::Settings(format!(
-                            "the database is unreachable ({reason}) and the key file {} is missing: copy the fleet's key file to this host, or start guardd when the database is reachable",
-                            key_file.display()
-                        ))
-                    }
-                    e => e.into(),
+                let sealer = load_key(key_file, true, &describe).map_err(|e| match e {
+                    StoreError::KeyMissing { .. } => StoreError::Settings(format!(
+                        "the database is unreachable ({reason}) and the key file {} is missing: copy the fleet's key file to this host, or start guardd when the database is reachable",
+                        key_file.display()
+                    )),
+                    e => e,
                 })?;
                 tracing::error!(
                     database = describe,
@@ -161,12 +156,4 @@ fn serve(shared: &Shared, store: &PgStore, call: &mut dyn Call) -> Result<(), St
     store.begin()?;
     let ok = run_guarded(call, store);
     store.end(ok)
-}
-
-/// Runs `call`, turning a panic into a failed call whose writes are undone.
-pub(super) fn run_guarded(call: &mut dyn Call, store: &dyn Store) -> bool {
-    catch_unwind(AssertUnwindSafe(|| call.run(store))).unwrap_or_else(|_| {
-        tracing::error!("a store call panicked; its writes were undone");
-        false
-    })
 }

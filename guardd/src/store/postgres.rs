@@ -282,16 +282,14 @@ impl Store for PgStore {
         let begin = std::mem::take(&mut conn.begin_pending);
         let lock_params: [&(dyn ToSql + Sync); 2] = [&ATTEMPT_LOCK, &user];
         let read_params: [&(dyn ToSql + Sync); 1] = [&user];
-        let mut retried = !begin;
-        let rows = loop {
-            let was_connected = conn.client.is_some();
+        let rows = conn.afresh(begin, |conn| {
             let statements = conn
                 .statement("SELECT pg_advisory_xact_lock($1, hashtext($2))")
                 .and_then(|lock| {
                     conn.statement(r#"SELECT failures, until FROM lockouts WHERE "user" = $1"#)
                         .map(|read| (lock, read))
                 });
-            let rows = statements.and_then(|(lock, read)| {
+            statements.and_then(|(lock, read)| {
                 conn.in_transaction |= begin;
                 round_trip!(&mut *conn, |c| async {
                     let begun = async {
@@ -307,16 +305,8 @@ impl Store for PgStore {
                     );
                     begun.and(locked).and(rows)
                 })
-            });
-            match rows {
-                // As for a call's first statement: its connection went before anything ran.
-                Err(StoreError::Unavailable(_)) if was_connected && !retried => {
-                    conn.in_transaction = false;
-                    retried = true;
-                }
-                other => break other,
-            }
-        }?;
+            })
+        })?;
         match rows.first() {
             Some(r) => Ok(Lockout {
                 failures: to_u32(user, col(r, 0)?)?,

@@ -10,7 +10,7 @@
 
 use std::sync::mpsc;
 
-use super::call::{Call, Failure, Queue};
+use super::call::{run_guarded, Call, Failure, Queue};
 use super::{Store, StoreError};
 
 /// Calls per batch at most: bounds what one commit adds to the first caller's wait.
@@ -92,7 +92,7 @@ fn run_batch(store: &dyn Batched, batch: &mut [Box<dyn Call>]) -> Result<(), Sto
     store.begin_batch()?;
     for call in batch.iter_mut() {
         let ran = store.begin_call().and_then(|()| {
-            let ok = super::pool::run_guarded(call.as_mut(), store);
+            let ok = run_guarded(call.as_mut(), store);
             store.end_call(ok)
         });
         if let Err(e) = ran {

@@ -270,26 +270,16 @@ macro_rules! statement_trip {
     ($conn:expr, $sql:expr, |$c:ident, $s:ident| $call:expr) => {{
         let conn: &mut Conn = $conn;
         if std::mem::take(&mut conn.begin_pending) {
-            let mut retried = false;
-            loop {
-                let was_connected = conn.client.is_some();
-                let result = conn.statement($sql).and_then(|statement| {
+            conn.afresh(true, |conn| {
+                conn.statement($sql).and_then(|statement| {
                     let $s = &statement;
                     conn.in_transaction = true;
                     round_trip!(&mut *conn, |$c| async {
                         let (begun, done) = tokio::join!($c.batch_execute("BEGIN"), $call);
                         begun.and(done)
                     })
-                });
-                match result {
-                    // The connection (and the transaction begun on it) is gone: start afresh.
-                    Err(StoreError::Unavailable(_)) if was_connected && !retried => {
-                        conn.in_transaction = false;
-                        retried = true
-                    }
-                    other => break other,
-                }
-            }
+                })
+            })
         } else {
             conn.statement($sql).and_then(|statement| {
                 let $s = &statement;
@@ -379,16 +369,28 @@ impl Conn {
         sql: &'static str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        let mut retried = !self.begin_pending;
-        loop {
-            let was_connected = self.client.is_some();
-            let rows = self
-                .statement(sql)
-                .and_then(|statement| round_trip!(&mut *self, |c| c.query(&statement, params)));
-            match rows {
-                Err(StoreError::Unavailable(_)) if was_connected && !retried => retried = true,
-                other => return other,
+        let outside = self.begin_pending;
+        self.afresh(outside, |conn| {
+            conn.statement(sql)
+                .and_then(|statement| round_trip!(&mut *conn, |c| c.query(&statement, params)))
+        })
+    }
+
+    /// Runs `attempt`, and once more on a new connection if it found the connection it had dead
+    /// and `first` says nothing of the call ran before it: the server restarted since the
+    /// connection's last use, and the transaction begun on it (if any) is gone with it.
+    pub(super) fn afresh<T>(
+        &mut self,
+        first: bool,
+        mut attempt: impl FnMut(&mut Conn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let was_connected = self.client.is_some();
+        match attempt(self) {
+            Err(StoreError::Unavailable(_)) if first && was_connected => {
+                self.in_transaction = false;
+                attempt(self)
             }
+            other => other,
         }
     }
 
