@@ -36,6 +36,14 @@ impl Fixture {
         )
     }
 
+    /// A fixture for the PostgreSQL database at `url`, with scratch files of its own.
+    pub(crate) fn at(url: String) -> Fixture {
+        Fixture {
+            dir: tempfile::tempdir().unwrap(),
+            url: Some(url),
+        }
+    }
+
     /// A runner over a store like this one's (the same database, key and file).
     pub(crate) fn runner(&self, connections: usize) -> Runner {
         let key = self.dir.path().join("k");
@@ -47,6 +55,14 @@ impl Fixture {
             ),
         }
     }
+}
+
+/// A runtime on the test's own thread, for driving a runner.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 pub(crate) fn settings(url: &str) -> PgSettings {
@@ -424,15 +440,8 @@ where
 fn a_pool_fails_fast_while_the_database_is_down_and_reconnects_by_itself() {
     use std::time::{Duration, Instant};
     let cluster = pgtemp::Cluster::start();
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = Fixture {
-        dir,
-        url: Some(cluster.database()),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let fixture = Fixture::at(cluster.database());
+    let runtime = current_thread();
     let runner = fixture.runner(2);
     let call = || runner.run(|s| s.has_active("ann"));
     assert!(!runtime.block_on(call()).unwrap());
@@ -791,14 +800,8 @@ mod postgres_only {
 fn a_frozen_database_bounds_every_call_and_the_pool_recovers() {
     use std::time::{Duration, Instant};
     let cluster = pgtemp::Cluster::start();
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        url: Some(cluster.database()),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let fixture = Fixture::at(cluster.database());
+    let runtime = current_thread();
     let runner = fixture.runner(2);
     let call = || runner.run(|s| s.has_active("ann"));
     assert!(!runtime.block_on(call()).unwrap());
@@ -925,14 +928,8 @@ fn a_connection_lost_inside_a_call_is_never_reported_as_committed() {
     use std::time::{Duration, Instant};
     let cluster = pgtemp::Cluster::shared();
     let cutter = Cutter::start(cluster, b"UPDATE 1\0");
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        url: Some(cutter.url(cluster, &cluster.database())),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let fixture = Fixture::at(cutter.url(cluster, &cluster.database()));
+    let runtime = current_thread();
     let runner = fixture.runner(1);
     // Past the pause after a lost connection.
     let run = |f: fn(&dyn Store, &str) -> Result<bool, StoreError>, id: &str| {
@@ -991,14 +988,8 @@ fn a_connection_lost_inside_a_call_is_never_reported_as_committed() {
 fn the_rest_of_a_call_cut_off_from_its_transaction_does_not_run() {
     let cluster = pgtemp::Cluster::shared();
     let cutter = Cutter::start(cluster, b"UPDATE 1\0");
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        url: Some(cutter.url(cluster, &cluster.database())),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let fixture = Fixture::at(cutter.url(cluster, &cluster.database()));
+    let runtime = current_thread();
     let runner = fixture.runner(1);
     let id = runtime
         .block_on(runner.run(|s| {
@@ -1041,14 +1032,8 @@ fn a_call_that_gives_up_releases_its_locks_at_once() {
     let cluster = pgtemp::Cluster::shared();
     let cutter = Cutter::start(cluster, b"never");
     let url = cluster.database();
-    let fixture = Fixture {
-        dir: tempfile::tempdir().unwrap(),
-        url: Some(cutter.url(cluster, &url)),
-    };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let fixture = Fixture::at(cutter.url(cluster, &url));
+    let runtime = current_thread();
     let runner = fixture.runner(1);
     let stall = cutter.stall.clone();
     let result = runtime.block_on(runner.run(move |s| {
@@ -1086,10 +1071,7 @@ fn a_lock_held_elsewhere_makes_that_call_busy_not_the_pool_unavailable() {
     let (fixture, holder) = Fixture::postgres();
     holder.begin().unwrap();
     holder.lock_attempts("ann").unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = current_thread();
     let runner = fixture.runner(1);
     // Which limit fired first was a race: three tries.
     for _ in 0..3 {
