@@ -25,7 +25,7 @@ use crate::otp::{self, Windows};
 use crate::policy::{
     self as rules, Facts, LookupError, Policy, PolicyError, Unenrolled, Verdict as Rule,
 };
-use crate::store::{Runner, Store, StoreError, TokenState};
+use crate::store::{LoginRecord, Runner, Store, StoreError, TokenState};
 
 mod admin;
 mod error;
@@ -429,7 +429,8 @@ impl Guard for GuardService {
             let (caller, ctx, account) = self.login_request(req, "begin").await?;
             let uid = account.as_ref().map(|a| a.uid);
             let (policy, decision, facts) = self.decide(&caller, &ctx, account.as_ref()).await?;
-            let can_answer = facts.can_answer;
+            let record = facts.record();
+            let can_answer = record.can_answer;
             let rule = decision.rule_label();
             let event = |outcome, reason: &str| {
                 audit::record(
@@ -451,8 +452,8 @@ impl Guard for GuardService {
             let step = match decision.verdict {
                 // The records of another account: not a permit, not "unenrolled", whatever the
                 // rules say about this login (a deny stays a deny).
-                Rule::Permit | Rule::Otp { .. } if facts.foreign.is_some() => {
-                    event("deny", &foreign_reason(facts.foreign, &ctx.user, uid));
+                Rule::Permit | Rule::Otp { .. } if record.foreign.is_some() => {
+                    event("deny", &foreign_reason(record.foreign, &ctx.user, uid));
                     deny(FOREIGN_MESSAGE, DenyReason::Policy)
                 }
                 Rule::Permit => {
@@ -732,27 +733,20 @@ impl Guard for GuardService {
 /// groups, looked up only once a rule asks for them.
 #[derive(Default)]
 struct LoginFacts {
-    /// Whether the store was read (the fields below are defaults until it is).
-    read: bool,
+    /// What the store knows about the user, once read.
+    stored: Option<LoginRecord>,
     /// Set when a rule asked for a stored fact not read yet.
     wanted_stored: Cell<bool>,
-    /// The uid of an earlier account whose records the name still has (see `Store::foreign_uid`).
-    foreign: Option<u32>,
-    enrolled: bool,
-    /// An active token or backup codes: the user can answer a prompt.
-    can_answer: bool,
     groups: Option<Result<Vec<String>, LookupError>>,
     /// Set when a rule asked for groups not looked up yet.
     wanted_groups: Cell<bool>,
 }
 
 impl LoginFacts {
-    /// Takes the stored facts of `read`.
-    fn read_from(&mut self, read: LoginFacts) {
-        self.read = true;
-        self.foreign = read.foreign;
-        self.enrolled = read.enrolled;
-        self.can_answer = read.can_answer;
+    /// The stored facts, or none held (no token, no foreign records) while the store was not
+    /// read: only a deny, or a permit while the store is unreachable, leaves it unread.
+    fn record(&self) -> LoginRecord {
+        self.stored.unwrap_or_default()
     }
 }
 
@@ -768,11 +762,13 @@ impl Facts for LoginFacts {
     }
 
     fn enrolled(&self) -> Result<bool, LookupError> {
-        if !self.read {
-            self.wanted_stored.set(true);
-            return Err(LookupError::NotYet("the token store"));
+        match &self.stored {
+            Some(record) => Ok(record.active),
+            None => {
+                self.wanted_stored.set(true);
+                Err(LookupError::NotYet("the token store"))
+            }
         }
-        Ok(self.enrolled)
     }
 }
 
@@ -888,8 +884,8 @@ impl GuardService {
         let mut facts = LoginFacts::default();
         let mut decision = policy.evaluate(&request, &facts, false);
         loop {
-            if facts.wanted_stored.get() && !facts.read {
-                facts.read_from(self.facts(&ctx.user, uid).await?);
+            if facts.wanted_stored.get() && facts.stored.is_none() {
+                facts.stored = Some(self.stored_facts(&ctx.user, uid).await?);
             } else if facts.wanted_groups.get() && facts.groups.is_none() {
                 // NSS may be slow: looked up only for a rule that asks.
                 facts.groups = Some(self.groups(caller, account).await?);
@@ -899,10 +895,10 @@ impl GuardService {
             decision = policy.evaluate(&request, &facts, false);
         }
         let permit = matches!(decision.verdict, Rule::Permit);
-        if !facts.read && !matches!(decision.verdict, Rule::Deny { .. }) {
+        if facts.stored.is_none() && !matches!(decision.verdict, Rule::Deny { .. }) {
             // A permit or a prompt still needs the records: whose they are, what can answer.
-            match self.facts(&ctx.user, uid).await {
-                Ok(read) => facts.read_from(read),
+            match self.stored_facts(&ctx.user, uid).await {
+                Ok(record) => facts.stored = Some(record),
                 Err(ServiceError::Store(StoreError::Unavailable(_))) if permit => {
                     audit::warn_limited(
                         "permit-without-store",
@@ -930,18 +926,14 @@ impl GuardService {
     }
 
     /// What the store knows about `user` for a decision, read in one call.
-    async fn facts(&self, user: &str, uid: Option<u32>) -> Result<LoginFacts, ServiceError> {
+    async fn stored_facts(
+        &self,
+        user: &str,
+        uid: Option<u32>,
+    ) -> Result<LoginRecord, ServiceError> {
         let (u, host) = (user.to_owned(), self.host.clone());
-        let record = self
-            .store(move |store| Ok(store.login_record(&u, &host, uid)?))
-            .await?;
-        Ok(LoginFacts {
-            read: true,
-            foreign: record.foreign,
-            enrolled: record.active,
-            can_answer: record.can_answer,
-            ..LoginFacts::default()
-        })
+        self.store(move |store| Ok(store.login_record(&u, &host, uid)?))
+            .await
     }
 
     /// Checks one answer for `user` (see `check_code`); a backup code is compared on a blocking

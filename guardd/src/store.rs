@@ -126,7 +126,7 @@ pub struct TokenInfo {
 }
 
 /// What the store knows about a user for a login decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoginRecord {
     /// The uid of another account the name's records belong to on this host.
     pub foreign: Option<u32>,

@@ -256,7 +256,7 @@ async fn own_proof(
             ))
         }
         Rule::Permit => (false, false),
-        Rule::Otp { .. } if facts.enrolled => (true, false),
+        Rule::Otp { .. } if facts.record().active => (true, false),
         Rule::Otp {
             unenrolled: Unenrolled::Permit,
         } => (false, true),

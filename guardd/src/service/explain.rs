@@ -3,7 +3,7 @@
 use proto::v1::{ExplainReply, ExplainRequest, RuleLine};
 use tonic::{Request, Response, Status};
 
-use super::{validate_context, GuardService, ServiceError};
+use super::{validate_context, GuardService, LoginFacts, ServiceError};
 use crate::caller::{Action, Caller};
 use crate::policy::{Facts, LookupError, Outcome, Unenrolled, Verdict as Rule};
 
@@ -36,10 +36,14 @@ pub(super) async fn explain(
     let policy = svc.policy();
     // An explanation shows the groups and the enrolment whether or not a rule asks.
     let account = svc.account(&caller, &request.user).await?;
-    let mut facts = svc
-        .facts(&request.user, account.as_ref().map(|a| a.uid))
-        .await?;
-    facts.groups = Some(svc.groups(&caller, account.as_ref()).await?);
+    let facts = LoginFacts {
+        stored: Some(
+            svc.stored_facts(&request.user, account.as_ref().map(|a| a.uid))
+                .await?,
+        ),
+        groups: Some(svc.groups(&caller, account.as_ref()).await?),
+        ..LoginFacts::default()
+    };
     let d = policy.evaluate(&request, &facts, true);
     let yes_no = |r: Result<bool, LookupError>| match r {
         Ok(true) => "yes".to_owned(),

@@ -63,7 +63,8 @@ pub(super) async fn begin(
     let password = svc
         .blocking(&caller, move || Ok(accounts.password_state(&u)))
         .await?;
-    let has_device = account.is_some() && facts.can_answer && facts.foreign.is_none();
+    let record = facts.record();
+    let has_device = account.is_some() && record.can_answer && record.foreign.is_none();
     let rule = decision.rule_label();
     let event = |outcome, reason: &str| {
         audit::record(
@@ -89,8 +90,8 @@ pub(super) async fn begin(
             DenyReason::Policy,
         )));
     }
-    if facts.foreign.is_some() {
-        event("deny", &foreign_reason(facts.foreign, &user, uid));
+    if record.foreign.is_some() {
+        event("deny", &foreign_reason(record.foreign, &user, uid));
         return Ok(Response::new(deny(FOREIGN_MESSAGE, DenyReason::Policy)));
     }
     if has_device && password != PasswordState::Usable {
