@@ -885,6 +885,10 @@ impl Cutter {
                         let hit = buf[..n].windows(trigger.len()).any(|w| w == trigger)
                             && a.swap(false, Ordering::SeqCst);
                         if hit {
+                            // Cut the server's side before the client reads the answer, so
+                            // nothing the client sends after it (a COMMIT) can still reach
+                            // the server: the outcome is then known to be a rollback.
+                            let _ = server.shutdown(std::net::Shutdown::Both);
                             c.store(true, Ordering::SeqCst);
                         }
                         if client.write_all(&buf[..n]).is_err() || hit {
