@@ -32,6 +32,8 @@ pub mod procfs;
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.
 pub mod server;
+/// The ssh keys that authenticated a login, from sshd's SSH_AUTH_INFO_0.
+pub mod ssh_auth;
 /// The gRPC `Guard` service: the login conversation and token administration.
 pub mod service;
 /// The `Store` trait, its SQLite implementation (tokens, failures, backup codes) and the one
