@@ -50,6 +50,7 @@ fn request() -> Request {
         rhost: Some("192.0.2.7".into()),
         tty: Some("ssh".into()),
         command: None,
+        ssh_keys: Vec::new(),
         time: 1_795_608_000,
     }
 }

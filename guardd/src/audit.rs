@@ -21,6 +21,9 @@ pub struct Event<'a> {
     /// The deciding rule ids (or `default`) and the policy digest, for policy decisions.
     pub rule: &'a str,
     pub policy: &'a str,
+    /// The audit id of the login that proved an OTP and made reuse grants, on that login's
+    /// line and on the line of every login a grant lets in.
+    pub login: &'a str,
     pub caller_uid: Option<u32>,
     pub caller_pid: Option<i32>,
 }
@@ -84,6 +87,7 @@ fn write(event: &Event<'_>) {
         token = event.token,
         rule = event.rule,
         policy = event.policy,
+        login = event.login,
         caller_uid = event.caller_uid,
         caller_pid = event.caller_pid,
     );
@@ -218,6 +222,10 @@ mod tests {
             pid: None,
             real_uid: None,
             owner: false,
+            process: crate::caller::Process {
+                session: None,
+                start: None,
+            },
         };
         for _ in 0..100 {
             refused(&caller, "list", "*", "permission denied");

@@ -18,6 +18,17 @@ pub struct Caller {
     /// root and this is never set; a guardd that a user runs (development, the test suite) is
     /// that user's to administer, since they own its database and key file anyway.
     pub owner: bool,
+    /// The calling process's login session and start time, read when it connected.
+    pub process: Process,
+}
+
+/// What /proc said about the calling process when its connection was accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Process {
+    /// Its audit login session (pam_loginuid); None when unset.
+    pub session: Option<u32>,
+    /// Its start time: with the pid, it names one process for good.
+    pub start: Option<u64>,
 }
 
 /// What a caller asks to do, for the access table (docs/architecture.md#callers).
@@ -53,7 +64,24 @@ impl Caller {
             pid,
             real_uid: pid.and_then(real_uid_of),
             owner: uid != 0 && uid == nix::unistd::geteuid().as_raw(),
+            process: pid
+                .and_then(|p| u32::try_from(p).ok())
+                .map(|p| Process {
+                    session: crate::procfs::session_id(p),
+                    start: crate::procfs::start_time(p),
+                })
+                .unwrap_or_default(),
         }
+    }
+
+    /// The caller's login session, if the process that connected still runs in the session it
+    /// had then: read again with its start time, so that a pid recycled since borrows nothing.
+    pub fn login_session(&self) -> Option<u32> {
+        let pid = u32::try_from(self.pid?).ok()?;
+        let (session, start) = (self.process.session?, self.process.start?);
+        (crate::procfs::start_time(pid) == Some(start)
+            && crate::procfs::session_id(pid) == Some(session))
+        .then_some(session)
     }
 
     /// Whom an open login counts against: as `budget_keys`, with a root caller's remote logins
@@ -143,6 +171,10 @@ mod tests {
         pid: None,
         real_uid: None,
         owner: false,
+        process: Process {
+            session: None,
+            start: None,
+        },
     };
 
     #[test]
@@ -153,6 +185,7 @@ mod tests {
             pid: None,
             real_uid: None,
             owner: false,
+            process: Process::default(),
         };
         let owner = Caller {
             uid: 1000,

@@ -51,6 +51,10 @@ pub struct Config {
     pub lockout_seconds: u64,
     /// The longest wait, in seconds.
     pub lockout_max_seconds: u64,
+    /// The PAM services that are sshd (globs): only from a root caller under one of them are
+    /// the ssh keys of SSH_AUTH_INFO_0 and the SSH_CONNECTION believed (`ssh_key` rules and
+    /// reuse grants).
+    pub ssh_services: Vec<String>,
 }
 
 impl Default for Config {
@@ -73,6 +77,7 @@ impl Default for Config {
             max_failures: 5,
             lockout_seconds: 30,
             lockout_max_seconds: 3600,
+            ssh_services: vec!["sshd".into()],
         }
     }
 }

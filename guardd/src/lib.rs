@@ -18,6 +18,8 @@ pub mod caller;
 pub mod cli;
 /// Where the daemon's files live: `guardd.toml` and its embedded defaults.
 pub mod config;
+/// Reuse grants: an OTP proven once lets the same session in again for a while.
+pub mod grant;
 /// Brute-force back-off per user.
 pub mod lockout;
 /// Logging to journald or stderr.
@@ -32,10 +34,10 @@ pub mod procfs;
 pub mod seal;
 /// Binding the Unix socket, serving, and shutting down cleanly.
 pub mod server;
-/// The ssh keys that authenticated a login, from sshd's SSH_AUTH_INFO_0.
-pub mod ssh_auth;
 /// The gRPC `Guard` service: the login conversation and token administration.
 pub mod service;
+/// The ssh keys that authenticated a login, from sshd's SSH_AUTH_INFO_0.
+pub mod ssh_auth;
 /// The `Store` trait, its SQLite implementation (tokens, failures, backup codes) and the one
 /// thread every store call runs on, which commits them in groups.
 pub mod store;

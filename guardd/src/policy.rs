@@ -121,6 +121,54 @@ pub struct Decision {
     pub indeterminate: Option<String>,
     /// Per-rule outcomes (every rule is evaluated); filled only when explaining.
     pub trace: Vec<RuleTrace>,
+    /// For an `otp` verdict whose every deciding rule has a `reuse` obligation: those
+    /// obligations. A live grant of each lets the login in without a code. Empty otherwise.
+    pub reuse: Vec<Reuse>,
+}
+
+/// A rule's `reuse` obligation: an OTP proven under this rule lets later logins of the same
+/// user in without a code for `window` seconds, when the attributes in `scope` are equal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reuse {
+    pub rule: String,
+    /// The rule's content digest: a reload that changes the rule (or a set it uses) ends the
+    /// grants made under its old form.
+    pub digest: String,
+    pub window: u64,
+    pub scope: Vec<Scope>,
+}
+
+/// An attribute a reused login must share with the login that proved the OTP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Scope {
+    Host,
+    Service,
+    Rhost,
+    Tty,
+    SshKey,
+    Session,
+}
+
+impl Scope {
+    pub const ALL: [Scope; 6] = [
+        Scope::Host,
+        Scope::Service,
+        Scope::Rhost,
+        Scope::Tty,
+        Scope::SshKey,
+        Scope::Session,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Host => "host",
+            Scope::Service => "service",
+            Scope::Rhost => "rhost",
+            Scope::Tty => "tty",
+            Scope::SshKey => "ssh_key",
+            Scope::Session => "session",
+        }
+    }
 }
 
 impl Decision {
@@ -166,6 +214,8 @@ pub struct Request {
     pub rhost: Option<String>,
     pub tty: Option<String>,
     pub command: Option<String>,
+    /// The SHA256 fingerprints of the ssh keys that authenticated (sshd only); empty: none.
+    pub ssh_keys: Vec<String>,
     /// When the login happens (Unix seconds).
     pub time: i64,
 }
@@ -188,6 +238,7 @@ struct Rule {
     effect: Effect,
     unenrolled: Unenrolled,
     message: Option<String>,
+    reuse: Option<Reuse>,
     target: Vec<Condition>,
     except: Vec<Condition>,
 }
@@ -201,6 +252,8 @@ enum Condition {
     Rhost(Vec<Source>),
     Tty(Vec<Name>),
     Command(Vec<Name>),
+    /// Fingerprints (`SHA256:…`) or `*`: every key that authenticated must be listed.
+    SshKey(Vec<Name>),
     Time(Vec<Window>),
     Enrolled(bool),
 }

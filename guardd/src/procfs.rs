@@ -1,5 +1,6 @@
-//! What /proc says about a process: the real uid of a caller (see `caller`), and the peak
-//! memory and CPU time that the load tool and the hostile-user tests measure guardd by.
+//! What /proc says about a process: the real uid, login session and start time of a caller
+//! (see `caller`), and the peak memory and CPU time that the load tool and the hostile-user
+//! tests measure guardd by.
 
 /// The first number of the `key` line (e.g. `Uid:`, `VmHWM:`) of `/proc/PID/status`.
 pub fn status_number(pid: u32, key: &str) -> Option<u64> {
@@ -18,18 +19,50 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
     status_number(pid, "VmHWM:").unwrap_or(0)
 }
 
+/// The audit login session of `pid` (`/proc/PID/sessionid`, set by pam_loginuid); None when
+/// unset (4294967295) or unreadable.
+pub fn session_id(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&id| id != u32::MAX)
+}
+
+/// When `pid` started (clock ticks after boot): with the pid, it names one process for good.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_field(pid, 19)
+}
+
+/// This boot's id: session ids start again after a reboot.
+pub fn boot_id() -> Option<&'static str> {
+    static BOOT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
+    .as_deref()
+}
+
+/// Field `n` (counted from 0 after the command name) of `/proc/PID/stat`.
+fn stat_field(pid: u32, n: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (which may hold spaces and parentheses) closes with the last ')'.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(n)?
+        .parse()
+        .ok()
+}
+
 /// User plus system CPU time of `pid`, in microseconds; 0 when it is gone.
 pub fn cpu_us(pid: u32) -> u64 {
-    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the command name (which may hold spaces) close with ')'; utime and
-            // stime are the 12th and 13th after it.
-            let rest = s.rsplit_once(')')?.1.split_whitespace().collect::<Vec<_>>();
-            let field = |n: usize| rest.get(n)?.parse::<u64>().ok();
-            Some(field(11)? + field(12)?)
-        })
-        .unwrap_or(0);
+    // utime and stime.
+    let ticks = stat_field(pid, 11).unwrap_or(0) + stat_field(pid, 12).unwrap_or(0);
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()
@@ -50,5 +83,10 @@ mod tests {
         );
         assert!(peak_rss_kib(me) > 0);
         assert_eq!(peak_rss_kib(u32::MAX), 0);
+        assert!(start_time(me).is_some_and(|t| t > 0));
+        assert_eq!(start_time(u32::MAX), None);
+        assert!(boot_id().is_some_and(|b| b.len() == 36));
+        // Unset in a test run without a login session, else a number; never 4294967295.
+        assert_ne!(session_id(me), Some(u32::MAX));
     }
 }

@@ -7,9 +7,9 @@ use proto::v1::guard_server::Guard;
 use proto::v1::{
     step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
-    ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt, PromptKind,
-    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, SetEnabledRequest, Step, TokenReply,
-    UnlockReply, UnlockRequest,
+    ExplainReply, ExplainRequest, ForgetReply, ForgetRequest, ListReply, ListRequest, LoginContext,
+    OpenSessionReply, Permit, Prompt, PromptKind, RecoverRequest, ReloadReply, ReloadRequest,
+    ResyncRequest, SetEnabledRequest, Step, TokenReply, UnlockReply, UnlockRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -31,6 +31,7 @@ mod admin;
 mod error;
 mod explain;
 mod recovery;
+mod reuse;
 pub use error::ServiceError;
 #[cfg(test)]
 mod tests;
@@ -131,8 +132,9 @@ struct Sessions {
 
 /// Which conversation a session belongs to, and where in it.
 enum Flow {
-    /// A login: the answer is an OTP.
-    Login,
+    /// A login: the answer is an OTP, which may leave reuse grants behind (root callers, rules
+    /// with `reuse`).
+    Login(Option<Box<reuse::Proving>>),
     /// Password recovery: the OTP, then the new password, then its confirmation.
     RecoverCode,
     RecoverNew,
@@ -366,7 +368,7 @@ impl GuardService {
     /// Stores a conversation waiting for an answer under a fresh challenge id. `holding` carries
     /// the place of a conversation that goes on (a retry, the next stage of recovery); a new
     /// one takes a place in `caller`'s share of the sessions budget.
-    fn open_session(
+    fn open_conversation(
         &self,
         context: LoginContext,
         caller: &Caller,
@@ -473,11 +475,48 @@ impl Guard for GuardService {
                     )
                 }
                 Rule::Otp { .. } if can_answer => {
-                    let opened = self.open_session(
+                    let proving = if decision.reuse.is_empty() || !caller.is_root() {
+                        None
+                    } else {
+                        let keys = self.ssh_keys(&caller, &ctx);
+                        let attributes = self.attributes(&caller, &ctx, &keys);
+                        let reused = self
+                            .reusable(&caller, &ctx.user, &attributes, &decision.reuse)
+                            .await?;
+                        if let Some((grant, _)) = reused {
+                            audit::record(
+                                &Event {
+                                    action: "begin",
+                                    user: &ctx.user,
+                                    service: &ctx.service,
+                                    rhost: &ctx.rhost,
+                                    tty: &ctx.tty,
+                                    outcome: "permit",
+                                    reason: "reuse",
+                                    rule: &rule,
+                                    policy: policy.digest(),
+                                    login: &grant.proof,
+                                    ..Event::default()
+                                }
+                                .caller(&caller),
+                            );
+                            return Ok(Response::new(Step {
+                                kind: Some(step::Kind::Permit(Permit::default())),
+                            }));
+                        }
+                        let ssh_connection = Some(ctx.ssh_connection.clone())
+                            .filter(|c| !c.is_empty() && self.from_sshd(&caller, &ctx));
+                        Some(Box::new(reuse::Proving {
+                            reuse: decision.reuse.clone(),
+                            attributes,
+                            ssh_connection,
+                        }))
+                    };
+                    let opened = self.open_conversation(
                         ctx.clone(),
                         &caller,
                         self.max_tries,
-                        Flow::Login,
+                        Flow::Login(proving),
                         uid,
                         None,
                     );
@@ -602,9 +641,9 @@ impl Guard for GuardService {
             let tries_left = session.tries_left;
             let holding = session.holding;
             let uid = session.uid;
-            let flow = match session.flow {
-                Flow::Login => Flow::Login,
-                Flow::RecoverCode => Flow::RecoverCode,
+            let (flow, proving) = match session.flow {
+                Flow::Login(proving) => (Flow::Login(None), proving),
+                Flow::RecoverCode => (Flow::RecoverCode, None),
                 other => {
                     return recovery::password(
                         self,
@@ -632,6 +671,12 @@ impl Guard for GuardService {
                 }
                 Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
             };
+            let proof = match (&verdict, proving) {
+                (Verdict::Otp(_) | Verdict::Backup, Some(proving)) => {
+                    self.make_grants(&caller, &ctx.user, *proving).await
+                }
+                _ => None,
+            };
             audit::record(
                 &Event {
                     action: "answer",
@@ -642,14 +687,21 @@ impl Guard for GuardService {
                     outcome,
                     reason,
                     token,
+                    login: proof.as_deref().unwrap_or_default(),
                     ..Event::default()
                 }
                 .caller(&caller),
             );
             Ok(Response::new(match verdict {
                 Verdict::Otp(_) | Verdict::Backup if matches!(flow, Flow::RecoverCode) => {
-                    let challenge =
-                        self.open_session(ctx, &caller, 1, Flow::RecoverNew, uid, Some(holding))?;
+                    let challenge = self.open_conversation(
+                        ctx,
+                        &caller,
+                        1,
+                        Flow::RecoverNew,
+                        uid,
+                        Some(holding),
+                    )?;
                     prompt(
                         challenge,
                         "New password: ",
@@ -669,7 +721,7 @@ impl Guard for GuardService {
                     // Another try in the same conversation, under a new challenge id.
                     let left = tries_left - 1;
                     let challenge =
-                        self.open_session(ctx, &caller, left, flow, uid, Some(holding))?;
+                        self.open_conversation(ctx, &caller, left, flow, uid, Some(holding))?;
                     prompt(
                         challenge,
                         PROMPT_TEXT,
@@ -684,6 +736,17 @@ impl Guard for GuardService {
             }))
         })
         .await
+    }
+
+    async fn open_session(
+        &self,
+        req: Request<BeginRequest>,
+    ) -> Result<Response<OpenSessionReply>, Status> {
+        edge(async move { reuse::open_session(self, req).await }).await
+    }
+
+    async fn forget(&self, req: Request<ForgetRequest>) -> Result<Response<ForgetReply>, Status> {
+        edge(async move { reuse::forget(self, req).await }).await
     }
 
     async fn enroll(&self, req: Request<EnrollRequest>) -> Result<Response<EnrollReply>, Status> {
@@ -877,7 +940,7 @@ impl GuardService {
         account: Option<&Account>,
     ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), ServiceError> {
         let policy = self.policy();
-        let request = self.rules_request(ctx, self.clock.now() as i64);
+        let request = self.rules_request(ctx, self.clock.now() as i64, self.ssh_keys(caller, ctx));
         let uid = account.map(|a| a.uid);
         // Facts are fetched only when a rule asks for them, so rules that need none (a deny, a
         // break-glass permit) are decided while the store or NSS is down.
@@ -983,7 +1046,12 @@ impl GuardService {
     }
 
     /// The request the rules see for a login context. The host is this daemon's own name.
-    fn rules_request(&self, ctx: &LoginContext, time: i64) -> rules::Request {
+    fn rules_request(
+        &self,
+        ctx: &LoginContext,
+        time: i64,
+        ssh_keys: Vec<String>,
+    ) -> rules::Request {
         let present = |s: &str| Some(s.to_owned()).filter(|s| !s.is_empty());
         rules::Request {
             user: ctx.user.clone(),
@@ -992,6 +1060,7 @@ impl GuardService {
             rhost: present(&ctx.rhost),
             tty: present(&ctx.tty),
             command: present(&ctx.command),
+            ssh_keys,
             time,
         }
     }
@@ -1039,7 +1108,11 @@ fn check_code(
         return Ok(Checked::Done(Verdict::Otp(id)));
     }
     // Counted now, before any slow compare: a burst of guesses stops at the free failures.
-    store.record_failure(user, uid, backoff, now as i64)?;
+    let after = store.record_failure(user, uid, backoff, now as i64)?;
+    if after.until > now as i64 {
+        // A lock-out ends the user's reuse grants: whoever is guessing gets no shortcut either.
+        store.forget(user)?;
+    }
     if let Some(code) = backup::normalize(response) {
         let hashes = store.backup_codes(user)?;
         if !hashes.is_empty() {
@@ -1139,6 +1212,9 @@ pub fn validate_context(ctx: &LoginContext) -> Result<(), Status> {
     }
     if ctx.command.len() > 4096 {
         return Err(Status::invalid_argument("command is too long"));
+    }
+    if ctx.ssh_auth_info.len() > crate::ssh_auth::MAX_AUTH_INFO {
+        return Err(Status::invalid_argument("ssh_auth_info is too long"));
     }
     Ok(())
 }

@@ -6,9 +6,8 @@
 
 use ssh_key::{HashAlg, PublicKey};
 
-/// The longest SSH_AUTH_INFO_0 guardd reads (one RSA-8192 certificate is about 3 KiB); a longer
-/// text names no key.
-pub const MAX_AUTH_INFO: usize = 16 * 1024;
+/// The longest SSH_AUTH_INFO_0 guardd reads; a longer text names no key.
+pub const MAX_AUTH_INFO: usize = proto::MAX_SSH_AUTH_INFO;
 
 /// The fingerprints (`SHA256:…`, as `ssh-keygen -l` prints them) of the public keys that
 /// authenticated, in the order sshd accepted them, without repeats.
@@ -105,7 +104,10 @@ mod tests {
 
     #[test]
     fn a_key_is_named_by_its_sha256_fingerprint() {
-        assert_eq!(fingerprints(&format!("publickey {ED25519}\n")), [ED25519_FP]);
+        assert_eq!(
+            fingerprints(&format!("publickey {ED25519}\n")),
+            [ED25519_FP]
+        );
         assert_eq!(fingerprints(&format!("publickey {RSA}\n")), [RSA_FP]);
     }
 
@@ -134,7 +136,9 @@ mod tests {
         let blob = ED25519.split(' ').nth(1).unwrap();
         assert!(fingerprints(&format!("publickey ssh-rsa {blob}\n")).is_empty());
         let cert = CERT.split(' ').nth(1).unwrap();
-        assert!(fingerprints(&format!("publickey ssh-rsa-cert-v01@openssh.com {cert}\n")).is_empty());
+        assert!(
+            fingerprints(&format!("publickey ssh-rsa-cert-v01@openssh.com {cert}\n")).is_empty()
+        );
         assert!(fingerprints(&format!("publickey {}\n", &CERT[..200])).is_empty());
         let huge = format!("publickey {ED25519}\n{}", "x".repeat(MAX_AUTH_INFO));
         assert!(fingerprints(&huge).is_empty());

@@ -8,6 +8,7 @@ use std::future::Future;
 
 use zeroize::Zeroizing;
 
+use crate::grant::Grant;
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, HashAlg, Kind, OtpParams};
 use crate::seal::SealError;
@@ -28,7 +29,7 @@ pub use sqlite::SqliteStore;
 pub use thread::{Batched, StoreThread};
 
 /// How many schema versions this guardd knows; both backends have the same migrations.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +279,26 @@ pub trait Store: Send + Sync {
     /// Uses up backup code `id` if it still has `hash` (codes reissued meanwhile may have taken
     /// its id); true only for the one caller that removed it.
     fn use_backup_code(&self, id: i64, hash: &str) -> Result<bool, StoreError>;
+
+    /// Records reuse grants (see [`grant`](crate::grant)), dropping every grant that expired by
+    /// `now` and all but the newest [`MAX_PER_USER`](crate::grant::MAX_PER_USER) of each
+    /// user's, so grants cannot pile up.
+    fn add_grants(&self, grants: &[Grant], now: i64) -> Result<(), StoreError>;
+    /// `user`'s grants that have not expired at `now`.
+    fn grants(&self, user: &str, now: i64) -> Result<Vec<Grant>, StoreError>;
+    /// Binds the grants of `user`'s login over `ssh_connection`, made since `since` with no
+    /// session yet and the same keys (`ssh_key`), to `session`; returns how many. The link from
+    /// an ssh login's OTP (proved in one sshd process) to its login session (opened in another).
+    fn bind_session(
+        &self,
+        user: &str,
+        ssh_connection: &str,
+        ssh_key: Option<&str>,
+        since: i64,
+        session: &str,
+    ) -> Result<u64, StoreError>;
+    /// Ends all of `user`'s grants; returns how many there were.
+    fn forget(&self, user: &str) -> Result<u64, StoreError>;
 
     /// The token `id` if it belongs to `user`.
     fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {

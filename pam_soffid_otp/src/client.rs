@@ -85,6 +85,17 @@ impl Daemon for GrpcDaemon {
         })
     }
 
+    fn open_session(&mut self, context: LoginContext) -> Result<u32, DaemonError> {
+        let reply = self.call(|mut client| async move {
+            client
+                .open_session(BeginRequest {
+                    context: Some(context),
+                })
+                .await
+        })?;
+        Ok(reply.bound)
+    }
+
     fn answer(
         &mut self,
         challenge: String,

@@ -128,6 +128,8 @@ pub trait Daemon {
     ) -> Result<Step, DaemonError>;
     /// Whether the rules refuse this user on this service outright (account stage).
     fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError>;
+    /// The session stage: guardd binds this login's reuse grants to its login session.
+    fn open_session(&mut self, context: LoginContext) -> Result<u32, DaemonError>;
 }
 
 /// Who is logging in, from libpam. Err is the PAM code to return without asking guardd.
@@ -162,6 +164,12 @@ fn login_context<H: PamHandle>(
         host: host.to_owned(),
         ssh_connection: pamh.env("SSH_CONNECTION").unwrap_or_default(),
         command: pamh.env("SUDO_COMMAND").unwrap_or_default(),
+        // What sshd says authenticated the connection; guardd parses it (and believes it only
+        // from sshd). One that is too long is left out, which names no key.
+        ssh_auth_info: pamh
+            .env("SSH_AUTH_INFO_0")
+            .filter(|i| i.len() <= proto::MAX_SSH_AUTH_INFO)
+            .unwrap_or_default(),
     })
 }
 
@@ -258,6 +266,44 @@ where
             PamResultCode::PAM_IGNORE => PamResultCode::PAM_IGNORE,
             _ => PamResultCode::PAM_PERM_DENIED,
         },
+    }
+}
+
+/// The session stage of an ssh login (the module in sshd's `session` stack, after
+/// pam_loginuid): tells guardd that this login's session is open, so the reuse grants its OTP
+/// made are bound to it (guardd reads the session from /proc, never from here). Never fails
+/// the session: a login whose grants are not bound is only asked for a code again later. A
+/// stack without SSH_CONNECTION (sudo, su, cron) has nothing to bind and costs no call.
+pub fn open_session<H, D>(
+    pamh: &mut H,
+    host: &str,
+    options: &Options,
+    connect: impl FnOnce() -> Result<D, DaemonError>,
+) -> PamResultCode
+where
+    H: PamHandle,
+    D: Daemon,
+{
+    if pamh.env("SSH_CONNECTION").is_none_or(|c| c.is_empty()) {
+        return PamResultCode::PAM_IGNORE;
+    }
+    let context = match login_context(pamh, host, options) {
+        Ok(c) => c,
+        Err(_) => return PamResultCode::PAM_IGNORE,
+    };
+    let who = format!("user={} service={}", context.user, context.service);
+    match connect().and_then(|mut daemon| daemon.open_session(context)) {
+        Ok(bound) => {
+            debug(
+                options,
+                &format!("{who}: session open, {bound} grant(s) bound"),
+            );
+            PamResultCode::PAM_SUCCESS
+        }
+        Err(e) => {
+            crate::log::error(&format!("{who}: session: {e}; reuse grants not bound"));
+            PamResultCode::PAM_IGNORE
+        }
     }
 }
 
@@ -420,6 +466,10 @@ mod tests {
         fn check(&mut self, context: LoginContext) -> Result<Step, DaemonError> {
             self.begun.push(context);
             self.steps.pop_front().expect("unexpected check")
+        }
+        fn open_session(&mut self, context: LoginContext) -> Result<u32, DaemonError> {
+            self.begun.push(context);
+            Ok(1)
         }
     }
 

@@ -70,6 +70,19 @@ impl PamHooks for PamSoffidOtp {
         })
     }
 
+    /// sshd's session stack: binds the login's reuse grants to its session (never fails it).
+    fn sm_open_session(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
+        let (options, host, _) = setup(&args, flags);
+        core::open_session(&mut Handle(pamh), &host, &options, || {
+            GrpcDaemon::connect(&options.socket, options.timeout)
+        })
+    }
+
+    /// Nothing to undo: grants end by time, `guardctl forget`, or the user's tokens.
+    fn sm_close_session(_: &mut RawHandle, _: Vec<&CStr>, _: PamFlag) -> PamResultCode {
+        PamResultCode::PAM_SUCCESS
+    }
+
     /// Nothing to set: the module establishes no credentials, and must not fail the stack here.
     fn sm_setcred(_: &mut RawHandle, _: Vec<&CStr>, _: PamFlag) -> PamResultCode {
         PamResultCode::PAM_SUCCESS

@@ -21,6 +21,10 @@ pub mod v1 {
 }
 
 /// The socket guardd listens on when the configuration does not say otherwise.
+/// The longest sshd SSH_AUTH_INFO_0 relayed (one RSA-8192 certificate is about 3 KiB): the
+/// module sends none that is longer, and guardd refuses a longer one.
+pub const MAX_SSH_AUTH_INFO: usize = 16 * 1024;
+
 pub const DEFAULT_SOCKET: &str = "/run/soffid-otp/guardd.sock";
 
 /// guardd closes every connection (an HTTP/2 GOAWAY) this long after it was opened, so no client

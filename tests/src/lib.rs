@@ -851,6 +851,18 @@ impl Failing {
 
 #[tonic::async_trait]
 impl proto::v1::guard_server::Guard for Failing {
+    async fn open_session(
+        &self,
+        _: tonic::Request<BeginRequest>,
+    ) -> Result<tonic::Response<proto::v1::OpenSessionReply>, tonic::Status> {
+        self.fail()
+    }
+    async fn forget(
+        &self,
+        _: tonic::Request<proto::v1::ForgetRequest>,
+    ) -> Result<tonic::Response<proto::v1::ForgetReply>, tonic::Status> {
+        self.fail()
+    }
     async fn begin(
         &self,
         _: tonic::Request<BeginRequest>,

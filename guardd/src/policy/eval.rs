@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use super::{
     Algorithm, Condition, Decision, Effect, Facts, LookupError, Name, Outcome, Policy, Request,
-    Rule, RuleTrace, Source, Unenrolled, Verdict,
+    Reuse, Rule, RuleTrace, Source, Unenrolled, Verdict,
 };
 
 impl Policy {
@@ -58,12 +58,27 @@ impl Policy {
                 t.decides = true;
             }
         }
+        let reuse = self.reuse_of(&verdict, &deciding);
         Decision {
             verdict,
             rules: deciding.iter().map(|&i| self.rules[i].id.clone()).collect(),
             indeterminate,
             trace,
+            reuse,
         }
+    }
+
+    /// The reuse obligations of an `otp` verdict: every deciding rule's, or none when one of
+    /// them (or the default) asks for a code every time.
+    fn reuse_of(&self, verdict: &Verdict, deciding: &[usize]) -> Vec<Reuse> {
+        if !matches!(verdict, Verdict::Otp { .. }) || deciding.is_empty() {
+            return Vec::new();
+        }
+        deciding
+            .iter()
+            .map(|&i| self.rules[i].reuse.clone())
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default()
     }
 
     /// Applies the combining algorithm to the applicable and indeterminate rules.
@@ -279,6 +294,7 @@ impl Condition {
             Condition::Rhost(_) => "rhost",
             Condition::Tty(_) => "tty",
             Condition::Command(_) => "command",
+            Condition::SshKey(_) => "ssh_key",
             Condition::Time(_) => "time",
             Condition::Enrolled(_) => "enrolled",
         }
@@ -295,6 +311,9 @@ impl Condition {
             Condition::Host(n) => any(n, Some(&r.host)),
             Condition::Tty(n) => any(n, r.tty.as_deref().filter(|t| !t.is_empty())),
             Condition::Command(n) => any(n, r.command.as_deref()),
+            Condition::SshKey(n) => {
+                !r.ssh_keys.is_empty() && r.ssh_keys.iter().all(|k| n.iter().any(|p| p.matches(k)))
+            }
             Condition::Group(n) => {
                 let groups = ctx.facts.groups()?;
                 groups.iter().any(|g| n.iter().any(|p| p.matches(g)))

@@ -33,6 +33,14 @@ impl Condition {
                 r.command.clone().unwrap_or_else(|| "(none)".into()),
                 names(n),
             ),
+            Condition::SshKey(n) => (
+                if r.ssh_keys.is_empty() {
+                    "(none)".into()
+                } else {
+                    r.ssh_keys.join(",")
+                },
+                names(n),
+            ),
             Condition::Group(n) => (
                 format!("[{}]", ctx.facts.groups().unwrap_or_default().join(",")),
                 names(n),

@@ -11,7 +11,14 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::window::parse_window;
-use super::{Algorithm, Condition, Effect, Name, Policy, PolicyError, Rule, Source, Unenrolled};
+use super::{
+    Algorithm, Condition, Effect, Name, Policy, PolicyError, Reuse, Rule, Scope, Source, Unenrolled,
+};
+
+/// The shortest and longest `reuse` window: seconds are for tests; a grant that outlives a
+/// working day outlives the reason for asking.
+pub const MIN_REUSE: u64 = 1;
+pub const MAX_REUSE: u64 = 24 * 3600;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +45,8 @@ struct RawRule {
     except: Option<RawTarget>,
     message: Option<Spanned<String>>,
     unenrolled: Option<Spanned<String>>,
+    reuse: Option<Spanned<String>>,
+    reuse_scope: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -52,6 +61,7 @@ struct RawTarget {
     time: Option<Vec<Spanned<String>>>,
     enrolled: Option<Spanned<bool>>,
     command: Option<Vec<Spanned<String>>>,
+    ssh_key: Option<Vec<Spanned<String>>>,
 }
 
 /// Turns byte offsets into the file:line:column of errors.
@@ -151,9 +161,10 @@ impl Policy {
             .map(|(k, v)| (k.as_str(), v.get_ref()))
             .collect();
 
+        let digests = rule_digests(text);
         let mut ids = HashSet::new();
         let mut rules = Vec::with_capacity(raw.rules.len());
-        for r in &raw.rules {
+        for (i, r) in raw.rules.iter().enumerate() {
             let id = r.id.get_ref();
             let valid_id = !id.is_empty()
                 && id
@@ -184,12 +195,19 @@ impl Policy {
                     return Err(src.error(m.span().start, "message applies only to deny rules"));
                 }
             }
+            let reuse = compile_reuse(&src, r, effect)?.map(|(window, scope)| Reuse {
+                rule: id.clone(),
+                digest: digests.get(i).cloned().unwrap_or_default(),
+                window,
+                scope,
+            });
             rules.push(Rule {
                 id: id.clone(),
                 line: src.line(r.id.span().start),
                 effect,
                 unenrolled,
                 message: r.message.as_ref().map(|m| m.get_ref().clone()),
+                reuse,
                 target: compile_target(&src, &sets, r.target.as_ref())?,
                 except: compile_target(&src, &sets, r.except.as_ref())?,
             });
@@ -219,6 +237,116 @@ impl Policy {
             rules,
             warnings,
         })
+    }
+}
+
+/// A rule's `reuse` and `reuse_scope`: the window in seconds and the attributes.
+fn compile_reuse(
+    src: &Text<'_>,
+    r: &RawRule,
+    effect: Effect,
+) -> Result<Option<(u64, Vec<Scope>)>, PolicyError> {
+    let (reuse, scope) =
+        match (&r.reuse, &r.reuse_scope) {
+            (None, None) => return Ok(None),
+            (None, Some(scope)) => {
+                return Err(src.error(scope.span().start, "reuse_scope needs reuse (a duration)"))
+            }
+            (Some(reuse), None) => return Err(src.error(
+                reuse.span().start,
+                "reuse needs reuse_scope: the attributes a later login must share with the one \
+                 that proved the OTP (host, service, rhost, tty, ssh_key, session)",
+            )),
+            (Some(reuse), Some(scope)) => (reuse, scope),
+        };
+    if effect != Effect::Otp {
+        return Err(src.error(reuse.span().start, "reuse applies only to otp rules"));
+    }
+    let window = reuse
+        .get_ref()
+        .parse::<jiff::SignedDuration>()
+        .ok()
+        .and_then(|d| u64::try_from(d.as_secs()).ok().filter(|_| d.subsec_nanos() == 0))
+        .filter(|s| (MIN_REUSE..=MAX_REUSE).contains(s))
+        .ok_or_else(|| {
+            src.error(
+                reuse.span().start,
+                format!(
+                    "reuse must be a whole number of seconds from {MIN_REUSE}s to {}h, such as \"15m\"",
+                    MAX_REUSE / 3600
+                ),
+            )
+        })?;
+    if scope.get_ref().is_empty() {
+        return Err(src.error(
+            scope.span().start,
+            "reuse_scope must name at least one attribute: a grant bound to the user alone \
+             would let any of their logins in",
+        ));
+    }
+    let mut scopes = Vec::new();
+    for s in scope.get_ref() {
+        let found = Scope::ALL.into_iter().find(|a| a.as_str() == s.get_ref());
+        match found {
+            Some(a) if !scopes.contains(&a) => scopes.push(a),
+            Some(_) => {
+                return Err(src.error(s.span().start, format!("{:?} is listed twice", s.get_ref())))
+            }
+            None => return Err(src.error(
+                s.span().start,
+                format!(
+                    "unknown reuse_scope {:?}; use host, service, rhost, tty, ssh_key or session",
+                    s.get_ref()
+                ),
+            )),
+        }
+    }
+    scopes.sort();
+    Ok(Some((window, scopes)))
+}
+
+/// The digest of each `[[rule]]` table with the sets it refers to, by position: a grant made
+/// under a rule holds only while that rule (and its sets) read the same.
+fn rule_digests(text: &str) -> Vec<String> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Vec::new();
+    };
+    let sets = table.get("sets").and_then(toml::Value::as_table);
+    let rules = table.get("rule").and_then(toml::Value::as_array);
+    rules
+        .map(|rules| {
+            rules
+                .iter()
+                .map(|rule| {
+                    let mut hash = Sha256::new();
+                    hash.update(rule.to_string().as_bytes());
+                    let mut used = Vec::new();
+                    set_references(rule, &mut used);
+                    used.sort();
+                    used.dedup();
+                    for name in used {
+                        if let Some(set) = sets.and_then(|s| s.get(&name)) {
+                            hash.update(format!("\n@{name}={set}").as_bytes());
+                        }
+                    }
+                    data_encoding::HEXLOWER.encode(&hash.finalize()[..16])
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The names of the sets (`@name`) that `value` refers to.
+fn set_references(value: &toml::Value, out: &mut Vec<String>) {
+    match value {
+        toml::Value::String(s) => {
+            if let Some(name) = s.strip_prefix('@') {
+                out.push(name.to_owned());
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| set_references(v, out)),
+        toml::Value::Table(t) => t.values().for_each(|v| set_references(v, out)),
+        _ => {}
     }
 }
 
@@ -293,6 +421,21 @@ fn compile_target(
     if let Some(v) = &raw.command {
         out.push(Condition::Command(names(v)?));
     }
+    if let Some(v) = &raw.ssh_key {
+        let mut keys = Vec::new();
+        for (value, at) in expand(v)? {
+            if value != "*" && !is_fingerprint(&value) {
+                return Err(src.error(
+                    at,
+                    format!(
+                        "{value:?} is not a key fingerprint such as SHA256:m03Gu4hX… (ssh-keygen -lf KEY.pub) or *"
+                    ),
+                ));
+            }
+            keys.push(Name::new(&value));
+        }
+        out.push(Condition::SshKey(keys));
+    }
     if let Some(v) = &raw.time {
         let mut windows = Vec::new();
         for (value, at) in expand(v)? {
@@ -304,4 +447,13 @@ fn compile_target(
         out.push(Condition::Enrolled(*v.get_ref()));
     }
     Ok(out)
+}
+
+/// `SHA256:` and 43 characters of unpadded base64, as `ssh-keygen -l` prints.
+fn is_fingerprint(s: &str) -> bool {
+    s.strip_prefix("SHA256:").is_some_and(|b| {
+        b.len() == 43
+            && b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+    })
 }

@@ -37,6 +37,7 @@ fn req(user: &str, service: &str) -> Request {
         rhost: Some("192.0.2.7".into()),
         tty: Some("ssh".into()),
         command: None,
+        ssh_keys: Vec::new(),
         // Wednesday 2026-11-25 12:00 UTC
         time: 1_795_608_000,
     }
@@ -615,4 +616,147 @@ fn details_of_the_rules_reference_hold() {
             Err(e) => assert!(e.message.contains(words), "{e}"),
         }
     }
+}
+
+const KEY_A: &str = "SHA256:m03Gu4hX3L7b9dcRBVWzhP2yxdit9hsiPMVWQ48wSS0";
+const KEY_B: &str = "SHA256:zD1XQY5G3tSjp4rmSKyBlZW/tVagAfj5TY2q8KyUbJA";
+
+const REUSE: &str = r#"
+version = 1
+sets = { hardware = ["SHA256:m03Gu4hX3L7b9dcRBVWzhP2yxdit9hsiPMVWQ48wSS0"] }
+
+[[rule]]
+id = "hardware-keys"
+effect = "permit"
+match = { service = ["sshd"], ssh_key = ["@hardware"] }
+
+[[rule]]
+id = "ssh"
+effect = "otp"
+reuse = "10m"
+reuse_scope = ["rhost", "ssh_key"]
+match = { service = ["sshd"] }
+
+[[rule]]
+id = "sudo"
+effect = "otp"
+reuse = "15m"
+reuse_scope = ["session", "host"]
+match = { service = ["sudo"] }
+"#;
+
+#[test]
+fn an_otp_rule_with_reuse_carries_its_window_scope_and_digest() {
+    let p = policy(REUSE);
+    let d = p.evaluate(&req("ann", "sudo"), &FakeFacts::new(&[], true), false);
+    assert!(matches!(d.verdict, Verdict::Otp { .. }));
+    assert_eq!(d.reuse.len(), 1);
+    let r = &d.reuse[0];
+    assert_eq!((r.rule.as_str(), r.window), ("sudo", 900));
+    assert_eq!(r.scope, [Scope::Host, Scope::Session]);
+    assert_eq!(r.digest.len(), 32);
+    // A permit, a deny or an otp rule without reuse carries none.
+    let plain = policy("version = 1\ndefault = \"otp\"\n");
+    assert!(plain
+        .evaluate(&req("ann", "sudo"), &FakeFacts::new(&[], true), false)
+        .reuse
+        .is_empty());
+}
+
+#[test]
+fn a_rule_s_digest_changes_with_the_rule_or_its_sets_only() {
+    let digest = |text: &str, service: &str| {
+        policy(text)
+            .evaluate(&req("ann", service), &FakeFacts::new(&[], true), false)
+            .reuse
+            .first()
+            .map(|r| r.digest.clone())
+    };
+    let before = (digest(REUSE, "sshd"), digest(REUSE, "sudo"));
+    // Another rule's window changes: this one's grants stay.
+    let sudo_changed = REUSE.replace("\"15m\"", "\"20m\"");
+    assert_eq!(digest(&sudo_changed, "sshd"), before.0);
+    assert_ne!(digest(&sudo_changed, "sudo"), before.1);
+    // A comment or blank line changes nothing.
+    let commented = REUSE.replace(
+        "[[rule]]\nid = \"ssh\"",
+        "# ssh logins\n\n[[rule]]\nid = \"ssh\"",
+    );
+    assert_eq!(digest(&commented, "sshd"), before.0);
+    // A set the rule uses changes it.
+    let with_set = REUSE
+        .replace(
+            "match = { service = [\"sshd\"] }",
+            "match = { service = [\"@ssh\"] }",
+        )
+        .replace("sets = {", "sets = { ssh = [\"sshd\"],");
+    let d1 = digest(&with_set, "sshd");
+    let d2 = digest(
+        &with_set.replace("ssh = [\"sshd\"]", "ssh = [\"sshd\", \"ssh2\"]"),
+        "sshd",
+    );
+    assert_ne!(d1, d2);
+}
+
+#[test]
+fn ssh_key_rules_need_every_key_listed_and_never_match_no_key() {
+    let p = policy(REUSE);
+    let with = |keys: &[&str]| {
+        let mut r = req("ann", "sshd");
+        r.ssh_keys = keys.iter().map(|k| k.to_string()).collect();
+        decide(&p, &r, &FakeFacts::new(&[], true))
+    };
+    assert_eq!(with(&[KEY_A]), Verdict::Permit);
+    assert!(matches!(with(&[KEY_B]), Verdict::Otp { .. }));
+    assert!(matches!(with(&[KEY_A, KEY_B]), Verdict::Otp { .. }));
+    assert!(matches!(with(&[]), Verdict::Otp { .. }));
+    let any = policy(
+        "version = 1\ndefault = \"otp\"\n[[rule]]\nid = \"k\"\neffect = \"permit\"\nmatch = { ssh_key = [\"*\"] }\n",
+    );
+    let mut r = req("ann", "sshd");
+    assert!(matches!(
+        decide(&any, &r, &FakeFacts::new(&[], true)),
+        Verdict::Otp { .. }
+    ));
+    r.ssh_keys = vec![KEY_B.into()];
+    assert_eq!(
+        decide(&any, &r, &FakeFacts::new(&[], true)),
+        Verdict::Permit
+    );
+}
+
+#[test]
+fn reuse_faults_are_refused_with_line_and_column() {
+    let rule =
+        |body: &str| format!("version = 1\n[[rule]]\nid = \"a\"\neffect = \"otp\"\n{body}\n");
+    let cases = [
+        (rule("reuse = \"10m\""), 5, "reuse needs reuse_scope"),
+        (rule("reuse_scope = [\"rhost\"]"), 5, "reuse_scope needs reuse"),
+        (rule("reuse = \"soon\"\nreuse_scope = [\"rhost\"]"), 5, "reuse must be"),
+        (rule("reuse = \"0s\"\nreuse_scope = [\"rhost\"]"), 5, "reuse must be"),
+        (rule("reuse = \"25h\"\nreuse_scope = [\"rhost\"]"), 5, "reuse must be"),
+        (rule("reuse = \"1.5s\"\nreuse_scope = [\"rhost\"]"), 5, "reuse must be"),
+        (rule("reuse = \"10m\"\nreuse_scope = []"), 6, "at least one"),
+        (rule("reuse = \"10m\"\nreuse_scope = [\"rhost\", \"ip\"]"), 6, "unknown reuse_scope"),
+        (rule("reuse = \"10m\"\nreuse_scope = [\"tty\", \"tty\"]"), 6, "listed twice"),
+        (rule("match = { ssh_key = [\"md5:aa\"] }"), 5, "not a key fingerprint"),
+        (
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"permit\"\nreuse = \"10m\"\nreuse_scope = [\"tty\"]\n".to_owned(),
+            5,
+            "only to otp rules",
+        ),
+    ];
+    for (text, line, words) in cases {
+        let err = match Policy::parse("rules.toml", &text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e,
+        };
+        assert_eq!(err.line, line, "{text}\n{err}");
+        assert!(err.message.contains(words), "{err}");
+    }
+    // Seconds are fine (tests use them), and so is a day.
+    policy(&rule("reuse = \"1s\"\nreuse_scope = [\"session\"]"));
+    policy(&rule(
+        "reuse = \"24h\"\nreuse_scope = [\"ssh_key\", \"rhost\"]",
+    ));
 }

@@ -494,7 +494,17 @@ pub(super) async fn delete(
     )
     .await?;
     let (u, id) = (user.clone(), token_id.clone());
-    let deleted = svc.store(move |store| Ok(store.delete(&u, &id)?)).await?;
+    let deleted = svc
+        .store(move |store| {
+            // The user's reuse grants end with any of their tokens: an OTP proven with a
+            // token that is gone proves nothing now.
+            let deleted = store.delete(&u, &id)?;
+            if deleted {
+                store.forget(&u)?;
+            }
+            Ok(deleted)
+        })
+        .await?;
     audit::record(
         &Event {
             action: "delete",
@@ -542,6 +552,9 @@ pub(super) async fn set_enabled(
     let token = svc
         .store(move |store| {
             if store.set_state(&u, &id, from, to)? {
+                if to == TokenState::Disabled {
+                    store.forget(&u)?;
+                }
                 Ok(store.get(&u, &id)?)
             } else {
                 Ok(None)

@@ -29,7 +29,9 @@ pub(super) async fn explain(
     } else {
         time
     };
-    let mut request = svc.rules_request(&ctx, time);
+    // The keys as sshd would report them, believed here since only an admin explains.
+    let keys = crate::ssh_auth::fingerprints(&ctx.ssh_auth_info);
+    let mut request = svc.rules_request(&ctx, time, keys.clone());
     if !ctx.host.is_empty() {
         request.host = ctx.host.clone();
     }
@@ -86,7 +88,17 @@ pub(super) async fn explain(
             }
         ),
     };
+    let reuse = if matches!(d.verdict, Rule::Otp { .. }) && d.indeterminate.is_none() {
+        let (u, now) = (request.user.clone(), svc.clock.now() as i64);
+        let grants = svc.store(move |store| Ok(store.grants(&u, now)?)).await?;
+        let mut attributes = svc.attributes(&caller_as_root(), &ctx, &keys);
+        attributes.host = Some(request.host.clone());
+        super::reuse::describe(&d.reuse, &grants, &attributes, now)
+    } else {
+        String::new()
+    };
     Ok(Response::new(ExplainReply {
+        reuse,
         request: request_line,
         policy: policy.summary(),
         rules: d
@@ -109,4 +121,17 @@ pub(super) async fn explain(
             .collect(),
         decision,
     }))
+}
+
+/// The hypothetical login of an explanation is judged as a root caller's (sshd, sudo), with no
+/// login session: only those could use a grant.
+fn caller_as_root() -> Caller {
+    Caller {
+        uid: 0,
+        gid: 0,
+        pid: None,
+        real_uid: None,
+        owner: false,
+        process: crate::caller::Process::default(),
+    }
 }

@@ -118,7 +118,8 @@ pub(super) async fn begin(
         return Ok(Response::new(deny(message, DenyReason::NotEnrolled)));
     }
     event("prompt", "otp required for recovery");
-    let challenge = svc.open_session(ctx, &caller, svc.max_tries, Flow::RecoverCode, uid, None)?;
+    let challenge =
+        svc.open_conversation(ctx, &caller, svc.max_tries, Flow::RecoverCode, uid, None)?;
     Ok(Response::new(prompt(
         challenge,
         PROMPT_TEXT,
@@ -162,7 +163,7 @@ pub(super) async fn password(
     };
     match flow {
         Flow::RecoverNew => {
-            let challenge = svc.open_session(
+            let challenge = svc.open_conversation(
                 ctx.clone(),
                 &caller,
                 1,
@@ -222,7 +223,7 @@ pub(super) async fn password(
                 }
             }
         }
-        Flow::Login | Flow::RecoverCode => {
+        Flow::Login(_) | Flow::RecoverCode => {
             Err(Status::internal("unexpected recovery stage").into())
         }
     }

@@ -116,6 +116,10 @@ const ROOT: Caller = Caller {
     pid: None,
     real_uid: Some(0),
     owner: false,
+    process: crate::caller::Process {
+        session: None,
+        start: None,
+    },
 };
 
 fn user(uid: u32) -> Caller {
@@ -125,6 +129,10 @@ fn user(uid: u32) -> Caller {
         pid: None,
         real_uid: Some(uid),
         owner: false,
+        process: crate::caller::Process {
+            session: None,
+            start: None,
+        },
     }
 }
 

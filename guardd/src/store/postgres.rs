@@ -17,6 +17,7 @@ use super::{
     row_params, Binding, LoginRecord, NewToken, Store, StoreError, TokenInfo, TokenSecret,
     TokenState,
 };
+use crate::grant::{Attributes, Grant, MAX_PER_USER};
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, Kind};
 use crate::seal::{SealError, Sealer};
@@ -492,6 +493,90 @@ impl Store for PgStore {
             "DELETE FROM backup_codes WHERE id = $1 AND hash = $2",
             &[&id, &hash],
         )? == 1)
+    }
+
+    fn add_grants(&self, grants: &[Grant], now: i64) -> Result<(), StoreError> {
+        self.execute("DELETE FROM grants WHERE expires <= $1", &[&now])?;
+        let keep = MAX_PER_USER as i64;
+        for g in grants {
+            let a = &g.attributes;
+            self.execute(
+                r#"INSERT INTO grants (id, "user", rule, digest, proof, created, expires, host,
+                   service, rhost, tty, ssh_key, session, ssh_connection)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"#,
+                &[
+                    &g.id,
+                    &g.user,
+                    &g.rule,
+                    &g.digest,
+                    &g.proof,
+                    &g.created,
+                    &g.expires,
+                    &a.host,
+                    &a.service,
+                    &a.rhost,
+                    &a.tty,
+                    &a.ssh_key,
+                    &a.session,
+                    &g.ssh_connection,
+                ],
+            )?;
+            self.execute(
+                r#"DELETE FROM grants WHERE "user" = $1 AND id NOT IN
+                   (SELECT id FROM grants WHERE "user" = $1 ORDER BY created DESC, id LIMIT $2)"#,
+                &[&g.user, &keep],
+            )?;
+        }
+        Ok(())
+    }
+
+    fn grants(&self, user: &str, now: i64) -> Result<Vec<Grant>, StoreError> {
+        self.read(
+            r#"SELECT id, rule, digest, proof, created, expires, host, service, rhost, tty,
+               ssh_key, session, ssh_connection FROM grants WHERE "user" = $1 AND expires > $2"#,
+            &[&user, &now],
+        )?
+        .iter()
+        .map(|r| {
+            Ok(Grant {
+                id: col(r, 0)?,
+                user: user.to_owned(),
+                rule: col(r, 1)?,
+                digest: col(r, 2)?,
+                proof: col(r, 3)?,
+                created: col(r, 4)?,
+                expires: col(r, 5)?,
+                attributes: Attributes {
+                    host: col(r, 6)?,
+                    service: col(r, 7)?,
+                    rhost: col(r, 8)?,
+                    tty: col(r, 9)?,
+                    ssh_key: col(r, 10)?,
+                    session: col(r, 11)?,
+                },
+                ssh_connection: col(r, 12)?,
+            })
+        })
+        .collect()
+    }
+
+    fn bind_session(
+        &self,
+        user: &str,
+        ssh_connection: &str,
+        ssh_key: Option<&str>,
+        since: i64,
+        session: &str,
+    ) -> Result<u64, StoreError> {
+        self.execute(
+            r#"UPDATE grants SET session = $1 WHERE "user" = $2 AND ssh_connection = $3
+               AND session IS NULL AND created >= $4 AND ssh_key IS NOT DISTINCT FROM $5"#,
+            &[&session, &user, &ssh_connection, &since, &ssh_key],
+        )
+    }
+
+    fn forget(&self, user: &str) -> Result<u64, StoreError> {
+        self.execute(r#"DELETE FROM grants WHERE "user" = $1"#, &[&user])
     }
 }
 

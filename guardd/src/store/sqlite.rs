@@ -13,6 +13,7 @@ use super::{
     check_key, load_key, row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret,
     TokenState, SCHEMA_VERSION,
 };
+use crate::grant::{Attributes, Grant, MAX_PER_USER};
 use crate::lockout::{Backoff, Lockout};
 use crate::otp::{Counter, Kind};
 use crate::seal::{SealError, Sealer};
@@ -94,6 +95,28 @@ INSERT OR IGNORE INTO bindings (user, host, uid)
     SELECT user, '', uid FROM tokens WHERE uid IS NOT NULL
     UNION ALL SELECT user, '', uid FROM backup_codes WHERE uid IS NOT NULL
     UNION ALL SELECT user, '', uid FROM lockouts WHERE uid IS NOT NULL;
+",
+    "
+-- Reuse grants: an OTP proven under a rule with `reuse` lets later logins in until `expires`
+-- where the scope's attributes (NULL: absent, never equal) match.
+CREATE TABLE grants (
+    id        TEXT PRIMARY KEY,
+    user      TEXT NOT NULL,
+    rule      TEXT NOT NULL,
+    digest    TEXT NOT NULL,
+    proof     TEXT NOT NULL,
+    created   INTEGER NOT NULL,
+    expires   INTEGER NOT NULL,
+    host      TEXT,
+    service   TEXT,
+    rhost     TEXT,
+    tty       TEXT,
+    ssh_key   TEXT,
+    session   TEXT,
+    ssh_connection TEXT
+);
+CREATE INDEX grants_user ON grants(user);
+CREATE INDEX grants_expires ON grants(expires);
 ",
 ];
 
@@ -545,6 +568,93 @@ impl Store for SqliteStore {
             "DELETE FROM backup_codes WHERE id = ?1 AND hash = ?2",
             params![id, hash],
         )? == 1)
+    }
+
+    fn add_grants(&self, grants: &[Grant], now: i64) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.savepoint()?;
+        tx.execute("DELETE FROM grants WHERE expires <= ?1", [now])?;
+        for g in grants {
+            let a = &g.attributes;
+            tx.prepare_cached(
+                "INSERT INTO grants (id, user, rule, digest, proof, created, expires, host, \
+                 service, rhost, tty, ssh_key, session, ssh_connection) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )?
+            .execute(params![
+                g.id,
+                g.user,
+                g.rule,
+                g.digest,
+                g.proof,
+                g.created,
+                g.expires,
+                a.host,
+                a.service,
+                a.rhost,
+                a.tty,
+                a.ssh_key,
+                a.session,
+                g.ssh_connection
+            ])?;
+            tx.execute(
+                "DELETE FROM grants WHERE user = ?1 AND id NOT IN \
+                 (SELECT id FROM grants WHERE user = ?1 ORDER BY created DESC, id LIMIT ?2)",
+                params![g.user, MAX_PER_USER as i64],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn grants(&self, user: &str, now: i64) -> Result<Vec<Grant>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, rule, digest, proof, created, expires, host, service, rhost, tty, \
+             ssh_key, session, ssh_connection FROM grants WHERE user = ?1 AND expires > ?2",
+        )?;
+        let rows = stmt.query_map(params![user, now], |r| {
+            Ok(Grant {
+                id: r.get(0)?,
+                user: user.to_owned(),
+                rule: r.get(1)?,
+                digest: r.get(2)?,
+                proof: r.get(3)?,
+                created: r.get(4)?,
+                expires: r.get(5)?,
+                attributes: Attributes {
+                    host: r.get(6)?,
+                    service: r.get(7)?,
+                    rhost: r.get(8)?,
+                    tty: r.get(9)?,
+                    ssh_key: r.get(10)?,
+                    session: r.get(11)?,
+                },
+                ssh_connection: r.get(12)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn bind_session(
+        &self,
+        user: &str,
+        ssh_connection: &str,
+        ssh_key: Option<&str>,
+        since: i64,
+        session: &str,
+    ) -> Result<u64, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE grants SET session = ?1 WHERE user = ?2 AND ssh_connection = ?3 \
+             AND session IS NULL AND created >= ?4 AND ssh_key IS ?5",
+            params![session, user, ssh_connection, since, ssh_key],
+        )? as u64)
+    }
+
+    fn forget(&self, user: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .conn()
+            .execute("DELETE FROM grants WHERE user = ?1", [user])? as u64)
     }
 }
 

@@ -71,6 +71,26 @@ INSERT INTO bindings ("user", host, uid)
     UNION SELECT "user", '', uid FROM lockouts WHERE uid IS NOT NULL
     ON CONFLICT DO NOTHING;
 "#,
+    r#"
+CREATE TABLE grants (
+    id        TEXT PRIMARY KEY,
+    "user"    TEXT NOT NULL,
+    rule      TEXT NOT NULL,
+    digest    TEXT NOT NULL,
+    proof     TEXT NOT NULL,
+    created   BIGINT NOT NULL,
+    expires   BIGINT NOT NULL,
+    host      TEXT,
+    service   TEXT,
+    rhost     TEXT,
+    tty       TEXT,
+    ssh_key   TEXT,
+    session   TEXT,
+    ssh_connection TEXT
+);
+CREATE INDEX grants_user ON grants("user");
+CREATE INDEX grants_expires ON grants(expires);
+"#,
 ];
 
 /// Brings the schema to this guardd's version and checks that the key in `key_file` opens the
