@@ -184,7 +184,7 @@ mod tests {
         let mut sudo = reuse(&[Scope::SshKey]);
         sudo.rule = "sudo".into();
         let both = [reuse(&[Scope::SshKey]), sudo];
-        assert_eq!(find(&[a.clone()], &both, &login, 1200), None);
+        assert_eq!(find(std::slice::from_ref(&a), &both, &login, 1200), None);
         let grants = [a, b];
         let (g, until) = find(&grants, &both, &login, 1200).unwrap();
         assert_eq!((g.id.as_str(), until), ("g1", 1300));

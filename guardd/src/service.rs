@@ -505,7 +505,7 @@ impl Guard for GuardService {
                             }));
                         }
                         let ssh_connection = Some(ctx.ssh_connection.clone())
-                            .filter(|c| !c.is_empty() && self.from_sshd(&caller, &ctx));
+                            .filter(|c| !c.is_empty() && self.is_sshd(&caller, &ctx));
                         Some(Box::new(reuse::Proving {
                             reuse: decision.reuse.clone(),
                             attributes,

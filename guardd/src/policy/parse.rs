@@ -292,13 +292,15 @@ fn compile_reuse(
             Some(_) => {
                 return Err(src.error(s.span().start, format!("{:?} is listed twice", s.get_ref())))
             }
-            None => return Err(src.error(
-                s.span().start,
-                format!(
+            None => {
+                return Err(src.error(
+                    s.span().start,
+                    format!(
                     "unknown reuse_scope {:?}; use host, service, rhost, tty, ssh_key or session",
                     s.get_ref()
                 ),
-            )),
+                ))
+            }
         }
     }
     scopes.sort();

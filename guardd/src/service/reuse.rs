@@ -27,7 +27,7 @@ impl GuardService {
     /// Whether a login context comes from sshd: a root caller under one of the PAM services
     /// `ssh_services` names. Only then are its SSH_AUTH_INFO_0 and SSH_CONNECTION believed (a
     /// setuid program a user starts cannot choose its PAM service).
-    pub(super) fn from_sshd(&self, caller: &Caller, ctx: &LoginContext) -> bool {
+    pub(super) fn is_sshd(&self, caller: &Caller, ctx: &LoginContext) -> bool {
         caller.is_root()
             && self
                 .config
@@ -38,7 +38,7 @@ impl GuardService {
 
     /// The fingerprints of the ssh keys that authenticated this login, if sshd says so.
     pub(super) fn ssh_keys(&self, caller: &Caller, ctx: &LoginContext) -> Vec<String> {
-        if self.from_sshd(caller, ctx) {
+        if self.is_sshd(caller, ctx) {
             ssh_auth::fingerprints(&ctx.ssh_auth_info)
         } else {
             Vec::new()
@@ -140,7 +140,7 @@ pub(super) async fn open_session(
     let session = Attributes::session_name(&svc.host, caller.login_session());
     let (Some(session), true) = (
         session,
-        svc.from_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty(),
+        svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty(),
     ) else {
         return Ok(Response::new(OpenSessionReply { bound: 0 }));
     };

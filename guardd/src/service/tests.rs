@@ -81,12 +81,21 @@ match = { service = ["sshd", "enroll"] }
 "#;
 
 struct Fixture {
+    /// The service's clock, which `login` moves.
+    now: Arc<std::sync::atomic::AtomicU64>,
     _dir: tempfile::TempDir,
     svc: GuardService,
     directory: Arc<Directory>,
 }
 
 fn fixture() -> Fixture {
+    fixture_with(RULES)
+}
+
+fn fixture_with(rules: &str) -> Fixture {
+    let now = Arc::new(std::sync::atomic::AtomicU64::new(NOW));
+    let read = now.clone();
+    let clock = Clock::from_fn(move || read.load(std::sync::atomic::Ordering::SeqCst));
     let dir = tempfile::tempdir().unwrap();
     let config = Config {
         database: dir.path().join("t.db").into(),
@@ -99,11 +108,12 @@ fn fixture() -> Fixture {
         Runner::Sqlite(StoreThread::start(store).unwrap()),
         Hasher::start().unwrap(),
         &config,
-        Policy::parse("rules.toml", RULES).unwrap(),
-        Clock::from_fn(|| NOW),
+        Policy::parse("rules.toml", rules).unwrap(),
+        clock,
     )
     .with_accounts(directory.clone());
     Fixture {
+        now,
         _dir: dir,
         svc,
         directory,
@@ -414,4 +424,247 @@ async fn one_password_check_at_a_time_per_caller() {
     assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
     assert_eq!(*f.directory.checks.lock().unwrap(), 0);
     drop(holding);
+}
+
+const REUSE_RULES: &str = r#"
+version = 1
+default = "permit"
+
+[[rule]]
+id = "ssh"
+effect = "otp"
+reuse = "10m"
+reuse_scope = ["rhost", "ssh_key"]
+match = { service = ["sshd"] }
+"#;
+
+/// An ssh login from 192.0.2.7 with the ed25519 key of the ssh_auth tests (or another).
+fn ssh_login(user: &str, key: &str) -> BeginRequest {
+    let key = match key {
+        "a" => "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIId5t5dms+ihM9xkajJd6PiJTXRZtG5+R4FyhUUVOyxI",
+        _ => "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQDZ6HKJc+hqWAwhSH0F3KeDnQDvcN3PaxW+ms8QszSjwnif8SYx8uMnTEg0JY6JeW2Lww7nivWIGq/QBRu3nIi7Qkn62LWBrDIAs/AFqA29aStf+1l8bH8QUc9AcRyRNIehsMAqiB/limzdfVMTKzCGVQDQkD8dxBtMnI4KMeekTQ==",
+    };
+    BeginRequest {
+        context: Some(LoginContext {
+            user: user.into(),
+            service: "sshd".into(),
+            rhost: "192.0.2.7".into(),
+            ssh_connection: "192.0.2.7 5555 192.0.2.1 22".into(),
+            ssh_auth_info: format!("publickey {key}\n"),
+            ..LoginContext::default()
+        }),
+    }
+}
+
+/// A fixture under REUSE_RULES, with ann in the directory.
+fn reuse_fixture() -> (Fixture, Arc<std::sync::atomic::AtomicU64>) {
+    let f = fixture_with(REUSE_RULES);
+    f.directory.add("ann", 1000, "pw");
+    let now = f.now.clone();
+    (f, now)
+}
+
+impl Fixture {
+    /// One login by `caller`: begin, and the code of `at` for a prompt. What it ended in.
+    async fn login(
+        &self,
+        caller: Caller,
+        req: BeginRequest,
+        secret: &[u8],
+        at: u64,
+    ) -> &'static str {
+        self.now.store(at, std::sync::atomic::Ordering::SeqCst);
+        let step = self
+            .svc
+            .begin(request(caller, req))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(step::Kind::Prompt(p)) = step.kind else {
+            return if kind(&step) == "permit" {
+                "permit without code"
+            } else {
+                kind(&step)
+            };
+        };
+        let code = otp::totp_code(secret, OtpParams::default(), at).unwrap();
+        let answer = AnswerRequest {
+            challenge: p.challenge,
+            response: code.into_bytes(),
+        };
+        let step = self
+            .svc
+            .answer(request(caller, answer))
+            .await
+            .unwrap()
+            .into_inner();
+        kind(&step)
+    }
+}
+
+#[tokio::test]
+async fn an_otp_is_reused_within_the_window_for_the_same_key_and_address_only() {
+    let (f, now) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    let set = |t: u64| now.store(t, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW).await,
+        "permit"
+    );
+    set(NOW + 60);
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 60)
+            .await,
+        "permit without code"
+    );
+    // Another key, another address, or no key: a code.
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "b"), &secret, NOW + 60)
+            .await,
+        "permit"
+    );
+    let mut elsewhere = ssh_login("ann", "a");
+    elsewhere.context.as_mut().unwrap().rhost = "198.51.100.9".into();
+    assert_eq!(f.login(ROOT, elsewhere, &secret, NOW + 90).await, "permit");
+    let mut keyless = ssh_login("ann", "a");
+    keyless.context.as_mut().unwrap().ssh_auth_info.clear();
+    assert_eq!(f.login(ROOT, keyless, &secret, NOW + 120).await, "permit");
+    // The window runs from the proof, not from the last reuse.
+    set(NOW + 599);
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 599)
+            .await,
+        "permit without code"
+    );
+    set(NOW + 610);
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 610)
+            .await,
+        "permit"
+    );
+}
+
+#[tokio::test]
+async fn a_non_root_caller_neither_makes_nor_uses_grants() {
+    let (f, _) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    let ann = user(1000);
+    // ann's own screen locker proves a code: no grant, and none for her own next call.
+    assert_eq!(
+        f.login(ann, ssh_login("ann", "a"), &secret, NOW).await,
+        "permit"
+    );
+    assert_eq!(
+        f.login(ann, ssh_login("ann", "a"), &secret, NOW + 30).await,
+        "permit"
+    );
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 60)
+            .await,
+        "permit"
+    );
+    // sshd's grant exists now; her own uid still gets no shortcut from it.
+    assert_eq!(
+        f.login(ann, ssh_login("ann", "a"), &secret, NOW + 90).await,
+        "permit"
+    );
+    // A root caller whose PAM service is not sshd's: its ssh keys are not believed.
+    let mut sudo = ssh_login("ann", "a");
+    sudo.context.as_mut().unwrap().service = "sudo".into();
+    assert!(f
+        .svc
+        .ssh_keys(&ROOT, sudo.context.as_ref().unwrap())
+        .is_empty());
+}
+
+#[tokio::test]
+async fn forget_a_disabled_token_a_lockout_or_a_changed_rule_end_grants() {
+    let (f, now) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    let set = |t: u64| now.store(t, std::sync::atomic::Ordering::SeqCst);
+    let prove = |t: u64| {
+        set(t);
+        f.login(ROOT, ssh_login("ann", "a"), &secret, t)
+    };
+    let reused = |t: u64| {
+        set(t);
+        f.login(ROOT, ssh_login("ann", "a"), &secret, t)
+    };
+    assert_eq!(prove(NOW).await, "permit");
+    assert_eq!(reused(NOW + 1).await, "permit without code");
+
+    // guardctl forget.
+    let forgot = f
+        .svc
+        .forget(request(ROOT, ForgetRequest { user: "ann".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(forgot.forgotten, 1);
+    assert_eq!(prove(NOW + 30).await, "permit");
+    assert_eq!(reused(NOW + 31).await, "permit without code");
+
+    // A lock-out: wrong codes until the back-off starts.
+    for _ in 0..5 {
+        let step = f
+            .svc
+            .begin(request(ROOT, ssh_login("ann", "b")))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(step::Kind::Prompt(p)) = step.kind else {
+            panic!("{step:?}")
+        };
+        let wrong = AnswerRequest {
+            challenge: p.challenge,
+            response: b"000000".to_vec(),
+        };
+        f.svc.answer(request(ROOT, wrong)).await.unwrap();
+    }
+    let step = f
+        .svc
+        .begin(request(ROOT, ssh_login("ann", "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&step), "prompt", "the lock-out ended the grant");
+    f.svc
+        .unlock(request(ROOT, UnlockRequest { user: "ann".into() }))
+        .await
+        .unwrap();
+
+    // A reload that changes the rule.
+    assert_eq!(prove(NOW + 60).await, "permit");
+    assert_eq!(reused(NOW + 61).await, "permit without code");
+    let changed = REUSE_RULES.replace("\"10m\"", "\"11m\"");
+    *f.svc.policy.write().unwrap() = Arc::new(Policy::parse("rules.toml", &changed).unwrap());
+    assert_eq!(
+        reused(NOW + 90).await,
+        "permit",
+        "a changed rule asks again"
+    );
+
+    // Disabling the token.
+    assert_eq!(reused(NOW + 91).await, "permit without code");
+    let token = f.svc.store(|s| Ok(s.list(Some("ann"))?)).await.unwrap()[0]
+        .id
+        .clone();
+    f.svc
+        .set_enabled(request(
+            ROOT,
+            SetEnabledRequest {
+                user: "ann".into(),
+                token_id: token,
+                enabled: false,
+            },
+        ))
+        .await
+        .unwrap();
+    let step = f
+        .svc
+        .begin(request(ROOT, ssh_login("ann", "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(kind(&step), "permit", "{step:?}");
 }

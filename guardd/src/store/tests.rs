@@ -129,7 +129,8 @@ on_both!(
     a_forgiven_failure_ends_the_wait_it_started,
     invitations_are_single_use_bound_to_the_uid_and_expire,
     backup_codes_are_replaced_and_used_once,
-    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one
+    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one,
+    grants_are_kept_bounded_bound_to_a_session_once_and_forgotten
 );
 on_both!(with fixture:
     concurrent_accepts_record_one_step_once,
@@ -1085,4 +1086,101 @@ fn a_lock_held_elsewhere_makes_that_call_busy_not_the_pool_unavailable() {
         assert!(matches!(other, Ok(false)), "{other:?}");
     }
     holder.end(false).unwrap();
+}
+
+fn grant(id: &str, user: &str, created: i64, expires: i64) -> crate::grant::Grant {
+    crate::grant::Grant {
+        id: id.into(),
+        user: user.into(),
+        rule: "ssh".into(),
+        digest: "d".into(),
+        proof: format!("proof-{id}"),
+        created,
+        expires,
+        attributes: crate::grant::Attributes {
+            host: Some("h1".into()),
+            service: Some("sshd".into()),
+            rhost: Some("192.0.2.7".into()),
+            tty: None,
+            ssh_key: Some("SHA256:k".into()),
+            session: None,
+        },
+        ssh_connection: Some("192.0.2.7 5555 192.0.2.1 22".into()),
+    }
+}
+
+fn grants_are_kept_bounded_bound_to_a_session_once_and_forgotten(s: &dyn Store) {
+    use crate::grant::MAX_PER_USER;
+    s.add_grants(
+        &[grant("a1", "ann", 100, 700), grant("b1", "bob", 100, 200)],
+        100,
+    )
+    .unwrap();
+    let got = s.grants("ann", 150).unwrap();
+    assert_eq!(got, [grant("a1", "ann", 100, 700)], "read back as written");
+    assert!(s.grants("ann", 700).unwrap().is_empty(), "expired at 700");
+    // A later write drops what expired (bob's), and keeps only each user's newest.
+    let many: Vec<_> = (0..MAX_PER_USER + 3)
+        .map(|i| grant(&format!("n{i:02}"), "ann", 300 + i as i64, 900))
+        .collect();
+    s.add_grants(&many, 300).unwrap();
+    assert!(s.grants("bob", 0).unwrap().is_empty());
+    let kept = s.grants("ann", 300).unwrap();
+    assert_eq!(kept.len(), MAX_PER_USER);
+    assert!(
+        kept.iter().all(|g| g.id.as_str() >= "n03"),
+        "the oldest went"
+    );
+
+    // Binding: only this user's grants over this connection with the same keys, made since
+    // `since`, and only once.
+    s.forget("ann").unwrap();
+    s.add_grants(&[grant("c1", "ann", 1000, 2000)], 1000)
+        .unwrap();
+    let conn = "192.0.2.7 5555 192.0.2.1 22";
+    assert_eq!(
+        s.bind_session("bob", conn, Some("SHA256:k"), 900, "b/h1/7")
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.bind_session(
+            "ann",
+            "192.0.2.7 6666 192.0.2.1 22",
+            Some("SHA256:k"),
+            900,
+            "b/h1/7"
+        )
+        .unwrap(),
+        0
+    );
+    assert_eq!(
+        s.bind_session("ann", conn, Some("SHA256:other"), 900, "b/h1/7")
+            .unwrap(),
+        0
+    );
+    assert_eq!(s.bind_session("ann", conn, None, 900, "b/h1/7").unwrap(), 0);
+    assert_eq!(
+        s.bind_session("ann", conn, Some("SHA256:k"), 1001, "b/h1/7")
+            .unwrap(),
+        0,
+        "too old"
+    );
+    assert_eq!(
+        s.bind_session("ann", conn, Some("SHA256:k"), 900, "b/h1/7")
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        s.bind_session("ann", conn, Some("SHA256:k"), 900, "b/h1/8")
+            .unwrap(),
+        0,
+        "once"
+    );
+    let bound = s.grants("ann", 1500).unwrap();
+    assert_eq!(bound[0].attributes.session.as_deref(), Some("b/h1/7"));
+
+    assert_eq!(s.forget("ann").unwrap(), 1);
+    assert!(s.grants("ann", 1500).unwrap().is_empty());
+    assert_eq!(s.forget("ann").unwrap(), 0);
 }
