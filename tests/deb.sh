@@ -92,8 +92,12 @@ echo "== pam-auth-update"
 pam-auth-update --enable soffid-otp
 grep -q pam_soffid_otp.so /etc/pam.d/common-auth || fail "--enable did not add the module"
 grep -q pam_soffid_otp.so /etc/pam.d/common-account || fail "--enable did not add the account line"
+grep -q pam_soffid_otp.so /etc/pam.d/common-session || fail "--enable did not add the session line"
+grep -q pam_soffid_otp.so /etc/pam.d/common-session-noninteractive \
+  && fail "the session line reached non-interactive sessions (cron)"
 pam-auth-update --disable soffid-otp
 grep -q pam_soffid_otp.so /etc/pam.d/common-auth && fail "--disable left the module"
+grep -q pam_soffid_otp.so /etc/pam.d/common-session && fail "--disable left the session line"
 
 echo "== upgrade keeps tokens and the key"
 key_before=$(sha256sum /etc/soffid-otp/guardd.key)

@@ -11,8 +11,8 @@ use clap::{Parser, Subcommand};
 use proto::v1::guard_client::GuardClient;
 use proto::v1::{
     step, AnswerRequest, BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest,
-    ExplainReply, ExplainRequest, ListRequest, LoginContext, RecoverRequest, ReloadRequest,
-    ResyncRequest, SetEnabledRequest, Step, Token, UnlockRequest,
+    ExplainReply, ExplainRequest, ForgetRequest, ListRequest, LoginContext, RecoverRequest,
+    ReloadRequest, ResyncRequest, SetEnabledRequest, Step, Token, UnlockRequest,
 };
 use proto::Connection;
 use qrcode::render::unicode::Dense1x2;
@@ -91,6 +91,8 @@ enum Command {
     },
     /// Lift USER's back-off after repeated failures
     Unlock { user: String },
+    /// End USER's reuse grants at once: their next login that the rules ask a code of asks it
+    Forget { user: String },
     /// Issue USER a new set of 10 one-time backup codes (replacing the old set)
     BackupCodes { user: String },
     /// Show how the rules decide a hypothetical login, rule by rule (changes nothing)
@@ -107,6 +109,10 @@ enum Command {
         host: String,
         #[arg(long, default_value = "")]
         tty: String,
+        /// The public key (a .pub file, or a certificate) the ssh login authenticated with,
+        /// for `ssh_key` rules and reuse grants
+        #[arg(long)]
+        ssh_key: Option<PathBuf>,
         /// When, as RFC 3339 (e.g. 2026-11-27T23:30:00+01:00) [default: now]
         #[arg(long)]
         time: Option<String>,
@@ -401,15 +407,34 @@ async fn execute(
                 println!("{user} had no failed attempts.");
             }
         }
+        Command::Forget { user } => {
+            let reply = client(guardd)
+                .await?
+                .forget(ForgetRequest { user: user.clone() })
+                .await?
+                .into_inner();
+            println!("Ended {} reuse grant(s) of {user}.", reply.forgotten);
+        }
         Command::Explain {
             user,
             service,
             rhost,
             host,
             tty,
+            ssh_key,
             time,
             json,
         } => {
+            let ssh_auth_info = match ssh_key {
+                None => String::new(),
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| CliError::Local(format!("{}: {e}", path.display())))?;
+                    // sshd's words for a key that authenticated: "publickey TYPE BASE64".
+                    let key: Vec<&str> = text.split_whitespace().take(2).collect();
+                    format!("publickey {}\n", key.join(" "))
+                }
+            };
             let time = match time {
                 None => 0,
                 Some(t) => t
@@ -426,6 +451,7 @@ async fn execute(
                         rhost,
                         host,
                         tty,
+                        ssh_auth_info,
                         ..LoginContext::default()
                     }),
                     time,
@@ -546,6 +572,9 @@ fn print_explain(reply: &ExplainReply) {
         );
     }
     println!("decision: {}", reply.decision);
+    if !reply.reuse.is_empty() {
+        println!("reuse   : {}", reply.reuse);
+    }
 }
 
 fn print_explain_json(reply: &ExplainReply) {
@@ -561,7 +590,7 @@ fn print_explain_json(reply: &ExplainReply) {
         .collect();
     let doc = serde_json::json!({
         "request": reply.request, "policy": reply.policy, "rules": rules,
-        "decision": reply.decision,
+        "decision": reply.decision, "reuse": reply.reuse,
     });
     println!("{doc:#}");
 }
