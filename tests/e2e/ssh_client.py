@@ -1,6 +1,7 @@
 #!/usr/bin/python3
 """One ssh login for the end-to-end tests: publickey (if a key is given), then
-keyboard-interactive answering every prompt with the next code from --codes, then `id -un`.
+keyboard-interactive answering every prompt with the next code from --codes, then --command
+(`id -un`) with --stdin on its standard input.
 Prints one JSON line: {"ok": bool, "prompts": [...], "output": str, "error": str}."""
 import argparse
 import json
@@ -16,6 +17,8 @@ p.add_argument("--user", required=True)
 p.add_argument("--key")
 p.add_argument("--codes", default="")
 p.add_argument("--timeout", type=float, default=20)
+p.add_argument("--command", default="id -un")
+p.add_argument("--stdin", default="")
 a = p.parse_args()
 
 codes = [c for c in a.codes.split(",") if c]
@@ -45,7 +48,10 @@ try:
         t.auth_interactive(a.user, handler)
     chan = t.open_session(timeout=a.timeout)
     chan.settimeout(a.timeout)
-    chan.exec_command("id -un")
+    chan.exec_command(a.command)
+    if a.stdin:
+        chan.sendall(a.stdin.encode())
+    chan.shutdown_write()
     out = b""
     while True:
         data = chan.recv(4096)
@@ -54,6 +60,10 @@ try:
         out += data
     result["ok"] = chan.recv_exit_status() == 0
     result["output"] = out.decode().strip()
+    err = b""
+    while chan.recv_stderr_ready():
+        err += chan.recv_stderr(4096)
+    result["error"] = err.decode().strip()
 except Exception as e:  # noqa: BLE001 - report any failure as data
     result["error"] = f"{type(e).__name__}: {e}"
 finally:

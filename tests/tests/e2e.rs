@@ -83,7 +83,8 @@ mod as_root {
             let pam = EtcFile::write(
                 &format!("/etc/pam.d/{service}"),
                 &format!(
-                    "auth required {m} {module_args}\n{extra_auth}account required {m} {module_args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
+                    "auth required {m} {module_args}\n{extra_auth}account required {m} {module_args}\naccount required pam_permit.so\n\
+                     session required pam_loginuid.so\nsession optional {m} {module_args}\nsession required pam_permit.so\n",
                     m = module.display()
                 ),
                 0o644,
@@ -231,10 +232,11 @@ mod as_root {
 
     /// One login with paramiko: the key (if any), then these codes at the keyboard-interactive prompts.
     fn ssh(port: u16, user: &str, key: Option<&Path>, codes: &[&str]) -> Login {
-        ssh_to("127.0.0.1", None, port, user, key, codes)
+        ssh_to("127.0.0.1", None, port, user, key, codes, &[])
     }
 
-    /// One login to `server`, from the local address `source` if given.
+    /// One login to `server`, from the local address `source` if given; `extra` are more
+    /// arguments of the client (`--command`, `--stdin`).
     fn ssh_to(
         server: &str,
         source: Option<&str>,
@@ -242,6 +244,7 @@ mod as_root {
         user: &str,
         key: Option<&Path>,
         codes: &[&str],
+        extra: &[&str],
     ) -> Login {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("e2e/ssh_client.py");
         let mut cmd = Command::new("/usr/bin/python3");
@@ -254,7 +257,8 @@ mod as_root {
                 "--user",
                 user,
             ])
-            .args(["--codes", &codes.join(",")]);
+            .args(["--codes", &codes.join(",")])
+            .args(extra);
         if let Some(source) = source {
             cmd.args(["--source", source]);
         }
@@ -313,13 +317,26 @@ mod as_root {
 
     /// A key pair for `user`, installed in ~/.ssh/authorized_keys; returns the private key path.
     fn install_key(dir: &Path, user: &User) -> PathBuf {
-        let key = dir.join("id_ed25519");
+        add_key(dir, user, "id_ed25519")
+    }
+
+    /// One more key pair `name` for `user`, added to ~/.ssh/authorized_keys.
+    fn add_key(dir: &Path, user: &User, name: &str) -> PathBuf {
+        let key = dir.join(name);
         run(Command::new("ssh-keygen")
             .args(["-q", "-t", "ed25519", "-N", "", "-f"])
             .arg(&key));
         let ssh = user.home().join(".ssh");
         std::fs::create_dir_all(&ssh).unwrap();
-        std::fs::copy(key.with_extension("pub"), ssh.join("authorized_keys")).unwrap();
+        let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        use std::io::Write;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(ssh.join("authorized_keys"))
+            .unwrap()
+            .write_all(public.as_bytes())
+            .unwrap();
         run(Command::new("chown")
             .arg("-R")
             .arg(format!("{0}:{0}", user.name))
@@ -530,6 +547,220 @@ mod as_root {
         assert!(String::from_utf8_lossy(&ok.stderr).contains("Verification code"));
     }
 
+    /// Reuse by key: a second ssh login with the same key from the same address inside the
+    /// window gets no prompt; another key does; after the window, or `guardctl forget`, a prompt
+    /// again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs root"]
+    async fn ssh_reuses_an_otp_for_the_same_key_and_address_within_the_window() {
+        const WINDOW: Duration = Duration::from_secs(6);
+        let rules = r#"
+    version = 1
+    default = "deny"
+
+    [[rule]]
+    id = "ssh-same-key"
+    effect = "otp"
+    unenrolled = "deny"
+    reuse = "6s"
+    reuse_scope = ["ssh_key", "rhost"]
+    match = { service = ["sshd-r*"] }
+    "#;
+        let d = Daemon::with_config(rules, "max_tries = 1\nssh_services = [\"sshd-*\"]\n");
+        let user = User::create();
+        let dir = tempfile::tempdir().unwrap();
+        let key = install_key(dir.path(), &user);
+        let other = add_key(dir.path(), &user, "id_other");
+        let secret = d.enroll_active(&user.name).await;
+        let sshd = Sshd::start(
+            dir.path(),
+            &format!("sshd-r{}", user.name),
+            &user.name,
+            "publickey,keyboard-interactive",
+            &format!("socket={} timeout=2", d.socket.display()),
+        );
+        let sshd_log = || {
+            std::fs::read_to_string(dir.path().join(format!("sshd-r{}.log", user.name)))
+                .unwrap_or_default()
+        };
+        let code = secret.code_at(0);
+        d.remember(&code);
+        let first = ssh(sshd.port, &user.name, Some(&key), &[&code]);
+        let proved = Instant::now();
+        assert!(
+            first.ok && first.prompts.len() == 1,
+            "{first:?}\n{}",
+            d.log()
+        );
+
+        let again = ssh(sshd.port, &user.name, Some(&key), &[]);
+        assert!(
+            again.ok && again.prompts.is_empty(),
+            "{again:?}\n{}\n{}",
+            d.log(),
+            sshd_log()
+        );
+        let log = d.log();
+        let proof = log
+            .lines()
+            .find(|l| l.contains("action=\"answer\"") && l.contains("outcome=\"permit\""))
+            .and_then(|l| l.split("login=\"").nth(1))
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            !proof.is_empty(),
+            "the proving login has an audit id: {log}"
+        );
+        assert!(
+            log.lines().any(
+                |l| l.contains("reason=\"reuse\"") && l.contains(&format!("login=\"{proof}\""))
+            ),
+            "the reuse names the login that proved the OTP: {log}"
+        );
+
+        let other_key = ssh(sshd.port, &user.name, Some(&other), &[]);
+        assert!(
+            !other_key.ok && other_key.prompts.len() == 1,
+            "another key is asked: {other_key:?}"
+        );
+
+        std::thread::sleep(
+            (proved + WINDOW + Duration::from_millis(500))
+                .saturating_duration_since(Instant::now()),
+        );
+        let late = ssh(sshd.port, &user.name, Some(&key), &[]);
+        assert!(
+            !late.ok && late.prompts.len() == 1,
+            "after the window: {late:?}"
+        );
+
+        let code = secret.code_at(30);
+        d.remember(&code);
+        let proved_again = ssh(sshd.port, &user.name, Some(&key), &[&code]);
+        assert!(proved_again.ok, "{proved_again:?}");
+        let out = d.guardctl_output(None, &["forget", &user.name], &[]);
+        assert!(out.status.success(), "{out:?}");
+        let forgotten = ssh(sshd.port, &user.name, Some(&key), &[]);
+        assert!(
+            !forgotten.ok && forgotten.prompts.len() == 1,
+            "after forget: {forgotten:?}"
+        );
+    }
+
+    /// Reuse by login session: sudo inside the ssh session that proved an OTP passes without a
+    /// prompt; sudo in a session that never proved one (a key-only login, or no session at all)
+    /// is asked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "needs root"]
+    async fn sudo_inside_the_ssh_session_that_proved_an_otp_is_not_asked_again() {
+        assert!(Path::new("/usr/bin/sudo").exists(), "sudo is missing");
+        let rules = r#"
+    version = 1
+    default = "deny"
+
+    [[rule]]
+    id = "once-per-session"
+    effect = "otp"
+    unenrolled = "deny"
+    reuse = "15m"
+    reuse_scope = ["session"]
+    match = { service = ["sshd-s*", "sudo-s*"] }
+    "#;
+        let d = Daemon::with_config(rules, "max_tries = 1\nssh_services = [\"sshd-*\"]\n");
+        let user = User::create();
+        let dir = tempfile::tempdir().unwrap();
+        let key = install_key(dir.path(), &user);
+        let secret = d.enroll_active(&user.name).await;
+        let args = format!("socket={} timeout=2", d.socket.display());
+        let with_otp = Sshd::start(
+            dir.path(),
+            &format!("sshd-s{}", user.name),
+            &user.name,
+            "publickey,keyboard-interactive",
+            &args,
+        );
+        let key_only = Sshd::start(
+            dir.path(),
+            &format!("sshd-sk{}", user.name),
+            &user.name,
+            "publickey",
+            &args,
+        );
+        let service = format!("sudo-s{}", user.name);
+        let _pam = EtcFile::write(
+            &format!("/etc/pam.d/{service}"),
+            &format!(
+                "auth required {} {args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
+                artefact("libpam_soffid_otp.so").display(),
+            ),
+            0o644,
+        );
+        let dropin = format!("/etc/sudoers.d/{service}");
+        let _sudoers = EtcFile::write(
+            &dropin,
+            &format!(
+                "Defaults:{u} pam_service={service}, timestamp_timeout=0, passwd_tries=1\n{u} ALL=(root) /usr/bin/id\n",
+                u = user.name
+            ),
+            0o440,
+        );
+        run(Command::new("visudo").args(["-cf", &dropin]));
+        let sudo = ["--command", "sudo -S /usr/bin/id -un"];
+
+        let code = secret.code_at(0);
+        d.remember(&code);
+        let inside = ssh_to(
+            "127.0.0.1",
+            None,
+            with_otp.port,
+            &user.name,
+            Some(&key),
+            &[&code],
+            &sudo,
+        );
+        assert!(inside.prompts.len() == 1, "{inside:?}");
+        assert!(
+            inside.ok && inside.output == "root",
+            "sudo inside the proving session: {inside:?}\n{}",
+            d.log()
+        );
+        assert!(!inside.error.contains("Verification code"), "{inside:?}");
+        let log = d.log();
+        assert!(
+            log.contains("action=\"session\"") && log.contains("bound to the login session"),
+            "sshd's session stage bound the grant: {log}"
+        );
+        assert!(
+            log.lines().any(|l| l.contains("reason=\"reuse\"")
+                && l.contains(&format!("service=\"{service}\""))),
+            "sudo was let in by the grant: {log}"
+        );
+
+        let keyed = ssh_to(
+            "127.0.0.1",
+            None,
+            key_only.port,
+            &user.name,
+            Some(&key),
+            &[],
+            &sudo,
+        );
+        assert!(keyed.prompts.is_empty(), "{keyed:?}");
+        assert!(
+            !keyed.ok && keyed.error.contains("Verification code"),
+            "sudo in a session that never proved an OTP is asked: {keyed:?}"
+        );
+
+        let outside = Command::new("runuser")
+            .args(["-u", &user.name, "--", "sudo", "-S", "/usr/bin/id", "-un"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!outside.status.success(), "{outside:?}");
+        assert!(String::from_utf8_lossy(&outside.stderr).contains("Verification code"));
+    }
+
     /// Not a test of behaviour: the median time of a whole ssh login with OTP against the same
     /// login where pam_permit stands in for the module. `cargo test -- --ignored ssh_login_timing`
     /// (as root; the test command's root pass skips it by name).
@@ -657,6 +888,7 @@ mod as_root {
                 &user.name,
                 Some(&key),
                 codes,
+                &[],
             )
         };
 
