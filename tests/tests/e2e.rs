@@ -732,8 +732,9 @@ mod as_root {
             "sshd's session stage bound the grant: {log}"
         );
         assert!(
-            log.lines().any(|l| l.contains("reason=\"reuse\"")
-                && l.contains(&format!("service=\"{service}\""))),
+            log.lines()
+                .any(|l| l.contains("reason=\"reuse\"")
+                    && l.contains(&format!("service=\"{service}\""))),
             "sudo was let in by the grant: {log}"
         );
 
