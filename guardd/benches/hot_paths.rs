@@ -2,7 +2,9 @@
 //! TOTP/HOTP verification (baseline: one HMAC code computation), unsealing a secret (baseline:
 //! copying it), one store transaction that accepts a step (baseline: the read that precedes it),
 //! and a whole Begin+Answer over the Unix socket with a long-lived client (baseline: Begin of a
-//! user the rules deny at once).
+//! user the rules deny at once). For reuse grants: a Begin let in by a grant (baseline: a Begin
+//! the rules permit without a code), and a Begin+Answer under a rule with `reuse` that finds no
+//! grant and makes one (baseline: the Begin+Answer above).
 //!
 //!     cargo bench -p guardd --bench hot_paths
 
@@ -110,7 +112,29 @@ fn round_trip(c: &mut Criterion) {
     let rules = dir.path().join("rules.toml");
     std::fs::write(
         &rules,
-        "version = 1\ndefault = \"deny\"\n[[rule]]\nid = \"bench\"\neffect = \"otp\"\nmatch = { user = [\"bench\"] }\n",
+        r#"version = 1
+default = "deny"
+[[rule]]
+id = "bench"
+effect = "otp"
+match = { user = ["bench"] }
+[[rule]]
+id = "open"
+effect = "permit"
+match = { user = ["open"] }
+[[rule]]
+id = "reused"
+effect = "otp"
+reuse = "24h"
+reuse_scope = ["service"]
+match = { user = ["reuser"] }
+[[rule]]
+id = "never-reused"
+effect = "otp"
+reuse = "24h"
+reuse_scope = ["tty"]
+match = { user = ["prover"] }
+"#,
     )
     .unwrap();
     let config = Config {
@@ -123,20 +147,22 @@ fn round_trip(c: &mut Criterion) {
     let secret = [3u8; 20];
     {
         let store = SqliteStore::open(&dir.path().join("db"), &config.key_file).unwrap();
-        let t = store
-            .add_pending(
-                NewToken {
-                    uid: None,
-                    user: "bench",
-                    label: "",
-                    kind: Kind::Hotp,
-                    params: OtpParams::default(),
-                    secret: &secret,
-                },
-                0,
-            )
-            .unwrap();
-        assert!(store.accept(&t.id, TokenState::Pending, 0, 0, 0).unwrap());
+        for user in ["bench", "reuser", "prover"] {
+            let t = store
+                .add_pending(
+                    NewToken {
+                        uid: None,
+                        user,
+                        label: "",
+                        kind: Kind::Hotp,
+                        params: OtpParams::default(),
+                        secret: &secret,
+                    },
+                    0,
+                )
+                .unwrap();
+            assert!(store.accept(&t.id, TokenState::Pending, 0, 0, 0).unwrap());
+        }
     }
     let rt = tokio::runtime::Runtime::new().unwrap();
     let socket = config.socket.clone();
@@ -144,16 +170,20 @@ fn round_trip(c: &mut Criterion) {
     let server = rt.spawn(guardd::server::run(config, async {
         let _ = stopped.await;
     }));
-    let mut client = rt.block_on(async {
-        while tokio::net::UnixStream::connect(&socket).await.is_err() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        GuardClient::new(
-            proto::connect(&socket, Duration::from_secs(5))
-                .await
-                .unwrap(),
-        )
-    });
+    // guardd closes a connection after proto::MAX_CONNECTION_AGE (20 s): each measurement
+    // opens its own.
+    let connect = || {
+        rt.block_on(async {
+            while tokio::net::UnixStream::connect(&socket).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            GuardClient::new(
+                proto::connect(&socket, Duration::from_secs(5))
+                    .await
+                    .unwrap(),
+            )
+        })
+    };
     let begin = |user: &str| BeginRequest {
         context: Some(LoginContext {
             user: user.into(),
@@ -161,31 +191,53 @@ fn round_trip(c: &mut Criterion) {
             ..LoginContext::default()
         }),
     };
-    let counter = AtomicU64::new(1);
+    // One Begin+Answer of `user` with its next HOTP code; the step that ends it.
+    let counters: [AtomicU64; 3] = [AtomicU64::new(1), AtomicU64::new(1), AtomicU64::new(1)];
+    let prove = |client: &mut GuardClient<tonic::transport::Channel>, user: &str, i: usize| {
+        rt.block_on(async {
+            let step = client.begin(begin(user)).await.unwrap().into_inner();
+            let Some(step::Kind::Prompt(p)) = step.kind else {
+                panic!("expected a prompt")
+            };
+            let n = counters[i].fetch_add(1, Ordering::Relaxed);
+            let code = otp::code_for(&secret, Kind::Hotp, OtpParams::default(), n).unwrap();
+            let done = client
+                .answer(AnswerRequest {
+                    challenge: p.challenge,
+                    response: code.into_bytes(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(matches!(done.kind, Some(step::Kind::Permit(_))));
+        })
+    };
+    let permitted = |client: &mut GuardClient<tonic::transport::Channel>, user: &str| {
+        let step = rt.block_on(client.begin(begin(user))).unwrap().into_inner();
+        assert!(matches!(step.kind, Some(step::Kind::Permit(_))));
+    };
+    // reuser's grant, made once.
+    prove(&mut connect(), "reuser", 1);
     let mut g = c.benchmark_group("grpc");
     g.bench_function("Begin denied by the rules (baseline)", |b| {
+        let mut client = connect();
         b.iter(|| rt.block_on(client.begin(begin("other"))).unwrap())
     });
     g.bench_function("Begin + Answer, verified and committed", |b| {
-        b.iter(|| {
-            rt.block_on(async {
-                let step = client.begin(begin("bench")).await.unwrap().into_inner();
-                let Some(step::Kind::Prompt(p)) = step.kind else {
-                    panic!("expected a prompt")
-                };
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let code = otp::code_for(&secret, Kind::Hotp, OtpParams::default(), n).unwrap();
-                let done = client
-                    .answer(AnswerRequest {
-                        challenge: p.challenge,
-                        response: code.into_bytes(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
-                assert!(matches!(done.kind, Some(step::Kind::Permit(_))));
-            })
-        })
+        let mut client = connect();
+        b.iter(|| prove(&mut client, "bench", 0))
+    });
+    g.bench_function("Begin permitted by the rules without a code (baseline)", |b| {
+        let mut client = connect();
+        b.iter(|| permitted(&mut client, "open"))
+    });
+    g.bench_function("Begin let in by a reuse grant", |b| {
+        let mut client = connect();
+        b.iter(|| permitted(&mut client, "reuser"))
+    });
+    g.bench_function("Begin + Answer under reuse, no grant applies, one made", |b| {
+        let mut client = connect();
+        b.iter(|| prove(&mut client, "prover", 2))
     });
     g.finish();
     let _ = stop.send(());
