@@ -227,18 +227,24 @@ match = { user = ["prover"] }
         let mut client = connect();
         b.iter(|| prove(&mut client, "bench", 0))
     });
-    g.bench_function("Begin permitted by the rules without a code (baseline)", |b| {
-        let mut client = connect();
-        b.iter(|| permitted(&mut client, "open"))
-    });
+    g.bench_function(
+        "Begin permitted by the rules without a code (baseline)",
+        |b| {
+            let mut client = connect();
+            b.iter(|| permitted(&mut client, "open"))
+        },
+    );
     g.bench_function("Begin let in by a reuse grant", |b| {
         let mut client = connect();
         b.iter(|| permitted(&mut client, "reuser"))
     });
-    g.bench_function("Begin + Answer under reuse, no grant applies, one made", |b| {
-        let mut client = connect();
-        b.iter(|| prove(&mut client, "prover", 2))
-    });
+    g.bench_function(
+        "Begin + Answer under reuse, no grant applies, one made",
+        |b| {
+            let mut client = connect();
+            b.iter(|| prove(&mut client, "prover", 2))
+        },
+    );
     g.finish();
     let _ = stop.send(());
     let _ = rt.block_on(server);

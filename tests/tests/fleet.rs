@@ -23,12 +23,16 @@ struct Fleet {
 
 impl Fleet {
     fn start(cluster: &pgtemp::Cluster, n: usize) -> Fleet {
+        Fleet::with_rules(cluster, n, STRICT_RULES)
+    }
+
+    fn with_rules(cluster: &pgtemp::Cluster, n: usize, rules: &str) -> Fleet {
         let keys = tempfile::tempdir().unwrap();
         let store = SharedStore::postgres(cluster, keys.path());
         let hosts = (0..n)
             .map(|i| {
                 Daemon::on_store(
-                    STRICT_RULES,
+                    rules,
                     &format!("max_tries = 1\nhost = \"host-{i}\"\n"),
                     Some(&store),
                 )
@@ -72,6 +76,56 @@ async fn a_token_enrolled_on_one_host_logs_in_on_another_once() {
         .find(|l| l.contains("action=\"answer\""))
         .unwrap_or_else(|| panic!("{log}"));
     assert!(answer.contains("host=\"host-2\""), "{answer}");
+}
+
+/// Grants are in the shared store: reused on another host only where the rule leaves `host` out
+/// of its scope.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_is_reused_across_hosts_only_without_host_in_its_scope() {
+    let rules = r#"
+version = 1
+default = "deny"
+
+[[rule]]
+id = "fleet-wide"
+effect = "otp"
+reuse = "10m"
+reuse_scope = ["service"]
+match = { user = ["daemon"] }
+
+[[rule]]
+id = "per-host"
+effect = "otp"
+reuse = "10m"
+reuse_scope = ["service", "host"]
+match = { user = ["bin"] }
+"#;
+    let fleet = Fleet::with_rules(pgtemp::Cluster::shared(), 2, rules);
+    for user in ["daemon", "bin"] {
+        let secret = fleet.hosts[0].enroll_active(user).await;
+        let code = secret.code_at(0);
+        assert!(
+            is_permit(&fleet.hosts[0].login(user, &code).await),
+            "{}",
+            fleet.logs()
+        );
+        // Again on host-0: let in without a code (no prompt, so the empty answer is unused).
+        assert!(
+            is_permit(&fleet.hosts[0].login(user, "").await),
+            "{}",
+            fleet.logs()
+        );
+    }
+    assert!(
+        is_permit(&fleet.hosts[1].login("daemon", "").await),
+        "{}",
+        fleet.logs()
+    );
+    assert!(
+        is_deny(&fleet.hosts[1].login("bin", "").await),
+        "{}",
+        fleet.logs()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -465,6 +465,17 @@ fn reuse_fixture() -> (Fixture, Arc<std::sync::atomic::AtomicU64>) {
 }
 
 impl Fixture {
+    /// The reuse line of `guardctl explain` for ann's ssh login with key `key`.
+    async fn explain_reuse(&self, key: &str) -> String {
+        let context = ssh_login("ann", key).context;
+        self.svc
+            .explain(request(ROOT, ExplainRequest { context, time: 0 }))
+            .await
+            .unwrap()
+            .into_inner()
+            .reuse
+    }
+
     /// One login by `caller`: begin, and the code of `at` for a prompt. What it ended in.
     async fn login(
         &self,
@@ -542,6 +553,36 @@ async fn an_otp_is_reused_within_the_window_for_the_same_key_and_address_only() 
             .await,
         "permit"
     );
+}
+
+#[tokio::test]
+async fn explain_says_whether_a_grant_would_apply_and_until_when() {
+    let (f, _) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    assert!(
+        f.explain_reuse("a")
+            .await
+            .contains("no grant applies (0 live"),
+        "{}",
+        f.explain_reuse("a").await
+    );
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW).await,
+        "permit"
+    );
+    let line = f.explain_reuse("a").await;
+    assert!(
+        line.starts_with("reuse ssh: 600 s within [rhost, ssh_key]"),
+        "{line}"
+    );
+    assert!(
+        line.contains("a grant applies") && line.contains("2027-01-15T08:10:00Z"),
+        "{line}"
+    );
+    assert!(f
+        .explain_reuse("b")
+        .await
+        .contains("no grant applies (1 live"));
 }
 
 #[tokio::test]
