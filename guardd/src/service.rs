@@ -1108,11 +1108,7 @@ fn check_code(
         return Ok(Checked::Done(Verdict::Otp(id)));
     }
     // Counted now, before any slow compare: a burst of guesses stops at the free failures.
-    let after = store.record_failure(user, uid, backoff, now as i64)?;
-    if after.until > now as i64 {
-        // A lock-out ends the user's reuse grants: whoever is guessing gets no shortcut either.
-        store.forget(user)?;
-    }
+    count_failure(store, user, uid, backoff, now as i64)?;
     if let Some(code) = backup::normalize(response) {
         let hashes = store.backup_codes(user)?;
         if !hashes.is_empty() {
@@ -1120,6 +1116,21 @@ fn check_code(
         }
     }
     Ok(Checked::Done(Verdict::Wrong))
+}
+
+/// Counts a failed proof (a code, an invitation, a password) of `user`. A back-off that starts
+/// ends the user's reuse grants: whoever is guessing gets no shortcut either.
+fn count_failure(
+    store: &dyn Store,
+    user: &str,
+    uid: Option<u32>,
+    backoff: &Backoff,
+    now: i64,
+) -> Result<(), StoreError> {
+    if store.record_failure(user, uid, backoff, now)?.until > now {
+        store.forget(user)?;
+    }
+    Ok(())
 }
 
 /// Whose answer a store call checks: the name, this host, and the uid the name has here.

@@ -10,7 +10,10 @@ use proto::v1::{
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::{admin_audit, consume_code, foreign_reason, validate_name, GuardService, ServiceError};
+use super::{
+    admin_audit, consume_code, count_failure, foreign_reason, validate_name, GuardService,
+    ServiceError,
+};
 use crate::accounts::{Account, PasswordState};
 use crate::audit::{self, Event};
 use crate::backup;
@@ -152,7 +155,7 @@ pub(super) async fn enroll(
                         return Ok(Err(locked_status(wait)));
                     }
                     if !store.use_invitation(&u, uid, hash, now as i64)? {
-                        store.record_failure(&u, Some(uid), &backoff, now as i64)?;
+                        count_failure(store, &u, Some(uid), &backoff, now as i64)?;
                         return Ok(Err(Status::permission_denied(
                             "the invitation is wrong, expired or already used; ask your administrator for a new one",
                         )));
@@ -165,7 +168,7 @@ pub(super) async fn enroll(
                     let used =
                         consume_code(store, &u, TokenState::Active, code, now, windows)?;
                     if used.is_none() {
-                        store.record_failure(&u, Some(uid), &backoff, now as i64)?;
+                        count_failure(store, &u, Some(uid), &backoff, now as i64)?;
                         return Ok(Err(Status::permission_denied(
                             "the code of your active token is wrong, expired or already used",
                         )));
@@ -312,7 +315,7 @@ async fn own_proof(
             if let Some(wait) = store.lock_attempts(&u)?.remaining(now) {
                 return Ok(Some(wait));
             }
-            store.record_failure(&u, Some(uid), &backoff, now)?;
+            count_failure(store, &u, Some(uid), &backoff, now)?;
             Ok(None)
         })
         .await?;
@@ -415,7 +418,7 @@ pub(super) async fn confirm(
                 None => {
                     let none = store.secrets(&u, TokenState::Pending)?.is_empty();
                     if !none {
-                        store.record_failure(&u, None, &backoff, now as i64)?;
+                        count_failure(store, &u, None, &backoff, now as i64)?;
                     }
                     Ok(Err(none))
                 }
