@@ -54,6 +54,8 @@ impl Event<'_> {
 /// write thousands of lines a second, filling the disk and making journald drop guardd's lines
 /// for everyone (its rate limit is per service), root's logins included.
 pub fn record(event: &Event<'_>) {
+    // Counted before the rate limit: the metrics see every decision.
+    crate::metrics::decision(event);
     let limited = event.caller_uid.is_some_and(|uid| uid != 0) && !event.proves_a_secret();
     if limited && !admit(event.caller_uid.unwrap_or_default()) {
         return;
@@ -110,6 +112,7 @@ static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<u32, Refusals
 /// rest are summed up in one line per interval, so a flood of refused calls cannot flood the
 /// log (any local user can make them).
 pub fn refused(caller: &Caller, action: &str, user: &str, reason: &str) {
+    crate::metrics::refused(action);
     if admit(caller.uid) {
         write(
             &Event {

@@ -51,6 +51,11 @@ pub struct Config {
     pub lockout_seconds: u64,
     /// The longest wait, in seconds.
     pub lockout_max_seconds: u64,
+    /// Where to write the metrics for node_exporter's textfile collector (a `.prom` file in
+    /// the collector's directory); unset: no metrics file (docs/operating.md#metrics).
+    pub metrics_file: Option<PathBuf>,
+    /// How often the metrics file is rewritten, in seconds.
+    pub metrics_interval: u64,
 }
 
 impl Default for Config {
@@ -73,6 +78,8 @@ impl Default for Config {
             max_failures: 5,
             lockout_seconds: 30,
             lockout_max_seconds: 3600,
+            metrics_file: None,
+            metrics_interval: 15,
         }
     }
 }
@@ -146,6 +153,16 @@ impl Config {
         }
         if self.lockout_max_seconds < self.lockout_seconds {
             return Err("lockout_max_seconds must not be below lockout_seconds".into());
+        }
+        if !(1..=3600).contains(&self.metrics_interval) {
+            return Err("metrics_interval must be 1 to 3600 seconds".into());
+        }
+        if self
+            .metrics_file
+            .as_deref()
+            .is_some_and(|f| f.file_name().is_none() || !f.is_absolute())
+        {
+            return Err("metrics_file must be an absolute file path".into());
         }
         if !(1..=64).contains(&self.database_connections) {
             return Err("database_connections must be 1 to 64".into());

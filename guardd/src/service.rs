@@ -8,8 +8,8 @@ use proto::v1::{
     step, AnswerRequest, BackupCodesReply, BackupCodesRequest, BeginRequest, ConfirmReply,
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
     ExplainReply, ExplainRequest, ListReply, ListRequest, LoginContext, Permit, Prompt, PromptKind,
-    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, SetEnabledRequest, Step, TokenReply,
-    UnlockReply, UnlockRequest,
+    RecoverRequest, ReloadReply, ReloadRequest, ResyncRequest, SetEnabledRequest, StatusReply,
+    StatusRequest, Step, TokenReply, UnlockReply, UnlockRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -31,7 +31,9 @@ mod admin;
 mod error;
 mod explain;
 mod recovery;
+mod status;
 pub use error::ServiceError;
+pub use status::{redact, Snapshot, BACKUP_CODES_BELOW};
 #[cfg(test)]
 mod tests;
 
@@ -263,10 +265,12 @@ impl GuardService {
                     "rules reloaded"
                 );
                 *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+                crate::metrics::policy_loaded(false, Ok(()));
                 Ok(policy)
             }
             Err(e) => {
                 tracing::error!("rules not reloaded, the previous ones stay in force: {e}");
+                crate::metrics::policy_loaded(false, Err(e.to_string()));
                 Err(e)
             }
         }
@@ -725,6 +729,10 @@ impl Guard for GuardService {
         req: Request<BackupCodesRequest>,
     ) -> Result<Response<BackupCodesReply>, Status> {
         edge(async move { admin::issue_backup_codes(self, req).await }).await
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        edge(async move { status::status(self, req).await }).await
     }
 }
 

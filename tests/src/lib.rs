@@ -935,6 +935,12 @@ impl proto::v1::guard_server::Guard for Failing {
     ) -> Result<tonic::Response<v1::ReloadReply>, tonic::Status> {
         self.fail()
     }
+    async fn status(
+        &self,
+        _: tonic::Request<v1::StatusRequest>,
+    ) -> Result<tonic::Response<v1::StatusReply>, tonic::Status> {
+        self.fail()
+    }
 }
 
 #[cfg(test)]

@@ -129,7 +129,8 @@ on_both!(
     a_forgiven_failure_ends_the_wait_it_started,
     invitations_are_single_use_bound_to_the_uid_and_expire,
     backup_codes_are_replaced_and_used_once,
-    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one
+    a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one,
+    the_overview_counts_states_lockouts_and_low_backup_codes
 );
 on_both!(with fixture:
     concurrent_accepts_record_one_step_once,
@@ -1085,4 +1086,64 @@ fn a_lock_held_elsewhere_makes_that_call_busy_not_the_pool_unavailable() {
         assert!(matches!(other, Ok(false)), "{other:?}");
     }
     holder.end(false).unwrap();
+}
+
+fn the_overview_counts_states_lockouts_and_low_backup_codes(s: &dyn Store) {
+    let empty = s.overview(1000, 3).unwrap();
+    assert_eq!(
+        empty,
+        Overview {
+            schema_version: SCHEMA_VERSION,
+            ..Overview::default()
+        }
+    );
+    let pending = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+    let active = s.add_pending(new_token("ann", &[2; 20]), 1).unwrap();
+    assert!(s.accept(&active.id, TokenState::Pending, 1, 0, 2).unwrap());
+    let off = s.add_pending(new_token("bob", &[3; 20]), 1).unwrap();
+    assert!(s.accept(&off.id, TokenState::Pending, 1, 0, 2).unwrap());
+    assert!(s
+        .set_state("bob", &off.id, TokenState::Active, TokenState::Disabled)
+        .unwrap());
+    let b = Backoff::default();
+    for _ in 0..6 {
+        s.record_failure("cy", None, &b, 1000).unwrap();
+    }
+    s.record_failure("dee", None, &b, 1000).unwrap();
+    s.replace_backup_codes("ann", None, &["a".into(), "b".into()], 1)
+        .unwrap();
+    s.replace_backup_codes("bob", None, &["c".into(), "d".into(), "e".into()], 1)
+        .unwrap();
+    let o = s.overview(1000, 3).unwrap();
+    assert_eq!(
+        (
+            o.users,
+            o.tokens_pending,
+            o.tokens_active,
+            o.tokens_disabled
+        ),
+        (2, 1, 1, 1)
+    );
+    // cy waits (6 failures: 60 s); dee has one failure and no wait.
+    assert_eq!(
+        (o.locked, o.locked_total),
+        (
+            vec![(
+                "cy".to_owned(),
+                Lockout {
+                    failures: 6,
+                    until: 1060
+                }
+            )],
+            1
+        )
+    );
+    assert_eq!(
+        (o.backup_codes_low, o.backup_codes_low_total),
+        (vec![("ann".to_owned(), 2)], 1)
+    );
+    // Once the wait is over, nobody is locked.
+    assert_eq!(s.overview(1060, 3).unwrap().locked_total, 0);
+    assert!(s.delete("ann", &pending.id).unwrap());
+    assert_eq!(s.overview(1000, 3).unwrap().tokens_pending, 0);
 }
