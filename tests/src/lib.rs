@@ -189,12 +189,27 @@ impl Guard {
 
     /// The remembered secrets that occur in `log` as whole words (timestamps and pids removed).
     pub fn leaked_into(&self, log: &str) -> Vec<String> {
-        // Fields are space-separated; the first is the timestamp, and pids are numbers that
-        // could equal a code by chance.
-        let words: std::collections::HashSet<&str> = log
+        // guardd's lines are JSON objects: every value but the timestamp and pids, which are
+        // numbers that could equal a code by chance. Other lines (text on a terminal) are
+        // space-separated fields, the first one the timestamp.
+        let fields: Vec<String> = log
             .lines()
-            .flat_map(|line| line.split(' ').skip(1))
-            .filter(|field| !field.contains("pid="))
+            .flat_map(|line| match serde_json::from_str(line) {
+                Ok(serde_json::Value::Object(map)) => map
+                    .into_iter()
+                    .filter(|(k, _)| k != "timestamp" && !k.contains("pid"))
+                    .map(|(_, v)| text_of(&v))
+                    .collect::<Vec<_>>(),
+                _ => line
+                    .split(' ')
+                    .skip(1)
+                    .filter(|field| !field.contains("pid="))
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect();
+        let words: std::collections::HashSet<&str> = fields
+            .iter()
             .flat_map(|field| field.split(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
             .filter(|w| !w.is_empty())
             .collect();
@@ -309,6 +324,35 @@ impl Guard {
             .await
             .expect("login")
     }
+}
+
+/// A JSON value as text: a string as it is, anything else as JSON.
+pub fn text_of(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+/// The audit events of a guardd log, whose lines are JSON objects outside journald
+/// (docs/operating.md#audit-events): the objects with target `audit`.
+pub fn audit_events(log: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    log.lines()
+        .filter_map(|line| match serde_json::from_str(line) {
+            Ok(serde_json::Value::Object(map)) if map["target"] == "audit" => Some(map),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether some audit event of `log` has all these fields with these values (compared as text,
+/// so a uid is given as its digits).
+pub fn audited(log: &str, fields: &[(&str, &str)]) -> bool {
+    audit_events(log).iter().any(|event| {
+        fields
+            .iter()
+            .all(|(k, v)| event.get(*k).is_some_and(|value| text_of(value) == *v))
+    })
 }
 
 /// Begin (service `test`), then answer the prompt with `code` on `client`; the step that ends
@@ -958,5 +1002,9 @@ mod tests {
         let dirty =
             "2026 INFO x: code=123456 backup=\"abcde-fghjk\" s=xJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
         assert_eq!(g.leaked_into(dirty).len(), 3);
+        let clean = r#"{"timestamp":"123456","caller_pid":123456,"target":"audit","token":"a1"}"#;
+        assert!(g.leaked_into(clean).is_empty());
+        let dirty = r#"{"timestamp":"t","message":"code 123456","x":"abcde-fghjk","n":1}"#;
+        assert_eq!(g.leaked_into(dirty).len(), 2);
     }
 }

@@ -665,9 +665,10 @@ mod as_root {
         prod.remember(&code);
         let a = login(&prod_ns, admin(&prod_ns), prod_sshd.port, &[&code]);
         assert!(a.ok && a.prompts.len() == 1, "{a:?}\n{}", prod.log());
-        assert!(prod
-            .log()
-            .contains(&format!("rhost=\"{}\"", admin(&prod_ns))));
+        assert!(harness::audited(
+            &prod.log(),
+            &[("rhost", &admin(&prod_ns))]
+        ));
         // prod, from elsewhere: refused by the source rule before any code.
         let b = login(&prod_ns, other(&prod_ns), prod_sshd.port, &[]);
         assert!(!b.ok && b.prompts.is_empty(), "{b:?}");
@@ -679,7 +680,7 @@ mod as_root {
         assert!(!d.ok, "{d:?}");
         let log = web.log();
         assert!(
-            log.contains("action=\"check\"") && log.contains("only-from-admin-net"),
+            harness::audited(&log, &[("action", "check")]) && log.contains("only-from-admin-net"),
             "{log}"
         );
     }
