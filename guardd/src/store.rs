@@ -288,6 +288,10 @@ pub trait Store: Send + Sync {
     /// locked out at `now`, the users holding fewer than `backup_codes_below` unused backup
     /// codes (at least one), and the schema version. Lists hold at most [`OVERVIEW_LISTED`].
     fn overview(&self, now: i64, backup_codes_below: u32) -> Result<Overview, StoreError>;
+    /// Records that `host` checked the store's health at `now`: a write that must commit, as
+    /// an accepted code's must, so a store that reads but cannot write (a lock held elsewhere,
+    /// a full disk, a read-only file system or replica) shows as unhealthy.
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError>;
 }
 
 /// Users listed at most per list of an [`Overview`]; the totals count all.

@@ -25,13 +25,17 @@ pub struct Snapshot {
 }
 
 impl GuardService {
-    /// Reads the store's overview now, as one store call.
+    /// Checks the store's health and reads its overview now, as one store call that writes
+    /// (see `Store::probe`), so its round trip includes a durable commit.
     pub async fn snapshot(&self, backup_codes_below: u32) -> Snapshot {
-        let now = self.clock.now() as i64;
+        let (now, host) = (self.clock.now() as i64, self.host.clone());
         let started = Instant::now();
         let overview = self
             .store
-            .run(move |s| s.overview(now, backup_codes_below))
+            .run(move |s| {
+                s.probe(&host, now)?;
+                s.overview(now, backup_codes_below)
+            })
             .await;
         Snapshot {
             overview,

@@ -553,6 +553,16 @@ impl Store for PgStore {
         }
         Ok(o)
     }
+
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError> {
+        let value = now.to_string().into_bytes();
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES ('probe:' || $1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&host, &value],
+        )?;
+        Ok(())
+    }
 }
 
 /// A copy's reads and upserts (see [`copy`](super::copy)); the sealed secrets are moved as bytes.

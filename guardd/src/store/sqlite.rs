@@ -595,6 +595,15 @@ impl Store for SqliteStore {
         o.backup_codes_low = rows.collect::<Result<_, _>>()?;
         Ok(o)
     }
+
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES ('probe:' || ?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![host, now.to_string().into_bytes()],
+        )?;
+        Ok(())
+    }
 }
 
 impl Batched for SqliteStore {

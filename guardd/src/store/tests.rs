@@ -1146,4 +1146,9 @@ fn the_overview_counts_states_lockouts_and_low_backup_codes(s: &dyn Store) {
     assert_eq!(s.overview(1060, 3).unwrap().locked_total, 0);
     assert!(s.delete("ann", &pending.id).unwrap());
     assert_eq!(s.overview(1000, 3).unwrap().tokens_pending, 0);
+    // The health probe writes, again and again, and changes no count.
+    s.probe("host-a", 1).unwrap();
+    s.probe("host-a", 2).unwrap();
+    s.probe("host-b", 2).unwrap();
+    assert_eq!(s.overview(1000, 3).unwrap().users, 2);
 }
