@@ -37,6 +37,9 @@ impl GuardService {
                 s.overview(now, backup_codes_below)
             })
             .await;
+        if let Err(e) = &overview {
+            metrics::store_failed(&format!("health check: {e}"));
+        }
         Snapshot {
             overview,
             latency: started.elapsed(),
