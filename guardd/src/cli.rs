@@ -45,7 +45,7 @@ pub struct Cli {
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
     /// Print one JSON object instead of text, for scripts (every command that prints data;
-    /// the shapes are documented in operating.md)
+    /// the shapes are in /usr/share/doc/soffid-otp/operating.md)
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
