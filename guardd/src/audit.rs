@@ -38,10 +38,11 @@ impl Event<'_> {
     /// verified (`answer` permitted), or a change made after a proof (enrolment, confirmation,
     /// recovery, deletion: `ok`). Such events cannot be repeated at will, so they are always
     /// audited; what any local user can make as fast as they like (a refused or denied call, a
-    /// prompt, a permit the rules give without a code, a listing) is rate-limited per uid.
+    /// prompt, a permit the rules give without a code, a listing, a status) is rate-limited per
+    /// uid.
     fn proves_a_secret(&self) -> bool {
         match self.outcome {
-            "ok" => self.action != "list",
+            "ok" => !matches!(self.action, "list" | "status"),
             "permit" => self.action == "answer",
             _ => false,
         }
@@ -254,8 +255,9 @@ mod tests {
             record(&event(4_000_200, "confirm", "refused"));
             record(&event(4_000_200, "begin", "permit"));
             record(&event(4_000_200, "list", "ok"));
+            record(&event(4_000_200, "status", "ok"));
         }
-        assert_eq!(counts(4_000_200), Some((REFUSALS_LOGGED, 190)));
+        assert_eq!(counts(4_000_200), Some((REFUSALS_LOGGED, 240)));
         for _ in 0..50 {
             record(&event(4_000_201, "answer", "permit"));
             record(&event(4_000_201, "enroll", "ok"));
