@@ -184,19 +184,18 @@ pub async fn run_with_clock(
     let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
     let store_name = store.describe();
     let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));
+    if let Some(dir) = config.metrics_file.as_deref().and_then(Path::parent) {
+        // Readable by node_exporter's user, as the file itself (docs/operating.md#metrics).
+        ensure_dir(dir, 0o755)?;
+    }
     let listener = bind(&config.socket).await?;
     crate::metrics::started();
     let metrics = match &config.metrics_file {
-        Some(path) => {
-            if let Some(dir) = path.parent() {
-                ensure_dir(dir, 0o755)?;
-            }
-            Some(tokio::spawn(write_metrics(
-                service.clone(),
-                path.clone(),
-                Duration::from_secs(config.metrics_interval),
-            )))
-        }
+        Some(path) => Some(tokio::spawn(write_metrics(
+            service.clone(),
+            path.clone(),
+            Duration::from_secs(config.metrics_interval),
+        ))),
         None => None,
     };
     // systemd (Type=notify): the socket accepts connections from now on.

@@ -33,7 +33,7 @@ mod explain;
 mod recovery;
 mod status;
 pub use error::ServiceError;
-pub use status::{redact, Snapshot, BACKUP_CODES_BELOW};
+pub use status::Snapshot;
 #[cfg(test)]
 mod tests;
 
