@@ -467,12 +467,21 @@ impl Daemon {
             None => Command::new(guardctl),
         };
         cmd.arg("--socket").arg(&self.socket).args(args);
-        let mut child = cmd
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        // The copy was just written: a child another test forks meanwhile holds its descriptor
+        // until that child's exec, and running it then fails with ETXTBSY for a moment.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => break spawned.unwrap(),
+            }
+        };
         let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
         let out = child.wait_with_output().unwrap();
