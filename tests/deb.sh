@@ -44,7 +44,8 @@ DEBIAN_FRONTEND=noninteractive dpkg -i --force-confdef --force-confold "$deb1" >
 for f in /usr/sbin/guardd /usr/bin/guardctl /usr/lib/x86_64-linux-gnu/security/pam_soffid_otp.so \
          /etc/soffid-otp/guardd.toml /etc/soffid-otp/rules.toml /lib/systemd/system/guardd.service \
          /usr/share/pam-configs/soffid-otp /usr/share/man/man8/guardd.8.gz \
-         /usr/share/doc/soffid-otp/rules.md /usr/share/doc/soffid-otp/architecture.md; do
+         /usr/share/doc/soffid-otp/rules.md /usr/share/doc/soffid-otp/architecture.md \
+         /usr/share/doc/soffid-otp/operating.md; do
   [ -e "$f" ] || fail "$f not installed"
 done
 [ "$(stat -c %a /etc/soffid-otp/guardd.key)" = 600 ] || fail "key file is not 0600"

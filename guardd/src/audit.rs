@@ -41,10 +41,11 @@ impl Event<'_> {
     /// verified (`answer` permitted), or a change made after a proof (enrolment, confirmation,
     /// recovery, deletion: `ok`). Such events cannot be repeated at will, so they are always
     /// audited; what any local user can make as fast as they like (a refused or denied call, a
-    /// prompt, a permit the rules give without a code, a listing) is rate-limited per uid.
+    /// prompt, a permit the rules give without a code, a listing, a status) is rate-limited per
+    /// uid.
     fn proves_a_secret(&self) -> bool {
         match self.outcome {
-            "ok" => self.action != "list",
+            "ok" => !matches!(self.action, "list" | "status"),
             "permit" => self.action == "answer",
             _ => false,
         }
@@ -57,6 +58,8 @@ impl Event<'_> {
 /// write thousands of lines a second, filling the disk and making journald drop guardd's lines
 /// for everyone (its rate limit is per service), root's logins included.
 pub fn record(event: &Event<'_>) {
+    // Counted before the rate limit: the metrics see every decision.
+    crate::metrics::decision(event);
     let limited = event.caller_uid.is_some_and(|uid| uid != 0) && !event.proves_a_secret();
     if limited && !admit(event.caller_uid.unwrap_or_default()) {
         return;
@@ -114,6 +117,7 @@ static REFUSALS: std::sync::Mutex<Option<std::collections::HashMap<u32, Refusals
 /// rest are summed up in one line per interval, so a flood of refused calls cannot flood the
 /// log (any local user can make them).
 pub fn refused(caller: &Caller, action: &str, user: &str, reason: &str) {
+    crate::metrics::refused(action);
     if admit(caller.uid) {
         write(
             &Event {
@@ -259,8 +263,9 @@ mod tests {
             record(&event(4_000_200, "confirm", "refused"));
             record(&event(4_000_200, "begin", "permit"));
             record(&event(4_000_200, "list", "ok"));
+            record(&event(4_000_200, "status", "ok"));
         }
-        assert_eq!(counts(4_000_200), Some((REFUSALS_LOGGED, 190)));
+        assert_eq!(counts(4_000_200), Some((REFUSALS_LOGGED, 240)));
         for _ in 0..50 {
             record(&event(4_000_201, "answer", "permit"));
             record(&event(4_000_201, "enroll", "ok"));

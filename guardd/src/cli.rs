@@ -1,6 +1,10 @@
 //! `guardctl`: enrol, confirm, list and delete tokens through guardd's socket.
 //!
-//! Exit status: 0 on success, 1 when guardd refuses or cannot be reached, 2 on a usage error.
+//! Exit status: 0 on success, 1 when guardd refuses or cannot be reached, 2 on a usage error,
+//! 3 when `status` finds guardd degraded (docs/operating.md#exit-status).
+
+mod json;
+mod ops;
 
 use std::io::{BufRead, IsTerminal};
 use std::path::PathBuf;
@@ -12,7 +16,7 @@ use proto::v1::guard_client::GuardClient;
 use proto::v1::{
     step, AnswerRequest, BackupCodesRequest, ConfirmRequest, DeleteRequest, EnrollRequest,
     ExplainReply, ExplainRequest, ForgetRequest, ListRequest, LoginContext, RecoverRequest,
-    ReloadRequest, ResyncRequest, SetEnabledRequest, Step, Token, UnlockRequest,
+    ReloadRequest, ResyncRequest, SetEnabledRequest, StatusRequest, Step, Token, UnlockRequest,
 };
 use proto::Connection;
 use qrcode::render::unicode::Dense1x2;
@@ -23,7 +27,13 @@ use zeroize::Zeroizing;
 use crate::config::Config;
 
 #[derive(Parser)]
-#[command(name = "guardctl", version, about = "Manage soffid-otp tokens")]
+#[command(
+    name = "guardctl",
+    version,
+    about = "Manage soffid-otp tokens",
+    after_help = "Exit status: 0 success; 1 refused by guardd or guardd unreachable; 2 usage error; \
+3 `status` found guardd degraded (its store does not answer, or its rules file no longer loads)."
+)]
 pub struct Cli {
     /// guardd's socket [default: the `socket` of guardd.toml, else /run/soffid-otp/guardd.sock]
     #[arg(long, global = true)]
@@ -34,6 +44,10 @@ pub struct Cli {
     /// Seconds to wait for guardd
     #[arg(long, global = true, default_value_t = 10)]
     timeout: u64,
+    /// Print one JSON object instead of text, for scripts (every command that prints data;
+    /// the shapes are in /usr/share/doc/soffid-otp/operating.md)
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -75,7 +89,12 @@ enum Command {
     /// Activate USER's pending token with the code it shows now (read from stdin when omitted)
     Confirm { user: String, code: Option<String> },
     /// List tokens (all users when USER is omitted: admins only)
-    List { user: Option<String> },
+    List {
+        user: Option<String>,
+        /// Only tokens not used for AGE (never used: since enrolled), e.g. 90d, 12h, 2w
+        #[arg(long, value_name = "AGE", value_parser = ops::parse_age)]
+        stale: Option<i64>,
+    },
     /// Delete one of USER's tokens
     Delete { user: String, token_id: String },
     /// Disable one of USER's active tokens (it stops accepting codes)
@@ -116,12 +135,16 @@ enum Command {
         /// When, as RFC 3339 (e.g. 2026-11-27T23:30:00+01:00) [default: now]
         #[arg(long)]
         time: Option<String>,
-        /// Print JSON for scripts
-        #[arg(long)]
-        json: bool,
     },
     /// Re-read the rules file (a broken file is refused; the rules in force stay)
     Reload,
+    /// Show guardd's state: version, uptime, store and its health, rules in force, token
+    /// counts, locked-out users, users short of backup codes (admins). Exits 3 when degraded
+    Status {
+        /// List users holding fewer unused backup codes than this
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        backup_codes_below: u32,
+    },
     /// Print a shell completion script (bash, zsh, fish, ...)
     #[command(hide = true)]
     Completions { shell: clap_complete::Shell },
@@ -142,6 +165,9 @@ enum CliError {
     Refused(String),
     #[error("{0}")]
     Local(String),
+    /// guardd answered `status` but is degraded: exit status 3.
+    #[error("guardd is degraded: {0}")]
+    Degraded(String),
 }
 
 impl From<tonic::Status> for CliError {
@@ -162,7 +188,10 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("guardctl: {e}");
-            ExitCode::FAILURE
+            match e {
+                CliError::Degraded(_) => ExitCode::from(ops::EXIT_DEGRADED),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -226,7 +255,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
     };
     runtime.block_on(async move {
         let mut guardd = Connection::open(&socket, Duration::from_secs(cli.timeout)).await?;
-        execute(&mut guardd, cli.command, code, proof).await
+        execute(&mut guardd, cli.command, cli.json, code, proof).await
     })
 }
 
@@ -270,6 +299,7 @@ fn own_name() -> Result<String, CliError> {
 async fn execute(
     guardd: &mut Connection,
     command: Command,
+    as_json: bool,
     code: Option<Zeroizing<Vec<u8>>>,
     proof: Option<OwnProof>,
 ) -> Result<(), CliError> {
@@ -296,7 +326,7 @@ async fn execute(
             let reply = client(guardd)
                 .await?
                 .enroll(EnrollRequest {
-                    user,
+                    user: user.clone(),
                     label,
                     kind: if hotp { "hotp" } else { "totp" }.into(),
                     algorithm,
@@ -309,6 +339,13 @@ async fn execute(
                 })
                 .await?
                 .into_inner();
+            if invite && as_json {
+                return json::print(&json::InviteJson {
+                    user: &user,
+                    invitation: &reply.invitation,
+                    expires: reply.invitation_expires,
+                });
+            }
             if invite {
                 println!(
                     "Invitation {} (single use, valid until {}). Give it to the user in person; \nthey run `guardctl enroll --invitation` from their own session.",
@@ -319,6 +356,12 @@ async fn execute(
             }
             let uri = Zeroizing::new(reply.uri);
             let token = reply.token.unwrap_or_default();
+            if as_json {
+                return json::print(&json::EnrollJson {
+                    token: (&token).into(),
+                    uri: &uri,
+                });
+            }
             println!(
                 "Pending token {} for {}. Scan the QR code or add this URI in an authenticator app:",
                 token.id, token.user
@@ -350,10 +393,15 @@ async fn execute(
                 .into_inner()
                 .token
                 .unwrap_or_default();
+            if as_json {
+                return json::print(&json::OneToken {
+                    token: (&token).into(),
+                });
+            }
             println!("Token {} of {} is active.", token.id, token.user);
         }
-        Command::List { user } => {
-            let tokens = client(guardd)
+        Command::List { user, stale } => {
+            let mut tokens = client(guardd)
                 .await?
                 .list(ListRequest {
                     user: user.unwrap_or_default(),
@@ -361,6 +409,16 @@ async fn execute(
                 .await?
                 .into_inner()
                 .tokens;
+            let stale_before = stale.map(|age| jiff::Timestamp::now().as_second() - age);
+            if let Some(cutoff) = stale_before {
+                tokens.retain(|t| ops::is_stale(t, cutoff));
+            }
+            if as_json {
+                return json::print(&json::ListJson {
+                    tokens: tokens.iter().map(Into::into).collect(),
+                    stale_before,
+                });
+            }
             print_tokens(&tokens);
         }
         Command::Delete { user, token_id } => {
@@ -371,10 +429,20 @@ async fn execute(
                     token_id: token_id.clone(),
                 })
                 .await?;
+            if as_json {
+                return json::print(&json::DeleteJson {
+                    user: &user,
+                    deleted: &token_id,
+                });
+            }
             println!("Deleted token {token_id} of {user}.");
         }
-        Command::Disable { user, token_id } => set_enabled(guardd, user, token_id, false).await?,
-        Command::Enable { user, token_id } => set_enabled(guardd, user, token_id, true).await?,
+        Command::Disable { user, token_id } => {
+            set_enabled(guardd, user, token_id, false, as_json).await?
+        }
+        Command::Enable { user, token_id } => {
+            set_enabled(guardd, user, token_id, true, as_json).await?
+        }
         Command::Resync {
             user,
             token_id,
@@ -393,6 +461,11 @@ async fn execute(
                 .into_inner()
                 .token
                 .unwrap_or_default();
+            if as_json {
+                return json::print(&json::OneToken {
+                    token: (&token).into(),
+                });
+            }
             println!("Token {} of {} is in step again.", token.id, token.user);
         }
         Command::Unlock { user } => {
@@ -401,6 +474,12 @@ async fn execute(
                 .unlock(UnlockRequest { user: user.clone() })
                 .await?
                 .into_inner();
+            if as_json {
+                return json::print(&json::UnlockJson {
+                    user: &user,
+                    was_locked: reply.was_locked,
+                });
+            }
             if reply.was_locked {
                 println!("Cleared the failed attempts of {user}.");
             } else {
@@ -413,6 +492,12 @@ async fn execute(
                 .forget(ForgetRequest { user: user.clone() })
                 .await?
                 .into_inner();
+            if as_json {
+                return json::print(&json::ForgetJson {
+                    user: &user,
+                    forgotten: reply.forgotten,
+                });
+            }
             println!("Ended {} reuse grant(s) of {user}.", reply.forgotten);
         }
         Command::Explain {
@@ -423,7 +508,6 @@ async fn execute(
             tty,
             ssh_key,
             time,
-            json,
         } => {
             let ssh_auth_info = match ssh_key {
                 None => String::new(),
@@ -458,8 +542,8 @@ async fn execute(
                 })
                 .await?
                 .into_inner();
-            if json {
-                print_explain_json(&reply);
+            if as_json {
+                json::print(&json::ExplainJson::from(&reply))?;
             } else {
                 print_explain(&reply);
             }
@@ -482,10 +566,24 @@ async fn execute(
                 .reload(ReloadRequest {})
                 .await?
                 .into_inner();
+            if as_json {
+                return json::print(&json::ReloadJson {
+                    digest: &reply.digest,
+                    warnings: &reply.warnings,
+                });
+            }
             for w in &reply.warnings {
                 eprintln!("warning: {w}");
             }
             println!("Rules reloaded: {}", reply.digest);
+        }
+        Command::Status { backup_codes_below } => {
+            let reply = client(guardd)
+                .await?
+                .status(StatusRequest { backup_codes_below })
+                .await?
+                .into_inner();
+            ops::print_status(&reply, as_json)?;
         }
         Command::BackupCodes { user } => {
             let codes = client(guardd)
@@ -495,6 +593,12 @@ async fn execute(
                 .into_inner()
                 .codes;
             let codes: Vec<Zeroizing<String>> = codes.into_iter().map(Zeroizing::new).collect();
+            if as_json {
+                return json::print(&json::BackupCodesJson {
+                    user: &user,
+                    codes: codes.iter().map(|c| c.as_str()).collect(),
+                });
+            }
             println!("Backup codes for {user} (each works once; they replace any earlier set;");
             println!("keep them somewhere safe: they are not shown again):");
             for code in &codes {
@@ -541,6 +645,7 @@ async fn set_enabled(
     user: String,
     token_id: String,
     enabled: bool,
+    as_json: bool,
 ) -> Result<(), CliError> {
     let token = client(guardd)
         .await?
@@ -553,6 +658,11 @@ async fn set_enabled(
         .into_inner()
         .token
         .unwrap_or_default();
+    if as_json {
+        return json::print(&json::OneToken {
+            token: (&token).into(),
+        });
+    }
     println!("Token {} of {} is {}.", token.id, token.user, token.state);
     Ok(())
 }
@@ -575,24 +685,6 @@ fn print_explain(reply: &ExplainReply) {
     if !reply.reuse.is_empty() {
         println!("reuse   : {}", reply.reuse);
     }
-}
-
-fn print_explain_json(reply: &ExplainReply) {
-    let rules: Vec<serde_json::Value> = reply
-        .rules
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "index": r.index, "id": r.id, "line": r.line, "outcome": r.outcome,
-                "why": r.why, "decides": r.decides,
-            })
-        })
-        .collect();
-    let doc = serde_json::json!({
-        "request": reply.request, "policy": reply.policy, "rules": rules,
-        "decision": reply.decision, "reuse": reply.reuse,
-    });
-    println!("{doc:#}");
 }
 
 fn print_tokens(tokens: &[Token]) {

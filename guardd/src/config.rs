@@ -55,6 +55,11 @@ pub struct Config {
     /// the ssh keys of SSH_AUTH_INFO_0 and the SSH_CONNECTION believed (`ssh_key` rules and
     /// reuse grants).
     pub ssh_services: Vec<String>,
+    /// Where to write the metrics for node_exporter's textfile collector (a `.prom` file in
+    /// the collector's directory); unset: no metrics file (docs/operating.md#metrics).
+    pub metrics_file: Option<PathBuf>,
+    /// How often the metrics file is rewritten, in seconds.
+    pub metrics_interval: u64,
 }
 
 impl Default for Config {
@@ -78,6 +83,8 @@ impl Default for Config {
             lockout_seconds: 30,
             lockout_max_seconds: 3600,
             ssh_services: vec!["sshd".into()],
+            metrics_file: None,
+            metrics_interval: 15,
         }
     }
 }
@@ -151,6 +158,16 @@ impl Config {
         }
         if self.lockout_max_seconds < self.lockout_seconds {
             return Err("lockout_max_seconds must not be below lockout_seconds".into());
+        }
+        if !(1..=3600).contains(&self.metrics_interval) {
+            return Err("metrics_interval must be 1 to 3600 seconds".into());
+        }
+        if self
+            .metrics_file
+            .as_deref()
+            .is_some_and(|f| f.file_name().is_none() || !f.is_absolute())
+        {
+            return Err("metrics_file must be an absolute file path".into());
         }
         if !(1..=64).contains(&self.database_connections) {
             return Err("database_connections must be 1 to 64".into());

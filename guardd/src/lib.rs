@@ -24,6 +24,8 @@ pub mod grant;
 pub mod lockout;
 /// Logging to journald or stderr.
 pub mod logging;
+/// Counters for monitoring, written as a Prometheus text file (docs/operating.md#metrics).
+pub mod metrics;
 /// One-time passwords: TOTP (RFC 6238) and HOTP (RFC 4226), secrets, otpauth:// URIs.
 pub mod otp;
 /// The rules: XACML-style permit / otp / deny decisions with explanations.

@@ -171,6 +171,7 @@ pub async fn run_with_clock(
         file = policy.file(),
         "rules loaded"
     );
+    crate::metrics::policy_loaded(true, Ok(()));
     // Opening may block on the database (connect, migrate); off the async workers.
     let store = std::thread::scope(|s| {
         s.spawn(|| open_store(&config))
@@ -183,7 +184,20 @@ pub async fn run_with_clock(
     let hasher = crate::backup::Hasher::start().map_err(io_err(Path::new("the hasher thread")))?;
     let store_name = store.describe();
     let service = Arc::new(GuardService::new(store, hasher, &config, policy, clock));
+    if let Some(dir) = config.metrics_file.as_deref().and_then(Path::parent) {
+        // Readable by node_exporter's user, as the file itself (docs/operating.md#metrics).
+        ensure_dir(dir, 0o755)?;
+    }
     let listener = bind(&config.socket).await?;
+    crate::metrics::started();
+    let metrics = match &config.metrics_file {
+        Some(path) => Some(tokio::spawn(write_metrics(
+            service.clone(),
+            path.clone(),
+            Duration::from_secs(config.metrics_interval),
+        ))),
+        None => None,
+    };
     // systemd (Type=notify): the socket accepts connections from now on.
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let reloader = service.clone();
@@ -240,10 +254,36 @@ pub async fn run_with_clock(
     hup.abort();
     acceptor.abort();
     flusher.abort();
+    if let (Some(writer), Some(path)) = (metrics, &config.metrics_file) {
+        // A stopped guardd leaves no figures that look current (docs/operating.md#metrics).
+        writer.abort();
+        let _ = std::fs::remove_file(path);
+    }
     audit::flush_refusals();
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
     Ok(served?)
+}
+
+/// Rewrites the metrics file every `interval` until aborted; a write that fails is logged (at
+/// most once per interval of the audit's rate limit) and tried again at the next tick.
+async fn write_metrics(service: Arc<GuardService>, path: PathBuf, interval: Duration) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let text = service.metrics().await;
+        let file = path.clone();
+        let written = tokio::task::spawn_blocking(move || crate::metrics::write_file(&file, &text))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = written {
+            audit::warn_limited(
+                "metrics-file",
+                &format!("cannot write the metrics file {}: {e}", path.display()),
+            );
+        }
+    }
 }
 
 /// The connection budget: per unprivileged uid, and overall within the descriptors guardd may

@@ -9,7 +9,8 @@ use proto::v1::{
     ConfirmRequest, DeleteReply, DeleteRequest, Deny, DenyReason, EnrollReply, EnrollRequest,
     ExplainReply, ExplainRequest, ForgetReply, ForgetRequest, ListReply, ListRequest, LoginContext,
     OpenSessionReply, Permit, Prompt, PromptKind, RecoverRequest, ReloadReply, ReloadRequest,
-    ResyncRequest, SetEnabledRequest, Step, TokenReply, UnlockReply, UnlockRequest,
+    ResyncRequest, SetEnabledRequest, StatusReply, StatusRequest, Step, TokenReply, UnlockReply,
+    UnlockRequest,
 };
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
@@ -32,7 +33,9 @@ mod error;
 mod explain;
 mod recovery;
 mod reuse;
+mod status;
 pub use error::ServiceError;
+pub use status::Snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -265,10 +268,12 @@ impl GuardService {
                     "rules reloaded"
                 );
                 *self.policy.write().unwrap_or_else(|p| p.into_inner()) = policy.clone();
+                crate::metrics::policy_loaded(false, Ok(()));
                 Ok(policy)
             }
             Err(e) => {
                 tracing::error!("rules not reloaded, the previous ones stay in force: {e}");
+                crate::metrics::policy_loaded(false, Err(e.to_string()));
                 Err(e)
             }
         }
@@ -788,6 +793,10 @@ impl Guard for GuardService {
         req: Request<BackupCodesRequest>,
     ) -> Result<Response<BackupCodesReply>, Status> {
         edge(async move { admin::issue_backup_codes(self, req).await }).await
+    }
+
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusReply>, Status> {
+        edge(async move { status::status(self, req).await }).await
     }
 }
 

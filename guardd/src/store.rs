@@ -304,6 +304,47 @@ pub trait Store: Send + Sync {
     fn get(&self, user: &str, id: &str) -> Result<Option<TokenInfo>, StoreError> {
         Ok(self.list(Some(user))?.into_iter().find(|t| t.id == id))
     }
+
+    /// What the store holds, for operators (`guardctl status`, the metrics): counts, the users
+    /// locked out at `now`, the users holding fewer than `backup_codes_below` unused backup
+    /// codes (at least one), and the schema version. Lists hold at most [`OVERVIEW_LISTED`].
+    fn overview(&self, now: i64, backup_codes_below: u32) -> Result<Overview, StoreError>;
+    /// Records that `host` checked the store's health at `now`: a write that must commit, as
+    /// an accepted code's must, so a store that reads but cannot write (a lock held elsewhere,
+    /// a full disk, a read-only file system or replica) shows as unhealthy.
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError>;
+}
+
+/// Users listed at most per list of an [`Overview`]; the totals count all.
+pub const OVERVIEW_LISTED: usize = 100;
+
+/// What [`Store::overview`] reports. No secret, hash or code: names, counts and times.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overview {
+    /// Users holding at least one token, in any state.
+    pub users: u64,
+    pub tokens_pending: u64,
+    pub tokens_active: u64,
+    pub tokens_disabled: u64,
+    /// Users in back-off, the longest wait first, with their record.
+    pub locked: Vec<(String, Lockout)>,
+    pub locked_total: u64,
+    /// Users whose unused backup codes are below the threshold, the fewest first.
+    pub backup_codes_low: Vec<(String, u32)>,
+    pub backup_codes_low_total: u64,
+    pub schema_version: i64,
+}
+
+impl Overview {
+    /// The count of tokens in the state a stored name stands for (an unknown name counts as
+    /// disabled: it answers no prompt).
+    pub(crate) fn tokens_mut(&mut self, state: &str) -> &mut u64 {
+        match TokenState::parse(state) {
+            Some(TokenState::Pending) => &mut self.tokens_pending,
+            Some(TokenState::Active) => &mut self.tokens_active,
+            Some(TokenState::Disabled) | None => &mut self.tokens_disabled,
+        }
+    }
 }
 
 /// Associated data of the key-check value, which proves at start-up that the key file fits.
@@ -393,11 +434,15 @@ impl Runner {
     {
         let (call, answer) = call::Pending::queue(f);
         async move {
+            let started = std::time::Instant::now();
             let submitted = match self {
                 Runner::Sqlite(thread) => thread.submit(call),
                 Runner::Postgres(pool) => pool.submit(call),
             };
-            submitted.map_err(E::from)?;
+            if let Err(e) = submitted {
+                crate::metrics::store_failed(&e.to_string());
+                return Err(E::from(e));
+            }
             // Bounded, so a database that stops answering cannot hold a login past the module's
             // timeout; the call may still finish, and then its writes stand. (The embedded
             // store bounds its own waits with SQLite's busy timeout.)
@@ -406,17 +451,29 @@ impl Runner {
                     .await
                     .unwrap_or_else(|_| Err(E::from(StoreError::Stopped)))
             };
-            match self {
+            let result = match self {
                 Runner::Sqlite(_) => answer.await,
                 Runner::Postgres(_) => tokio::time::timeout(pool::CALL_TIMEOUT, answer)
                     .await
                     .unwrap_or_else(|_| {
-                        Err(E::from(StoreError::Unavailable(format!(
+                        let e = StoreError::Unavailable(format!(
                             "no answer within {} ms",
                             pool::CALL_TIMEOUT.as_millis()
-                        ))))
+                        ));
+                        crate::metrics::store_failed(&e.to_string());
+                        Err(E::from(e))
                     }),
-            }
+            };
+            crate::metrics::store_call(started.elapsed());
+            result
+        }
+    }
+
+    /// The kind of store, for status: `sqlite` or `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Runner::Sqlite(_) => "sqlite",
+            Runner::Postgres(_) => "postgres",
         }
     }
 

@@ -189,12 +189,27 @@ impl Guard {
 
     /// The remembered secrets that occur in `log` as whole words (timestamps and pids removed).
     pub fn leaked_into(&self, log: &str) -> Vec<String> {
-        // Fields are space-separated; the first is the timestamp, and pids are numbers that
-        // could equal a code by chance.
-        let words: std::collections::HashSet<&str> = log
+        // guardd's lines are JSON objects: every value but the timestamp and pids, which are
+        // numbers that could equal a code by chance. Other lines (text on a terminal) are
+        // space-separated fields, the first one the timestamp.
+        let fields: Vec<String> = log
             .lines()
-            .flat_map(|line| line.split(' ').skip(1))
-            .filter(|field| !field.contains("pid="))
+            .flat_map(|line| match serde_json::from_str(line) {
+                Ok(serde_json::Value::Object(map)) => map
+                    .into_iter()
+                    .filter(|(k, _)| k != "timestamp" && !k.contains("pid"))
+                    .map(|(_, v)| text_of(&v))
+                    .collect::<Vec<_>>(),
+                _ => line
+                    .split(' ')
+                    .skip(1)
+                    .filter(|field| !field.contains("pid="))
+                    .map(str::to_owned)
+                    .collect(),
+            })
+            .collect();
+        let words: std::collections::HashSet<&str> = fields
+            .iter()
             .flat_map(|field| field.split(|c: char| !c.is_ascii_alphanumeric() && c != '-'))
             .filter(|w| !w.is_empty())
             .collect();
@@ -311,6 +326,35 @@ impl Guard {
     }
 }
 
+/// A JSON value as text: a string as it is, anything else as JSON.
+pub fn text_of(value: &serde_json::Value) -> String {
+    match value {
+        serde_json::Value::String(s) => s.clone(),
+        v => v.to_string(),
+    }
+}
+
+/// The audit events of a guardd log, whose lines are JSON objects outside journald
+/// (docs/operating.md#audit-events): the objects with target `audit`.
+pub fn audit_events(log: &str) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    log.lines()
+        .filter_map(|line| match serde_json::from_str(line) {
+            Ok(serde_json::Value::Object(map)) if map["target"] == "audit" => Some(map),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether some audit event of `log` has all these fields with these values (compared as text,
+/// so a uid is given as its digits).
+pub fn audited(log: &str, fields: &[(&str, &str)]) -> bool {
+    audit_events(log).iter().any(|event| {
+        fields
+            .iter()
+            .all(|(k, v)| event.get(*k).is_some_and(|value| text_of(value) == *v))
+    })
+}
+
 /// Begin (service `test`), then answer the prompt with `code` on `client`; the step that ends
 /// the login, or the call's error (tests that stop guardd in the middle).
 pub async fn login_with(
@@ -423,12 +467,21 @@ impl Daemon {
             None => Command::new(guardctl),
         };
         cmd.arg("--socket").arg(&self.socket).args(args);
-        let mut child = cmd
-            .stdin(Stdio::piped())
+        cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::piped());
+        // The copy was just written: a child another test forks meanwhile holds its descriptor
+        // until that child's exec, and running it then fails with ETXTBSY for a moment.
+        let mut tries = 0;
+        let mut child = loop {
+            match cmd.spawn() {
+                Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 50 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                spawned => break spawned.unwrap(),
+            }
+        };
         let input: String = lines.iter().map(|l| format!("{l}\n")).collect();
         let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
         let out = child.wait_with_output().unwrap();
@@ -947,6 +1000,12 @@ impl proto::v1::guard_server::Guard for Failing {
     ) -> Result<tonic::Response<v1::ReloadReply>, tonic::Status> {
         self.fail()
     }
+    async fn status(
+        &self,
+        _: tonic::Request<v1::StatusRequest>,
+    ) -> Result<tonic::Response<v1::StatusReply>, tonic::Status> {
+        self.fail()
+    }
 }
 
 #[cfg(test)]
@@ -964,5 +1023,9 @@ mod tests {
         let dirty =
             "2026 INFO x: code=123456 backup=\"abcde-fghjk\" s=xJBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP";
         assert_eq!(g.leaked_into(dirty).len(), 3);
+        let clean = r#"{"timestamp":"123456","caller_pid":123456,"target":"audit","token":"a1"}"#;
+        assert!(g.leaked_into(clean).is_empty());
+        let dirty = r#"{"timestamp":"t","message":"code 123456","x":"abcde-fghjk","n":1}"#;
+        assert_eq!(g.leaked_into(dirty).len(), 2);
     }
 }

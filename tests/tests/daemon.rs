@@ -206,7 +206,7 @@ async fn as_root_another_uid_cannot_act_for_someone_else() {
     assert_eq!(as_nobody.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&as_nobody.stderr).contains("permission denied"));
     assert!(
-        d.log().contains("outcome=\"refused\""),
+        harness::audited(&d.log(), &[("outcome", "refused")]),
         "refusal not audited"
     );
 }

@@ -601,21 +601,17 @@ mod as_root {
             sshd_log()
         );
         let log = d.log();
-        let proof = log
-            .lines()
-            .find(|l| l.contains("action=\"answer\"") && l.contains("outcome=\"permit\""))
-            .and_then(|l| l.split("login=\"").nth(1))
-            .and_then(|rest| rest.split('"').next())
-            .unwrap_or_default()
-            .to_owned();
+        let proof = harness::audit_events(&log)
+            .iter()
+            .find(|e| e["action"] == "answer" && e["outcome"] == "permit")
+            .and_then(|e| e.get("login")?.as_str().map(str::to_owned))
+            .unwrap_or_default();
         assert!(
             !proof.is_empty(),
             "the proving login has an audit id: {log}"
         );
         assert!(
-            log.lines().any(
-                |l| l.contains("reason=\"reuse\"") && l.contains(&format!("login=\"{proof}\""))
-            ),
+            harness::audited(&log, &[("reason", "reuse"), ("login", &proof)]),
             "the reuse names the login that proved the OTP: {log}"
         );
 
@@ -728,13 +724,11 @@ mod as_root {
         assert!(!inside.error.contains("Verification code"), "{inside:?}");
         let log = d.log();
         assert!(
-            log.contains("action=\"session\"") && log.contains("bound to the login session"),
+            harness::audited(&log, &[("action", "session"), ("outcome", "ok")]),
             "sshd's session stage bound the grant: {log}"
         );
         assert!(
-            log.lines()
-                .any(|l| l.contains("reason=\"reuse\"")
-                    && l.contains(&format!("service=\"{service}\""))),
+            harness::audited(&log, &[("reason", "reuse"), ("service", &service)]),
             "sudo was let in by the grant: {log}"
         );
 
@@ -898,9 +892,10 @@ mod as_root {
         prod.remember(&code);
         let a = login(&prod_ns, admin(&prod_ns), prod_sshd.port, &[&code]);
         assert!(a.ok && a.prompts.len() == 1, "{a:?}\n{}", prod.log());
-        assert!(prod
-            .log()
-            .contains(&format!("rhost=\"{}\"", admin(&prod_ns))));
+        assert!(harness::audited(
+            &prod.log(),
+            &[("rhost", &admin(&prod_ns))]
+        ));
         // prod, from elsewhere: refused by the source rule before any code.
         let b = login(&prod_ns, other(&prod_ns), prod_sshd.port, &[]);
         assert!(!b.ok && b.prompts.is_empty(), "{b:?}");
@@ -912,7 +907,7 @@ mod as_root {
         assert!(!d.ok, "{d:?}");
         let log = web.log();
         assert!(
-            log.contains("action=\"check\"") && log.contains("only-from-admin-net"),
+            harness::audited(&log, &[("action", "check")]) && log.contains("only-from-admin-net"),
             "{log}"
         );
     }

@@ -71,11 +71,11 @@ async fn a_token_enrolled_on_one_host_logs_in_on_another_once() {
     assert!(is_deny(&fleet.hosts[2].login("daemon", &code).await));
     // Each host's audit lines name it.
     let log = fleet.hosts[2].log();
-    let answer = log
-        .lines()
-        .find(|l| l.contains("action=\"answer\""))
+    let answer = harness::audit_events(&log)
+        .into_iter()
+        .find(|e| e["action"] == "answer")
         .unwrap_or_else(|| panic!("{log}"));
-    assert!(answer.contains("host=\"host-2\""), "{answer}");
+    assert_eq!(answer["host"], "host-2", "{answer:?}");
 }
 
 /// Grants are in the shared store: reused on another host only where the rule leaves `host` out
@@ -401,7 +401,7 @@ mod as_root {
         // Every host took part, and the others refused the used code.
         for (i, d) in fleet.hosts.iter().enumerate() {
             assert!(
-                d.log().contains("action=\"begin\""),
+                harness::audited(&d.log(), &[("action", "begin")]),
                 "host-{i} saw no login"
             );
         }

@@ -481,10 +481,9 @@ mod as_root {
         let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
         let line = report("backup", &logins, rss, cpu, &summary);
         let log = d.log();
-        let user = format!("user=\"{}\"", attacker.name());
-        let audited = log
-            .lines()
-            .filter(|l| l.contains("action=\"answer\"") && l.contains(&user))
+        let audited = harness::audit_events(&log)
+            .iter()
+            .filter(|e| e["action"] == "answer" && e["user"] == attacker.name())
             .count();
         let checked = field(&summary, "answer_checked") as usize;
         let locked = field(&summary, "answer_locked") as usize;
@@ -605,10 +604,10 @@ mod as_root {
         let summary = attack.summary();
         let (rss, cpu) = (peak_rss_kib(&d), cpu_ms(&d).saturating_sub(cpu));
         let line = report("refused", &logins, rss, cpu, &summary);
-        let uid = format!("caller_uid={}", attacker.uid);
         let refusals = |log: &str| {
-            log.lines()
-                .filter(|l| l.contains(&uid) && l.contains("outcome=\"refused\""))
+            harness::audit_events(log)
+                .iter()
+                .filter(|e| e["caller_uid"] == attacker.uid && e["outcome"] == "refused")
                 .count()
         };
         // A summary of refusals left out may come a little later, or when guardd stops.
@@ -788,11 +787,15 @@ mod as_root {
             .unwrap();
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
         assert!(text(&out).contains("permission denied"), "{}", text(&out));
-        let refused = format!("caller_uid={}", user.uid);
         assert!(
-            d.log().lines().any(|l| l.contains("action=\"list\"")
-                && l.contains("outcome=\"refused\"")
-                && l.contains(&refused)),
+            harness::audited(
+                &d.log(),
+                &[
+                    ("action", "list"),
+                    ("outcome", "refused"),
+                    ("caller_uid", &user.uid.to_string())
+                ]
+            ),
             "the refusal is not audited as uid {}:\n{}",
             user.uid,
             log_tail(&d, 10)

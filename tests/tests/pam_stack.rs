@@ -56,7 +56,11 @@ async fn right_code_succeeds_and_wrong_or_replayed_code_fails() {
     assert_eq!(replay.status.code(), Some(1), "{}", text(&replay));
 
     // What libpam told the daemon about the login.
-    assert!(d.log().contains("service=\"otp-test\""), "{}", d.log());
+    assert!(
+        harness::audited(&d.log(), &[("service", "otp-test")]),
+        "{}",
+        d.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,7 @@ enum FailureKind {
 
 impl Failure {
     pub(super) fn of(e: StoreError) -> Self {
+        crate::metrics::store_failed(&e.to_string());
         let kind = match e {
             StoreError::Busy => FailureKind::Busy,
             StoreError::Unavailable(_) => FailureKind::Unavailable,

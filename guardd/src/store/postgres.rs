@@ -14,8 +14,8 @@ use zeroize::Zeroizing;
 
 use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
-    row_params, Binding, LoginRecord, NewToken, Store, StoreError, TokenInfo, TokenSecret,
-    TokenState,
+    row_params, Binding, LoginRecord, NewToken, Overview, Store, StoreError, TokenInfo,
+    TokenSecret, TokenState, OVERVIEW_LISTED,
 };
 use crate::grant::{Attributes, Grant, MAX_PER_USER};
 use crate::lockout::{Backoff, Lockout};
@@ -577,6 +577,75 @@ impl Store for PgStore {
 
     fn forget(&self, user: &str) -> Result<u64, StoreError> {
         self.execute(r#"DELETE FROM grants WHERE "user" = $1"#, &[&user])
+    }
+    fn overview(&self, now: i64, backup_codes_below: u32) -> Result<Overview, StoreError> {
+        let (listed, below) = (OVERVIEW_LISTED as i64, i64::from(backup_codes_below));
+        let count = |r: &Row, i| col::<i64>(r, i).map(|n| u64::try_from(n).unwrap_or(0));
+        let one = |sql, params: &[&(dyn ToSql + Sync)]| -> Result<Row, StoreError> {
+            self.read_opt(sql, params)?.ok_or(StoreError::Internal)
+        };
+        let mut o = Overview {
+            users: count(
+                &one(r#"SELECT count(DISTINCT "user") FROM tokens"#, &[])?,
+                0,
+            )?,
+            schema_version: col(
+                &one("SELECT coalesce(max(version), 0) FROM schema_version", &[])?,
+                0,
+            )?,
+            locked_total: count(
+                &one("SELECT count(*) FROM lockouts WHERE until > $1", &[&now])?,
+                0,
+            )?,
+            backup_codes_low_total: count(
+                &one(
+                    r#"SELECT count(*) FROM (SELECT "user" FROM backup_codes GROUP BY "user"
+                       HAVING count(*) < $1) low"#,
+                    &[&below],
+                )?,
+                0,
+            )?,
+            ..Overview::default()
+        };
+        for r in self.read("SELECT state, count(*) FROM tokens GROUP BY state", &[])? {
+            let state: String = col(&r, 0)?;
+            *o.tokens_mut(&state) += count(&r, 1)?;
+        }
+        for r in self.read(
+            r#"SELECT "user", failures, until FROM lockouts WHERE until > $1
+               ORDER BY until DESC, "user" LIMIT $2"#,
+            &[&now, &listed],
+        )? {
+            let user: String = col(&r, 0)?;
+            let failures = to_u32(&user, col(&r, 1)?)?;
+            o.locked.push((
+                user,
+                Lockout {
+                    failures,
+                    until: col(&r, 2)?,
+                },
+            ));
+        }
+        for r in self.read(
+            r#"SELECT "user", count(*) AS n FROM backup_codes GROUP BY "user"
+               HAVING count(*) < $1 ORDER BY n, "user" LIMIT $2"#,
+            &[&below, &listed],
+        )? {
+            let user: String = col(&r, 0)?;
+            let left = to_u32(&user, col(&r, 1)?)?;
+            o.backup_codes_low.push((user, left));
+        }
+        Ok(o)
+    }
+
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError> {
+        let value = now.to_string().into_bytes();
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES ('probe:' || $1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            &[&host, &value],
+        )?;
+        Ok(())
     }
 }
 

@@ -10,8 +10,8 @@ use zeroize::Zeroizing;
 
 use super::copy::{BackupCodeRow, Dump, InvitationRow, LockoutRow, Rows, TokenRow};
 use super::{
-    check_key, load_key, row_params, Batched, NewToken, Store, StoreError, TokenInfo, TokenSecret,
-    TokenState, SCHEMA_VERSION,
+    check_key, load_key, row_params, Batched, NewToken, Overview, Store, StoreError, TokenInfo,
+    TokenSecret, TokenState, OVERVIEW_LISTED, SCHEMA_VERSION,
 };
 use crate::grant::{Attributes, Grant, MAX_PER_USER};
 use crate::lockout::{Backoff, Lockout};
@@ -655,6 +655,63 @@ impl Store for SqliteStore {
         Ok(self
             .conn()
             .execute("DELETE FROM grants WHERE user = ?1", [user])? as u64)
+    }
+    fn overview(&self, now: i64, backup_codes_below: u32) -> Result<Overview, StoreError> {
+        let conn = self.conn();
+        let listed = OVERVIEW_LISTED as i64;
+        let count = |sql: &str, p: &[&dyn rusqlite::ToSql]| -> Result<u64, StoreError> {
+            let n: i64 = conn.query_row(sql, p, |r| r.get(0))?;
+            Ok(u64::try_from(n).unwrap_or(0))
+        };
+        let mut o = Overview {
+            users: count("SELECT count(DISTINCT user) FROM tokens", &[])?,
+            locked_total: count("SELECT count(*) FROM lockouts WHERE until > ?1", &[&now])?,
+            backup_codes_low_total: count(
+                "SELECT count(*) FROM (SELECT user FROM backup_codes GROUP BY user
+                 HAVING count(*) < ?1)",
+                &[&backup_codes_below],
+            )?,
+            schema_version: conn.pragma_query_value(None, "user_version", |r| r.get(0))?,
+            ..Overview::default()
+        };
+        let mut stmt = conn.prepare("SELECT state, count(*) FROM tokens GROUP BY state")?;
+        let mut rows = stmt.query([])?;
+        while let Some(r) = rows.next()? {
+            let (state, n): (String, i64) = (r.get(0)?, r.get(1)?);
+            *o.tokens_mut(&state) += u64::try_from(n).unwrap_or(0);
+        }
+        let mut stmt = conn.prepare(
+            "SELECT user, failures, until FROM lockouts WHERE until > ?1
+             ORDER BY until DESC, user LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![now, listed], |r| {
+            Ok((
+                r.get(0)?,
+                Lockout {
+                    failures: r.get(1)?,
+                    until: r.get(2)?,
+                },
+            ))
+        })?;
+        o.locked = rows.collect::<Result<_, _>>()?;
+        let mut stmt = conn.prepare(
+            "SELECT user, count(*) AS n FROM backup_codes GROUP BY user HAVING n < ?1
+             ORDER BY n, user LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![backup_codes_below, listed], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        o.backup_codes_low = rows.collect::<Result<_, _>>()?;
+        Ok(o)
+    }
+
+    fn probe(&self, host: &str, now: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO meta (key, value) VALUES ('probe:' || ?1, ?2)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![host, now.to_string().into_bytes()],
+        )?;
+        Ok(())
     }
 }
 

@@ -130,7 +130,8 @@ on_both!(
     invitations_are_single_use_bound_to_the_uid_and_expire,
     backup_codes_are_replaced_and_used_once,
     a_code_revoked_while_a_login_compares_it_does_not_use_up_a_new_one,
-    grants_are_kept_bounded_bound_to_a_session_once_and_forgotten
+    grants_are_kept_bounded_bound_to_a_session_once_and_forgotten,
+    the_overview_counts_states_lockouts_and_low_backup_codes
 );
 on_both!(with fixture:
     concurrent_accepts_record_one_step_once,
@@ -1183,4 +1184,69 @@ fn grants_are_kept_bounded_bound_to_a_session_once_and_forgotten(s: &dyn Store) 
     assert_eq!(s.forget("ann").unwrap(), 1);
     assert!(s.grants("ann", 1500).unwrap().is_empty());
     assert_eq!(s.forget("ann").unwrap(), 0);
+}
+
+fn the_overview_counts_states_lockouts_and_low_backup_codes(s: &dyn Store) {
+    let empty = s.overview(1000, 3).unwrap();
+    assert_eq!(
+        empty,
+        Overview {
+            schema_version: SCHEMA_VERSION,
+            ..Overview::default()
+        }
+    );
+    let pending = s.add_pending(new_token("ann", &[1; 20]), 1).unwrap();
+    let active = s.add_pending(new_token("ann", &[2; 20]), 1).unwrap();
+    assert!(s.accept(&active.id, TokenState::Pending, 1, 0, 2).unwrap());
+    let off = s.add_pending(new_token("bob", &[3; 20]), 1).unwrap();
+    assert!(s.accept(&off.id, TokenState::Pending, 1, 0, 2).unwrap());
+    assert!(s
+        .set_state("bob", &off.id, TokenState::Active, TokenState::Disabled)
+        .unwrap());
+    let b = Backoff::default();
+    for _ in 0..6 {
+        s.record_failure("cy", None, &b, 1000).unwrap();
+    }
+    s.record_failure("dee", None, &b, 1000).unwrap();
+    s.replace_backup_codes("ann", None, &["a".into(), "b".into()], 1)
+        .unwrap();
+    s.replace_backup_codes("bob", None, &["c".into(), "d".into(), "e".into()], 1)
+        .unwrap();
+    let o = s.overview(1000, 3).unwrap();
+    assert_eq!(
+        (
+            o.users,
+            o.tokens_pending,
+            o.tokens_active,
+            o.tokens_disabled
+        ),
+        (2, 1, 1, 1)
+    );
+    // cy waits (6 failures: 60 s); dee has one failure and no wait.
+    assert_eq!(
+        (o.locked, o.locked_total),
+        (
+            vec![(
+                "cy".to_owned(),
+                Lockout {
+                    failures: 6,
+                    until: 1060
+                }
+            )],
+            1
+        )
+    );
+    assert_eq!(
+        (o.backup_codes_low, o.backup_codes_low_total),
+        (vec![("ann".to_owned(), 2)], 1)
+    );
+    // Once the wait is over, nobody is locked.
+    assert_eq!(s.overview(1060, 3).unwrap().locked_total, 0);
+    assert!(s.delete("ann", &pending.id).unwrap());
+    assert_eq!(s.overview(1000, 3).unwrap().tokens_pending, 0);
+    // The health probe writes, again and again, and changes no count.
+    s.probe("host-a", 1).unwrap();
+    s.probe("host-a", 2).unwrap();
+    s.probe("host-b", 2).unwrap();
+    assert_eq!(s.overview(1000, 3).unwrap().users, 2);
 }
