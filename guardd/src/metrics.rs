@@ -238,6 +238,7 @@ fn login_label(event: &Event<'_>) -> Option<(&'static str, &'static str)> {
                 "otp required only of enrolled users" => "unenrolled",
                 "otp verified" => "otp",
                 "backup code used" => "backup_code",
+                "reuse" => "reuse",
                 _ => "other",
             },
         ),
@@ -505,6 +506,7 @@ mod tests {
                 ("deny", "foreign"),
             ),
             (("answer", "permit", "otp verified"), ("permit", "otp")),
+            (("begin", "permit", "reuse"), ("permit", "reuse")),
             (
                 ("answer", "permit", "backup code used"),
                 ("permit", "backup_code"),
