@@ -19,11 +19,12 @@ use crate::audit::Event;
 use crate::store::Overview;
 
 /// Login decisions by (outcome, reason): see `login_label`.
-const LOGINS: [(&str, &str); 15] = [
+const LOGINS: [(&str, &str); 16] = [
     ("permit", "rules"),
     ("permit", "unenrolled"),
     ("permit", "otp"),
     ("permit", "backup_code"),
+    ("permit", "reuse"),
     ("prompt", "otp_required"),
     ("deny", "rules"),
     ("deny", "indeterminate"),
@@ -41,7 +42,7 @@ const LOGINS: [(&str, &str); 15] = [
 const VERIFICATIONS: [&str; 4] = ["token", "backup_code", "wrong", "locked"];
 
 /// Calls refused before they did anything (not allowed, over a budget), by call.
-const REFUSED: [&str; 19] = [
+const REFUSED: [&str; 21] = [
     "connect",
     "begin",
     "answer",
@@ -56,6 +57,8 @@ const REFUSED: [&str; 19] = [
     "enable",
     "resync",
     "unlock",
+    "forget",
+    "session",
     "backup-codes",
     "explain",
     "reload",
