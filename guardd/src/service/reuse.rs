@@ -89,7 +89,16 @@ impl GuardService {
             return Ok(None);
         }
         let (u, now) = (user.to_owned(), self.clock.now() as i64);
-        let grants = self.store(move |store| Ok(store.grants(&u, now)?)).await?;
+        let grants = self
+            .store(move |store| {
+                // None during a back-off: its start ends the grants stored then, but one stored
+                // just after (by a login whose code was checked just before) would outlive it.
+                if store.lockout(&u)?.remaining(now).is_some() {
+                    return Ok(Vec::new());
+                }
+                Ok(store.grants(&u, now)?)
+            })
+            .await?;
         Ok(grant::find(&grants, reuse, attributes, now).map(|(g, until)| (g.clone(), until)))
     }
 
