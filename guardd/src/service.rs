@@ -676,11 +676,13 @@ impl Guard for GuardService {
                 }
                 Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
             };
-            let proof = match (&verdict, proving) {
+            let (proof, flow) = match (&verdict, proving) {
                 (Verdict::Otp(_) | Verdict::Backup, Some(proving)) => {
-                    self.make_grants(&caller, &ctx.user, *proving).await
+                    (self.make_grants(&caller, &ctx.user, *proving).await, flow)
                 }
-                _ => None,
+                // A wrong code: the next try may still prove the OTP and leave the grants.
+                (_, proving @ Some(_)) => (None, Flow::Login(proving)),
+                (_, None) => (None, flow),
             };
             audit::record(
                 &Event {

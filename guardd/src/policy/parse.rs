@@ -226,6 +226,19 @@ impl Policy {
                 }
             }
         }
+        for r in &rules {
+            let Some(reuse) = &r.reuse else { continue };
+            let origin = [Scope::Rhost, Scope::SshKey, Scope::Session];
+            if !reuse.scope.iter().any(|s| origin.contains(s)) {
+                warnings.push(format!(
+                    "{file}:{}: rule {}: reuse_scope names none of rhost, ssh_key, session: host and \
+                     service are the same for every login the rule sees here, and sshd's tty is \
+                     \"ssh\" for all of them, so any login of the user under this rule (from \
+                     anywhere, with any key) reuses the grant",
+                    r.line, r.id
+                ));
+            }
+        }
         let digest = Sha256::digest(text.as_bytes());
         Ok(Policy {
             file: file.to_owned(),

@@ -760,3 +760,37 @@ fn reuse_faults_are_refused_with_line_and_column() {
         "reuse = \"24h\"\nreuse_scope = [\"ssh_key\", \"rhost\"]",
     ));
 }
+
+/// `host` and `service` are the same for every login a rule sees on a server, and sshd sets
+/// PAM_TTY to "ssh" for every login it authenticates (a pts number is reused by the next
+/// login that opens one): a scope made of these alone binds the grant to the user alone, which
+/// an empty scope is refused for. A stolen password then skips the OTP from anywhere.
+#[test]
+fn a_reuse_scope_without_the_login_s_origin_is_warned_about() {
+    let rule = |scope: &str| {
+        format!(
+            "version = 1\n[[rule]]\nid = \"a\"\neffect = \"otp\"\nreuse = \"10m\"\nreuse_scope = {scope}\n"
+        )
+    };
+    for scope in [
+        r#"["service"]"#,
+        r#"["host"]"#,
+        r#"["tty"]"#,
+        r#"["host", "service", "tty"]"#,
+    ] {
+        let p = policy(&rule(scope));
+        assert_eq!(p.warnings().len(), 1, "{scope}: {:?}", p.warnings());
+        assert!(
+            p.warnings()[0].contains("rules.toml:3: rule a"),
+            "{:?}",
+            p.warnings()
+        );
+    }
+    for scope in [
+        r#"["rhost"]"#,
+        r#"["ssh_key", "tty"]"#,
+        r#"["session", "host"]"#,
+    ] {
+        assert!(policy(&rule(scope)).warnings().is_empty(), "{scope}");
+    }
+}

@@ -666,6 +666,9 @@ pub(super) async fn issue_backup_codes(
             );
         }
         store.replace_backup_codes(&u, Some(uid), &hashes, now as i64)?;
+        // Codes are reissued when they leaked: the reuse grants end with them, as with a
+        // disabled or deleted token (a grant proven by an old code proves nothing now).
+        store.forget(&u)?;
         store.foreign_uid(&u, &host, Some(uid))?;
         Ok(())
     })

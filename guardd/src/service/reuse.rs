@@ -47,7 +47,11 @@ impl GuardService {
 
     /// The attributes a grant can be bound to, for a login by `caller`; all absent for a
     /// caller without root's rights, whose logins never make or use a grant. The session is
-    /// read from /proc now (checked against the process that connected).
+    /// read from /proc now (checked against the process that connected), except sshd's: it
+    /// authenticates before the login's session exists, so the session its own process is in
+    /// (one inherited from whoever started sshd: an init script run from an admin's shell, a
+    /// container started from a login) is never the login's. An ssh login's grants get their
+    /// session from `open_session`.
     pub(super) fn attributes(
         &self,
         caller: &Caller,
@@ -64,7 +68,11 @@ impl GuardService {
             rhost: present(&ctx.rhost),
             tty: present(&ctx.tty),
             ssh_key: present(&ssh_keys.join(",")),
-            session: Attributes::session_name(&self.host, caller.login_session()),
+            session: if self.is_sshd(caller, ctx) {
+                None
+            } else {
+                Attributes::session_name(&self.host, caller.login_session())
+            },
         }
     }
 
@@ -81,12 +89,22 @@ impl GuardService {
             return Ok(None);
         }
         let (u, now) = (user.to_owned(), self.clock.now() as i64);
-        let grants = self.store(move |store| Ok(store.grants(&u, now)?)).await?;
+        let grants = self
+            .store(move |store| {
+                // None during a back-off: its start ends the grants stored then, but one stored
+                // just after (by a login whose code was checked just before) would outlive it.
+                if store.lockout(&u)?.remaining(now).is_some() {
+                    return Ok(Vec::new());
+                }
+                Ok(store.grants(&u, now)?)
+            })
+            .await?;
         Ok(grant::find(&grants, reuse, attributes, now).map(|(g, until)| (g.clone(), until)))
     }
 
     /// After an OTP proven in `proving`'s conversation: one grant per obligation, bound to the
-    /// attributes of the login (its session read again, from the caller that answered).
+    /// attributes of the login (its session, if it began in one, read again from the caller
+    /// that answered, which must still be in it).
     /// Returns the proving login's audit id. A grant that cannot be stored only costs the
     /// user a code next time: the login itself goes on.
     pub(super) async fn make_grants(
@@ -101,7 +119,8 @@ impl GuardService {
         let proof = crate::otp::random_hex(8).ok()?;
         let now = self.clock.now() as i64;
         let mut attributes = proving.attributes;
-        attributes.session = Attributes::session_name(&self.host, caller.login_session());
+        let answering = Attributes::session_name(&self.host, caller.login_session());
+        attributes.session = attributes.session.filter(|s| answering.as_ref() == Some(s));
         let mut grants = Vec::with_capacity(proving.reuse.len());
         for r in &proving.reuse {
             grants.push(Grant {

@@ -709,3 +709,241 @@ async fn forget_a_disabled_token_a_lockout_or_a_changed_rule_end_grants() {
         .into_inner();
     assert_ne!(kind(&step), "permit", "{step:?}");
 }
+
+/// A process in an audit login session of its own (pam_loginuid's write to
+/// /proc/self/loginuid, which needs root, or a loginuid still unset), and a root caller
+/// connecting from it. The child is killed when dropped.
+struct InSession(std::process::Child);
+
+impl InSession {
+    fn start() -> (InSession, Caller) {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "echo 0 > /proc/self/loginuid && exec sleep 120"])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let guard = InSession(child);
+        for _ in 0..200 {
+            if crate::procfs::session_id(pid).is_some() {
+                let caller = Caller::from_cred(0, 0, Some(pid as i32));
+                assert!(caller.login_session().is_some());
+                return (guard, caller);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("no login session for the child (run as root)");
+    }
+}
+
+impl Drop for InSession {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Where `session` reuse matters: ssh logins and sudo inside them.
+const SESSION_RULES: &str = r#"
+version = 1
+default = "permit"
+
+[[rule]]
+id = "ssh-and-sudo"
+effect = "otp"
+reuse = "10m"
+reuse_scope = ["session"]
+match = { service = ["sshd", "sudo"] }
+"#;
+
+/// sshd started from an admin's shell (an init script run by hand, a container started from a
+/// login) runs in that login session, and so does every connection's authentication process.
+/// That session is sshd's own, not the ssh login's: a grant bound to it would let every later
+/// ssh login of the user in without a code, from any address and with any key.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn sshd_s_own_session_is_not_the_login_s_as_root() {
+    let f = fixture_with(SESSION_RULES);
+    f.directory.add("ann", 1000, "pw");
+    let secret = f.enroll_active("ann").await;
+    let (_sshd_process, sshd) = InSession::start();
+    assert_eq!(
+        f.login(sshd, ssh_login("ann", "a"), &secret, NOW).await,
+        "permit"
+    );
+    let mut elsewhere = ssh_login("ann", "b");
+    elsewhere.context.as_mut().unwrap().rhost = "198.51.100.9".into();
+    elsewhere.context.as_mut().unwrap().ssh_connection = "198.51.100.9 4444 192.0.2.1 22".into();
+    assert_eq!(
+        f.login(sshd, elsewhere, &secret, NOW + 60).await,
+        "permit",
+        "another ssh login, from another address with another key, must be asked for a code"
+    );
+    // sudo inside a login session still reuses the OTP it proved there.
+    let (_shell, sudo) = InSession::start();
+    let mut sudo_login = begin("ann");
+    sudo_login.context.as_mut().unwrap().service = "sudo".into();
+    assert_eq!(
+        f.login(sudo, sudo_login.clone(), &secret, NOW + 120).await,
+        "permit"
+    );
+    assert_eq!(
+        f.login(sudo, sudo_login, &secret, NOW + 150).await,
+        "permit without code"
+    );
+}
+
+/// A user who mistypes the code once and then types it right has proven the OTP as much as one
+/// who typed it right at once: the retry must leave the grant the first try would have.
+#[tokio::test]
+async fn a_code_right_at_the_second_try_leaves_a_grant() {
+    let (f, _) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    f.now.store(NOW, std::sync::atomic::Ordering::SeqCst);
+    let step = f
+        .svc
+        .begin(request(ROOT, ssh_login("ann", "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(step::Kind::Prompt(p)) = step.kind else {
+        panic!("{step:?}")
+    };
+    let wrong = AnswerRequest {
+        challenge: p.challenge,
+        response: b"000000".to_vec(),
+    };
+    let step = f
+        .svc
+        .answer(request(ROOT, wrong))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(step::Kind::Prompt(p)) = step.kind else {
+        panic!("{step:?}")
+    };
+    let code = otp::totp_code(&secret, OtpParams::default(), NOW).unwrap();
+    let right = AnswerRequest {
+        challenge: p.challenge,
+        response: code.into_bytes(),
+    };
+    let step = f
+        .svc
+        .answer(request(ROOT, right))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&step), "permit");
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 60)
+            .await,
+        "permit without code"
+    );
+}
+
+/// Reissuing backup codes is what an admin does when they leaked: a grant one of them proved
+/// (or any other) must end with them, as with a disabled or deleted token.
+#[tokio::test]
+async fn reissued_backup_codes_end_grants() {
+    let (f, _) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    let codes = f
+        .svc
+        .issue_backup_codes(request(ROOT, BackupCodesRequest { user: "ann".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .codes;
+    // A backup code proves the login and leaves a grant.
+    f.now.store(NOW, std::sync::atomic::Ordering::SeqCst);
+    let step = f
+        .svc
+        .begin(request(ROOT, ssh_login("ann", "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(step::Kind::Prompt(p)) = step.kind else {
+        panic!("{step:?}")
+    };
+    let backup = AnswerRequest {
+        challenge: p.challenge,
+        response: codes[0].clone().into_bytes(),
+    };
+    let step = f
+        .svc
+        .answer(request(ROOT, backup))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&step), "permit");
+    assert_eq!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 30)
+            .await,
+        "permit without code"
+    );
+    f.svc
+        .issue_backup_codes(request(ROOT, BackupCodesRequest { user: "ann".into() }))
+        .await
+        .unwrap();
+    f.now.store(NOW + 60, std::sync::atomic::Ordering::SeqCst);
+    let step = f
+        .svc
+        .begin(request(ROOT, ssh_login("ann", "a")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kind(&step), "prompt", "the reissued codes ended the grant");
+}
+
+/// The code check and the grant it leaves are two store calls: a lock-out that starts between
+/// them (wrong guesses from another address or host at that moment) ends the grants already
+/// stored, not the one stored just after. Such a grant must not let logins in during the
+/// back-off.
+#[tokio::test]
+async fn a_grant_stored_as_the_back_off_starts_lets_no_login_in_during_it() {
+    let (f, now) = reuse_fixture();
+    let secret = f.enroll_active("ann").await;
+    now.store(NOW, std::sync::atomic::Ordering::SeqCst);
+    // ann's code was checked; before her grant is stored, someone else's guesses lock her out.
+    let ctx = ssh_login("ann", "a").context.unwrap();
+    let keys = f.svc.ssh_keys(&ROOT, &ctx);
+    let facts = LoginFacts {
+        stored: Some(LoginRecord {
+            foreign: None,
+            active: true,
+            can_answer: true,
+        }),
+        ..LoginFacts::default()
+    };
+    let login = f.svc.rules_request(&ctx, NOW as i64, keys.clone());
+    let obligations = f.svc.policy().evaluate(&login, &facts, false).reuse;
+    assert_eq!(obligations.len(), 1);
+    let proving = reuse::Proving {
+        reuse: obligations,
+        attributes: f.svc.attributes(&ROOT, &ctx, &keys),
+        ssh_connection: None,
+    };
+    for _ in 0..5 {
+        let step = f
+            .svc
+            .begin(request(ROOT, ssh_login("ann", "b")))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(step::Kind::Prompt(p)) = step.kind else {
+            panic!("{step:?}")
+        };
+        let wrong = AnswerRequest {
+            challenge: p.challenge,
+            response: b"000000".to_vec(),
+        };
+        f.svc.answer(request(ROOT, wrong)).await.unwrap();
+    }
+    assert!(f.svc.make_grants(&ROOT, "ann", proving).await.is_some());
+    // The first back-off lasts 30 s.
+    assert_ne!(
+        f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 10)
+            .await,
+        "permit without code",
+        "let in during the back-off"
+    );
+}
