@@ -75,13 +75,18 @@ impl Caller {
     }
 
     /// The caller's login session, if the process that connected still runs in the session it
-    /// had then: read again with its start time, so that a pid recycled since borrows nothing.
-    pub fn login_session(&self) -> Option<u32> {
+    /// had then (read again with its start time, so that a pid recycled since borrows nothing),
+    /// and that session is `uid`'s: its login uid is the account being authenticated. A
+    /// session inherited by a daemon someone started from their own login (sshd, xrdp run by
+    /// hand) is that person's, never a user's it authenticates.
+    pub fn login_session(&self, uid: Option<u32>) -> Option<u32> {
         let pid = u32::try_from(self.pid?).ok()?;
         let (session, start) = (self.process.session?, self.process.start?);
-        (crate::procfs::start_time(pid) == Some(start)
-            && crate::procfs::session_id(pid) == Some(session))
-        .then_some(session)
+        (uid.is_some()
+            && crate::procfs::start_time(pid) == Some(start)
+            && crate::procfs::session_id(pid) == Some(session)
+            && crate::procfs::loginuid(pid) == uid)
+            .then_some(session)
     }
 
     /// Whom an open login counts against: as `budget_keys`, with a root caller's remote logins

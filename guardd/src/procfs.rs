@@ -30,6 +30,17 @@ pub fn session_id(pid: u32) -> Option<u32> {
         .filter(|&id| id != u32::MAX)
 }
 
+/// The audit login uid of `pid` (`/proc/PID/loginuid`: whom pam_loginuid recorded as logged
+/// in); None when unset or unreadable.
+pub fn loginuid(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&id| id != u32::MAX)
+}
+
 /// When `pid` started (clock ticks after boot): with the pid, it names one process for good.
 pub fn start_time(pid: u32) -> Option<u64> {
     stat_field(pid, 19)

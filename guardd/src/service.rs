@@ -484,7 +484,7 @@ impl Guard for GuardService {
                         None
                     } else {
                         let keys = self.ssh_keys(&caller, &ctx);
-                        let attributes = self.attributes(&caller, &ctx, &keys);
+                        let attributes = self.attributes(&caller, &ctx, &keys, uid);
                         let reused = self
                             .reusable(&caller, &ctx.user, &attributes, &decision.reuse)
                             .await?;
@@ -513,6 +513,7 @@ impl Guard for GuardService {
                             .filter(|c| !c.is_empty() && self.is_sshd(&caller, &ctx));
                         Some(Box::new(reuse::Proving {
                             reuse: decision.reuse.clone(),
+                            uid,
                             attributes,
                             ssh_connection,
                         }))

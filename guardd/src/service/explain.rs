@@ -91,7 +91,7 @@ pub(super) async fn explain(
     let reuse = if matches!(d.verdict, Rule::Otp { .. }) && d.indeterminate.is_none() {
         let (u, now) = (request.user.clone(), svc.clock.now() as i64);
         let grants = svc.store(move |store| Ok(store.grants(&u, now)?)).await?;
-        let mut attributes = svc.attributes(&caller_as_root(), &ctx, &keys);
+        let mut attributes = svc.attributes(&caller_as_root(), &ctx, &keys, None);
         attributes.host = Some(request.host.clone());
         super::reuse::describe(&d.reuse, &grants, &attributes, now)
     } else {

@@ -19,6 +19,8 @@ use crate::ssh_auth;
 #[derive(Debug)]
 pub(super) struct Proving {
     pub reuse: Vec<Reuse>,
+    /// The uid of the account logging in (its login session is the only one that counts).
+    pub uid: Option<u32>,
     pub attributes: Attributes,
     pub ssh_connection: Option<String>,
 }
@@ -57,6 +59,7 @@ impl GuardService {
         caller: &Caller,
         ctx: &LoginContext,
         ssh_keys: &[String],
+        uid: Option<u32>,
     ) -> Attributes {
         if !caller.is_root() {
             return Attributes::default();
@@ -71,7 +74,7 @@ impl GuardService {
             session: if self.is_sshd(caller, ctx) {
                 None
             } else {
-                Attributes::session_name(&self.host, caller.login_session())
+                Attributes::session_name(&self.host, caller.login_session(uid))
             },
         }
     }
@@ -119,7 +122,7 @@ impl GuardService {
         let proof = crate::otp::random_hex(8).ok()?;
         let now = self.clock.now() as i64;
         let mut attributes = proving.attributes;
-        let answering = Attributes::session_name(&self.host, caller.login_session());
+        let answering = Attributes::session_name(&self.host, caller.login_session(proving.uid));
         attributes.session = attributes.session.filter(|s| answering.as_ref() == Some(s));
         let mut grants = Vec::with_capacity(proving.reuse.len());
         for r in &proving.reuse {
@@ -155,8 +158,10 @@ pub(super) async fn open_session(
     svc: &GuardService,
     req: Request<BeginRequest>,
 ) -> Result<Response<OpenSessionReply>, ServiceError> {
-    let (caller, ctx, _) = svc.login_request(req, "session").await?;
-    let session = Attributes::session_name(&svc.host, caller.login_session());
+    let (caller, ctx, account) = svc.login_request(req, "session").await?;
+    // After pam_loginuid: the session sshd just opened for this account.
+    let uid = account.map(|a| a.uid);
+    let session = Attributes::session_name(&svc.host, caller.login_session(uid));
     let (Some(session), true) = (
         session,
         svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty(),

@@ -710,15 +710,18 @@ async fn forget_a_disabled_token_a_lockout_or_a_changed_rule_end_grants() {
     assert_ne!(kind(&step), "permit", "{step:?}");
 }
 
-/// A process in an audit login session of its own (pam_loginuid's write to
+/// A process in an audit login session of its own, logged in as `uid` (pam_loginuid's write to
 /// /proc/self/loginuid, which needs root, or a loginuid still unset), and a root caller
 /// connecting from it. The child is killed when dropped.
 struct InSession(std::process::Child);
 
 impl InSession {
-    fn start() -> (InSession, Caller) {
+    fn start(uid: u32) -> (InSession, Caller) {
         let child = std::process::Command::new("sh")
-            .args(["-c", "echo 0 > /proc/self/loginuid && exec sleep 120"])
+            .args([
+                "-c",
+                &format!("echo {uid} > /proc/self/loginuid && exec sleep 120"),
+            ])
             .spawn()
             .unwrap();
         let pid = child.id();
@@ -726,7 +729,9 @@ impl InSession {
         for _ in 0..200 {
             if crate::procfs::session_id(pid).is_some() {
                 let caller = Caller::from_cred(0, 0, Some(pid as i32));
-                assert!(caller.login_session().is_some());
+                assert!(caller.login_session(Some(uid)).is_some());
+                assert!(caller.login_session(Some(uid + 1)).is_none());
+                assert!(caller.login_session(None).is_none());
                 return (guard, caller);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
@@ -765,7 +770,8 @@ async fn sshd_s_own_session_is_not_the_login_s_as_root() {
     let f = fixture_with(SESSION_RULES);
     f.directory.add("ann", 1000, "pw");
     let secret = f.enroll_active("ann").await;
-    let (_sshd_process, sshd) = InSession::start();
+    // Started by root from root's shell: root's session, whatever sshd then authenticates.
+    let (_sshd_process, sshd) = InSession::start(0);
     assert_eq!(
         f.login(sshd, ssh_login("ann", "a"), &secret, NOW).await,
         "permit"
@@ -779,7 +785,7 @@ async fn sshd_s_own_session_is_not_the_login_s_as_root() {
         "another ssh login, from another address with another key, must be asked for a code"
     );
     // sudo inside a login session still reuses the OTP it proved there.
-    let (_shell, sudo) = InSession::start();
+    let (_shell, sudo) = InSession::start(1000);
     let mut sudo_login = begin("ann");
     sudo_login.context.as_mut().unwrap().service = "sudo".into();
     assert_eq!(
@@ -789,6 +795,29 @@ async fn sshd_s_own_session_is_not_the_login_s_as_root() {
     assert_eq!(
         f.login(sudo, sudo_login, &secret, NOW + 150).await,
         "permit without code"
+    );
+}
+
+/// A root program that runs in someone else's login session (a daemon an admin started from
+/// their shell, `su` from ann's session to root) does not lend that session to the user it
+/// authenticates: the session counts only when its login uid is that user's.
+#[tokio::test]
+#[ignore = "needs root"]
+async fn a_session_counts_only_for_the_user_logged_in_to_it_as_root() {
+    let f = fixture_with(SESSION_RULES);
+    f.directory.add("ann", 1000, "pw");
+    let secret = f.enroll_active("ann").await;
+    let (_admin_shell, daemon) = InSession::start(0);
+    let mut sudo_login = begin("ann");
+    sudo_login.context.as_mut().unwrap().service = "sudo".into();
+    assert_eq!(
+        f.login(daemon, sudo_login.clone(), &secret, NOW).await,
+        "permit"
+    );
+    assert_eq!(
+        f.login(daemon, sudo_login, &secret, NOW + 30).await,
+        "permit",
+        "asked again: root's session is not ann's"
     );
 }
 
@@ -919,7 +948,8 @@ async fn a_grant_stored_as_the_back_off_starts_lets_no_login_in_during_it() {
     assert_eq!(obligations.len(), 1);
     let proving = reuse::Proving {
         reuse: obligations,
-        attributes: f.svc.attributes(&ROOT, &ctx, &keys),
+        uid: Some(1000),
+        attributes: f.svc.attributes(&ROOT, &ctx, &keys, Some(1000)),
         ssh_connection: None,
     };
     for _ in 0..5 {
