@@ -480,15 +480,8 @@ impl Guard for GuardService {
                     )
                 }
                 Rule::Otp { .. } if can_answer => {
-                    let proving = if decision.reuse.is_empty() || !caller.is_root() {
-                        None
-                    } else {
-                        let keys = self.ssh_keys(&caller, &ctx);
-                        let attributes = self.attributes(&caller, &ctx, &keys, uid);
-                        let reused = self
-                            .reusable(&caller, &ctx.user, &attributes, &decision.reuse)
-                            .await?;
-                        if let Some((grant, _)) = reused {
+                    let proving = match self.reuse_or_prove(&caller, &ctx, uid, &decision).await? {
+                        reuse::Reused::Granted(proof) => {
                             audit::record(
                                 &Event {
                                     action: "begin",
@@ -500,7 +493,7 @@ impl Guard for GuardService {
                                     reason: "reuse",
                                     rule: &rule,
                                     policy: policy.digest(),
-                                    login: &grant.proof,
+                                    login: &proof,
                                     ..Event::default()
                                 }
                                 .caller(&caller),
@@ -509,14 +502,7 @@ impl Guard for GuardService {
                                 kind: Some(step::Kind::Permit(Permit::default())),
                             }));
                         }
-                        let ssh_connection = Some(ctx.ssh_connection.clone())
-                            .filter(|c| !c.is_empty() && self.is_sshd(&caller, &ctx));
-                        Some(Box::new(reuse::Proving {
-                            reuse: decision.reuse.clone(),
-                            uid,
-                            attributes,
-                            ssh_connection,
-                        }))
+                        reuse::Reused::Prove(proving) => proving,
                     };
                     let opened = self.open_conversation(
                         ctx.clone(),
@@ -647,9 +633,8 @@ impl Guard for GuardService {
             let tries_left = session.tries_left;
             let holding = session.holding;
             let uid = session.uid;
-            let (flow, proving) = match session.flow {
-                Flow::Login(proving) => (Flow::Login(None), proving),
-                Flow::RecoverCode => (Flow::RecoverCode, None),
+            let flow = match session.flow {
+                flow @ (Flow::Login(_) | Flow::RecoverCode) => flow,
                 other => {
                     return recovery::password(
                         self,
@@ -677,13 +662,15 @@ impl Guard for GuardService {
                 }
                 Verdict::Wrong => ("deny", "wrong, expired or replayed code", ""),
             };
-            let (proof, flow) = match (&verdict, proving) {
-                (Verdict::Otp(_) | Verdict::Backup, Some(proving)) => {
-                    (self.make_grants(&caller, &ctx.user, *proving).await, flow)
-                }
-                // A wrong code: the next try may still prove the OTP and leave the grants.
-                (_, proving @ Some(_)) => (None, Flow::Login(proving)),
-                (_, None) => (None, flow),
+            // A proven OTP leaves the grants its rules ask for; after a wrong code the next try
+            // of the same conversation still may.
+            let verified = matches!(verdict, Verdict::Otp(_) | Verdict::Backup);
+            let (proof, flow) = match flow {
+                Flow::Login(Some(proving)) if verified => (
+                    self.make_grants(&caller, &ctx.user, *proving).await,
+                    Flow::Login(None),
+                ),
+                flow => (None, flow),
             };
             audit::record(
                 &Event {

@@ -11,7 +11,7 @@ use super::{admin_audit, GuardService, ServiceError};
 use crate::audit::{self, Event};
 use crate::caller::Caller;
 use crate::grant::{self, Attributes, Grant, BIND_WINDOW};
-use crate::policy::Reuse;
+use crate::policy::{Decision, Reuse};
 use crate::ssh_auth;
 
 /// What an OTP proven in a conversation may leave behind: the obligations of the rules that
@@ -25,7 +25,46 @@ pub(super) struct Proving {
     pub ssh_connection: Option<String>,
 }
 
+/// What an `otp` decision comes to before its prompt, for its `reuse` obligations.
+pub(super) enum Reused {
+    /// A grant lets the login in: the audit id of the login that proved the OTP.
+    Granted(String),
+    /// On to the prompt, with what a proof will leave behind (none for a decision without
+    /// `reuse` or a caller without root's rights).
+    Prove(Option<Box<Proving>>),
+}
+
 impl GuardService {
+    /// Looks for a grant that lets this login (by `caller`, of the account with `uid`) in
+    /// under `decision`'s obligations; if none does, what its proof of an OTP should leave.
+    pub(super) async fn reuse_or_prove(
+        &self,
+        caller: &Caller,
+        ctx: &LoginContext,
+        uid: Option<u32>,
+        decision: &Decision,
+    ) -> Result<Reused, ServiceError> {
+        if decision.reuse.is_empty() || !caller.is_root() {
+            return Ok(Reused::Prove(None));
+        }
+        let keys = self.ssh_keys(caller, ctx);
+        let attributes = self.attributes(caller, ctx, &keys, uid);
+        if let Some((grant, _)) = self
+            .reusable(caller, &ctx.user, &attributes, &decision.reuse)
+            .await?
+        {
+            return Ok(Reused::Granted(grant.proof));
+        }
+        let ssh_connection =
+            Some(ctx.ssh_connection.clone()).filter(|c| !c.is_empty() && self.is_sshd(caller, ctx));
+        Ok(Reused::Prove(Some(Box::new(Proving {
+            reuse: decision.reuse.clone(),
+            uid,
+            attributes,
+            ssh_connection,
+        }))))
+    }
+
     /// Whether a login context comes from sshd: a root caller under one of the PAM services
     /// `ssh_services` names. Only then are its SSH_AUTH_INFO_0 and SSH_CONNECTION believed (a
     /// setuid program a user starts cannot choose its PAM service).
