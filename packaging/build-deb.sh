@@ -9,6 +9,9 @@ bash scripts/deps.sh deb
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
 
 cargo build --release --workspace
+# The module on its own: built with the rest, cargo would give it the daemon's features of the
+# crates they share (tonic's client and server in proto), which it does not use.
+cargo build --release -p pam_soffid_otp
 # Where cargo put the binaries: target/ unless CARGO_TARGET_DIR (or a config) says otherwise.
 # cargo-deb maps the `target/release/` asset paths in guardd/Cargo.toml to the same place.
 release="$(cargo metadata --format-version 1 --no-deps \

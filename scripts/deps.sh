@@ -4,7 +4,7 @@
 set -euo pipefail
 
 build_pkgs=(libpam0g-dev libclang-dev libssl-dev pkg-config oathtool pamtester libpam-wrapper)
-test_pkgs=(libpam-wrapper pamtester oathtool util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd postgresql openssl)
+test_pkgs=(libpam-wrapper pamtester oathtool libpam-oath libpam-google-authenticator util-linux binutils openssh-server openssh-client sudo python3-paramiko iproute2 procps passwd postgresql openssl)
 
 deb_pkgs=(help2man lintian dpkg-dev)
 

@@ -58,6 +58,9 @@ bash scripts/deps.sh build
 
 echo "== building (release)"
 cargo build --release --workspace
+# The module on its own: built with the rest, cargo would give it the daemon's features of the
+# crates they share (tonic's client and server in proto), which it does not use.
+cargo build --release -p pam_soffid_otp
 
 multiarch=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || echo x86_64-linux-gnu)
 pamdir=/usr/lib/$multiarch/security

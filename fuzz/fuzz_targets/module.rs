@@ -89,6 +89,9 @@ impl Daemon for &mut Replay {
     fn check(&mut self, _context: LoginContext) -> Result<Step, DaemonError> {
         self.next()
     }
+    fn open_session(&mut self, _context: LoginContext) -> Result<u32, DaemonError> {
+        self.next().map(|_| 0)
+    }
 }
 
 fuzz_target!(|data: &[u8]| {

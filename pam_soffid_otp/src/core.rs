@@ -3,6 +3,7 @@ use proto::v1::{step, DenyReason, LoginContext, Step};
 use zeroize::Zeroizing;
 
 use crate::options::{FailMode, FirstPass, Options};
+use crate::wire::{self, WireError};
 
 /// The PAM service guardd runs its own password checks under; the module steps aside there.
 const PASSWORD_SERVICE: &str = "soffid-otp";
@@ -73,25 +74,19 @@ pub enum DaemonError {
     Refused(String),
 }
 
-impl From<tonic::Status> for DaemonError {
-    fn from(status: tonic::Status) -> Self {
-        use tonic::Code;
-        match status.code() {
-            Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated => {
-                DaemonError::Refused(status.message().to_owned())
-            }
-            // An answer from guardd, so never Absent: overloaded, unavailable, internal, ...
-            code => DaemonError::Failed(format!("{code:?}: {}", status.message())),
-        }
-    }
-}
-
-impl From<proto::ConnectError> for DaemonError {
-    fn from(e: proto::ConnectError) -> Self {
+impl From<WireError> for DaemonError {
+    /// What the module's client met: only connect(2) finding no guardd is `Absent`; a gRPC
+    /// status that is guardd refusing the request is `Refused`; every other answer of a running
+    /// guardd (overloaded, unavailable, internal, ...) is `Failed`, never a reason to step aside.
+    fn from(e: WireError) -> Self {
         match e {
-            proto::ConnectError::Absent { .. } => DaemonError::Absent(e.to_string()),
-            proto::ConnectError::TimedOut { timeout, .. } => DaemonError::TimedOut(timeout),
-            proto::ConnectError::Failed { .. } => DaemonError::Failed(e.to_string()),
+            WireError::Absent { .. } => DaemonError::Absent(e.to_string()),
+            WireError::TimedOut(timeout) => DaemonError::TimedOut(timeout),
+            WireError::Status {
+                code: wire::PERMISSION_DENIED | wire::INVALID_ARGUMENT | wire::UNAUTHENTICATED,
+                message,
+            } => DaemonError::Refused(message),
+            other => DaemonError::Failed(other.to_string()),
         }
     }
 }
@@ -593,10 +588,7 @@ mod tests {
         let code = authenticate(&mut p, "h", false, &options(&["failmode=safe"]), absent);
         assert_eq!(code, PamResultCode::PAM_IGNORE);
         let mut d = FakeDaemon {
-            steps: vec![Err(DaemonError::from(tonic::Status::permission_denied(
-                "no",
-            )))]
-            .into(),
+            steps: vec![Err(DaemonError::from(status(wire::PERMISSION_DENIED)))].into(),
             ..FakeDaemon::default()
         };
         assert_eq!(run(&mut p, &mut d, false), PamResultCode::PAM_AUTH_ERR);
@@ -787,10 +779,12 @@ mod tests {
     /// What a running guardd may answer instead of a step: overloaded, unavailable, broken, slow.
     fn outages() -> Vec<DaemonError> {
         vec![
-            DaemonError::from(tonic::Status::resource_exhausted("overloaded")),
-            DaemonError::from(tonic::Status::internal("broken")),
-            DaemonError::from(tonic::Status::unavailable("going away")),
-            DaemonError::from(tonic::Status::deadline_exceeded("slow")),
+            // RESOURCE_EXHAUSTED, INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED.
+            DaemonError::from(status(8)),
+            DaemonError::from(status(13)),
+            DaemonError::from(status(14)),
+            DaemonError::from(status(4)),
+            DaemonError::from(WireError::Failed("guardd closed the connection".into())),
             DaemonError::TimedOut(std::time::Duration::from_secs(5)),
         ]
     }
@@ -887,24 +881,29 @@ mod tests {
         }
     }
 
+    /// A gRPC status `code` as guardd would send it.
+    fn status(code: u32) -> WireError {
+        WireError::Status {
+            code,
+            message: "from guardd".into(),
+        }
+    }
+
     /// How connect(2)'s outcome reaches the PAM code: only an absent guardd may step aside.
     #[test]
     fn connect_errors_keep_absence_apart() {
-        let path = std::path::PathBuf::from("/run/x.sock");
-        let absent = proto::ConnectError::Absent {
-            path: path.clone(),
-            source: std::io::Error::from_raw_os_error(2),
+        let absent = WireError::Absent {
+            path: "/run/x.sock".into(),
+            errno: nix::errno::Errno::ENOENT,
         };
-        let failed = proto::ConnectError::Failed {
-            path: path.clone(),
-            reason: "connect: EAGAIN".into(),
-        };
-        let slow = proto::ConnectError::TimedOut {
-            path,
-            timeout: std::time::Duration::from_secs(5),
-        };
+        let failed = WireError::Failed("connect: EACCES".into());
+        let slow = WireError::TimedOut(std::time::Duration::from_secs(5));
         assert!(matches!(DaemonError::from(absent), DaemonError::Absent(_)));
         assert!(matches!(DaemonError::from(failed), DaemonError::Failed(_)));
         assert!(matches!(DaemonError::from(slow), DaemonError::TimedOut(_)));
+        assert!(matches!(
+            DaemonError::from(status(wire::INVALID_ARGUMENT)),
+            DaemonError::Refused(_)
+        ));
     }
 }

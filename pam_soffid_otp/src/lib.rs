@@ -13,3 +13,5 @@ mod ffi;
 pub mod log;
 /// Module arguments from the PAM service file.
 pub mod options;
+/// gRPC over HTTP/2 on a blocking Unix socket: the module's own small client.
+pub mod wire;

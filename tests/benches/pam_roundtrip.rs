@@ -7,6 +7,10 @@
 //!
 //! Variants, under pam_wrapper (service files in a temp folder):
 //! - `pam_permit only`: the baseline.
+//! - `pam_google_authenticator`: Debian's libpam-google-authenticator, TOTP, an anchor: it
+//!   reads a secret file and checks the code, writing nothing (no replay protection).
+//! - `pam_oath`: Debian's libpam-oath, HOTP, an anchor: it checks the code and rewrites its
+//!   users file with the new counter.
 //! - `module, guardd absent`: `failmode=safe` then pam_permit; what loading the module and
 //!   failing to connect cost (dlopen, runtime, connect attempt, syslog line).
 //! - `module, rules permit`: one Begin answered with a permit, no prompt, nothing written.
@@ -43,11 +47,23 @@ effect = "otp"
 
 const USER: &str = "daemon";
 
+/// What a variant's user types.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Input {
+    Nothing,
+    /// guardd's TOTP code for the next virtual step.
+    Guardd,
+    /// The TOTP code of now (google-authenticator reads the real clock).
+    TotpNow,
+    /// The next HOTP code (pam_oath).
+    Hotp,
+}
+
 /// One way to run pam_authenticate, and its timings.
 struct Variant {
     name: &'static str,
     service: &'static str,
-    otp: bool,
+    input: Input,
     /// Through /etc/pam.d and the plain system libpam, not pam_wrapper.
     system: bool,
     times: Vec<Duration>,
@@ -107,24 +123,75 @@ fn main() {
     for (name, text) in &files {
         std::fs::write(services.dir.path().join(name), text).unwrap();
     }
+    // The anchors: the same secret in google-authenticator's file and pam_oath's users file.
+    let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name;
+    let ga_file = dir.path().join("google_authenticator");
+    std::fs::write(&ga_file, format!("{}\n\" TOTP_AUTH\n", secret.base32())).unwrap();
+    std::fs::set_permissions(
+        &ga_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let oath_file = dir.path().join("users.oath");
+    std::fs::write(&oath_file, format!("HOTP {USER} - {}\n", secret.hex())).unwrap();
+    std::fs::set_permissions(
+        &oath_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let anchors = [
+        (
+            "bench-ga",
+            format!(
+                "auth required pam_google_authenticator.so secret={} user={me}\n",
+                ga_file.display()
+            ),
+        ),
+        (
+            "bench-oath",
+            format!(
+                "auth required pam_oath.so usersfile={} window=5 digits=6\n",
+                oath_file.display()
+            ),
+        ),
+    ];
+    for (name, text) in &anchors {
+        std::fs::write(services.dir.path().join(name), text).unwrap();
+    }
+    let hotp_counter = AtomicU64::new(0);
     let mut variants = vec![
-        Variant::new("pam_permit only", "bench-permit", false, false),
-        Variant::new("module, guardd absent", "bench-absent", false, false),
-        Variant::new("module, rules permit", "bench-nootp", false, false),
-        Variant::new("module, OTP login", "bench-otp", true, false),
+        Variant::new("pam_permit only", "bench-permit", Input::Nothing, false),
+        Variant::new(
+            "pam_google_authenticator",
+            "bench-ga",
+            Input::TotpNow,
+            false,
+        ),
+        Variant::new("pam_oath", "bench-oath", Input::Hotp, false),
+        Variant::new(
+            "module, guardd absent",
+            "bench-absent",
+            Input::Nothing,
+            false,
+        ),
+        Variant::new("module, rules permit", "bench-nootp", Input::Nothing, false),
+        Variant::new("module, OTP login", "bench-otp", Input::Guardd, false),
     ];
     // The /etc/pam.d variants need root to write there.
     let _etc = is_root().then(|| {
         variants.push(Variant::new(
             "pam_permit only",
             "soffid-otp-bench-permit",
-            false,
+            Input::Nothing,
             true,
         ));
         variants.push(Variant::new(
             "module, OTP login",
             "soffid-otp-bench-otp",
-            true,
+            Input::Guardd,
             true,
         ));
         [
@@ -139,11 +206,17 @@ fn main() {
 
     for _ in 0..runs {
         for v in &mut variants {
-            let input = if v.otp {
-                let now = vtime.fetch_add(30, Ordering::SeqCst) + 30;
-                format!("{}\n", secret.code_at_time(now))
-            } else {
-                String::new()
+            let input = match v.input {
+                Input::Nothing => String::new(),
+                Input::Guardd => {
+                    let now = vtime.fetch_add(30, Ordering::SeqCst) + 30;
+                    format!("{}\n", secret.code_at_time(now))
+                }
+                Input::TotpNow => format!("{}\n", secret.code_at(0)),
+                Input::Hotp => {
+                    let counter = hotp_counter.fetch_add(1, Ordering::SeqCst);
+                    format!("{}\n", secret.hotp(counter))
+                }
             };
             let t = Instant::now();
             let out = if v.system {
@@ -182,11 +255,11 @@ fn main() {
 }
 
 impl Variant {
-    fn new(name: &'static str, service: &'static str, otp: bool, system: bool) -> Variant {
+    fn new(name: &'static str, service: &'static str, input: Input, system: bool) -> Variant {
         Variant {
             name,
             service,
-            otp,
+            input,
             system,
             times: Vec::new(),
         }

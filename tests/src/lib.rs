@@ -655,12 +655,17 @@ impl Secret {
         Secret(data_encoding::BASE32_NOPAD.decode(b32.as_bytes()).unwrap())
     }
 
-    /// The code shown `offset` seconds from now.
     /// The secret as the URI carries it.
     pub fn base32(&self) -> String {
         data_encoding::BASE32_NOPAD.encode(&self.0)
     }
 
+    /// The secret in hex, as pam_oath's users file carries it.
+    pub fn hex(&self) -> String {
+        data_encoding::HEXLOWER.encode(&self.0)
+    }
+
+    /// The code shown `offset` seconds from now.
     pub fn code_at(&self, offset: i64) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)

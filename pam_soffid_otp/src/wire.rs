@@ -1,0 +1,510 @@
+//! gRPC over HTTP/2 for one PAM transaction, on a blocking Unix socket in the caller's thread.
+//!
+//! The module speaks the same protocol as guardctl (`proto/guard.proto`, served by tonic), but
+//! runs inside every sshd and sudo process, which loads it afresh: a general HTTP/2 stack and an
+//! async runtime cost more to load and start than the whole login. One call at a time needs
+//! little of HTTP/2 (RFC 9113): the preface and SETTINGS, then per call a stream with HEADERS
+//! and DATA, answered by HEADERS, DATA and trailers. Header blocks are (de)compressed by
+//! loona-hpack, messages by prost. No thread, no runtime: nothing outlives the call.
+//!
+//! Every read and write is bounded by the call's deadline (socket timeouts set to what is
+//! left of it), and writes never raise SIGPIPE (`send(MSG_NOSIGNAL)`).
+
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+
+/// The client connection preface (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+// Frame types (RFC 9113 §6).
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PING: u8 = 0x6;
+const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
+const CONTINUATION: u8 = 0x9;
+
+// Flags.
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// The largest frame this client accepts (the protocol's default, which it never raises).
+const MAX_FRAME: usize = 16_384;
+/// The largest reply message accepted: guardd's replies are a few hundred bytes.
+const MAX_MESSAGE: usize = 64 * 1024;
+/// The largest header block accepted (HEADERS plus CONTINUATION).
+const MAX_HEADER_BLOCK: usize = 16 * 1024;
+/// The longest pause between connect(2) attempts while guardd's listen backlog is full.
+const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(5);
+
+/// Why a call got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// No guardd: no socket file (ENOENT), or nobody listening on it (ECONNREFUSED).
+    #[error("no guardd at {path}: {errno}")]
+    Absent { path: PathBuf, errno: Errno },
+    /// The deadline passed: connecting (a listen backlog full to the end), writing or reading.
+    #[error("guardd did not answer within {0:?}")]
+    TimedOut(Duration),
+    /// guardd answered with a gRPC status other than OK.
+    #[error("{message} (gRPC status {code})")]
+    Status { code: u32, message: String },
+    /// Anything else: the socket failed, guardd hung up, or sent what this client cannot read.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// gRPC status codes that are guardd refusing the request itself rather than failing.
+pub const INVALID_ARGUMENT: u32 = 3;
+pub const PERMISSION_DENIED: u32 = 7;
+pub const UNAUTHENTICATED: u32 = 16;
+
+/// One HTTP/2 connection to guardd, used for one call at a time.
+pub struct Connection {
+    stream: UnixStream,
+    path: PathBuf,
+    next_stream: u32,
+    encoder: loona_hpack::Encoder<'static>,
+    decoder: loona_hpack::Decoder<'static>,
+    opened: Instant,
+    /// Set once guardd said GOAWAY: no new stream may start on this connection.
+    going_away: bool,
+}
+
+impl Connection {
+    /// Connects to `path` and sends the preface and this client's SETTINGS (guardd's are read
+    /// with the first answer: no round trip is spent waiting for them).
+    pub fn open(path: &Path, timeout: Duration) -> Result<Connection, WireError> {
+        let deadline = Instant::now() + timeout;
+        let stream = connect(path, deadline, timeout)?;
+        let mut conn = Connection {
+            stream,
+            path: path.to_owned(),
+            next_stream: 1,
+            encoder: loona_hpack::Encoder::new(),
+            decoder: loona_hpack::Decoder::new(),
+            opened: Instant::now(),
+            going_away: false,
+        };
+        let mut hello = PREFACE.to_vec();
+        // SETTINGS_ENABLE_PUSH = 0: guardd never pushes, and this client could not take it.
+        frame(&mut hello, SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 0]);
+        conn.send(&hello, deadline, timeout)?;
+        Ok(conn)
+    }
+
+    /// When this connection was opened (guardd closes it after `proto::MAX_CONNECTION_AGE`).
+    pub fn age(&self) -> Duration {
+        self.opened.elapsed()
+    }
+
+    /// Whether a new call must use a new connection.
+    pub fn is_closing(&self) -> bool {
+        self.going_away
+    }
+
+    /// The socket path this connection was opened to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// One unary call: `request` (a prost-encoded message) to `method` (e.g.
+    /// `/soffid.otp.v1.Guard/Begin`); returns the reply message's bytes. Bounded by `timeout`.
+    pub fn call(
+        &mut self,
+        method: &str,
+        request: &[u8],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WireError> {
+        let deadline = Instant::now() + timeout;
+        if self.going_away {
+            return Err(WireError::Failed("guardd is closing the connection".into()));
+        }
+        let id = self.next_stream;
+        self.next_stream += 2;
+        let deadline_header = grpc_timeout(timeout);
+        let headers: [(&[u8], &[u8]); 7] = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", method.as_bytes()),
+            (b":authority", b"guardd"),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"grpc-timeout", deadline_header.as_bytes()),
+        ];
+        let block = self.encoder.encode(headers);
+        if block.len() > MAX_FRAME || request.len() + 5 > MAX_FRAME {
+            return Err(WireError::Failed("request too large".into()));
+        }
+        let mut out = Vec::with_capacity(block.len() + request.len() + 32);
+        frame(&mut out, HEADERS, END_HEADERS, id, &block);
+        let mut message = Vec::with_capacity(request.len() + 5);
+        message.push(0);
+        message.extend_from_slice(&(request.len() as u32).to_be_bytes());
+        message.extend_from_slice(request);
+        frame(&mut out, DATA, END_STREAM, id, &message);
+        self.send(&out, deadline, timeout)?;
+        self.read_reply(id, deadline, timeout)
+    }
+
+    /// Reads frames until stream `id` ends; answers SETTINGS and PING on the way.
+    fn read_reply(
+        &mut self,
+        id: u32,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, WireError> {
+        let mut body = Vec::new();
+        let mut status: Option<(u32, String)> = None;
+        let mut block: Option<Vec<u8>> = None;
+        // Whether the header block being read ends the stream (set on its HEADERS frame).
+        let mut ends_stream = false;
+        loop {
+            let (kind, flags, stream, payload) = self.read_frame(deadline, timeout)?;
+            match kind {
+                SETTINGS if flags & ACK == 0 => {
+                    if payload.len() % 6 != 0 || stream != 0 {
+                        return Err(WireError::Failed("malformed SETTINGS".into()));
+                    }
+                    let mut ack = Vec::with_capacity(9);
+                    frame(&mut ack, SETTINGS, ACK, 0, &[]);
+                    self.send(&ack, deadline, timeout)?;
+                }
+                PING if flags & ACK == 0 => {
+                    let mut pong = Vec::with_capacity(17);
+                    frame(&mut pong, PING, ACK, 0, &payload);
+                    self.send(&pong, deadline, timeout)?;
+                }
+                GOAWAY => {
+                    self.going_away = true;
+                    let last = payload
+                        .get(..4)
+                        .map(|b| u32::from_be_bytes([b[0] & 0x7f, b[1], b[2], b[3]]))
+                        .unwrap_or(0);
+                    if last < id {
+                        return Err(WireError::Failed(
+                            "guardd closed the connection before the call".into(),
+                        ));
+                    }
+                }
+                RST_STREAM if stream == id => {
+                    return Err(WireError::Failed("guardd reset the call".into()));
+                }
+                DATA if stream == id => {
+                    let data = unpad(flags, &payload)?;
+                    if body.len() + data.len() > MAX_MESSAGE + 5 {
+                        return Err(WireError::Failed("reply too large".into()));
+                    }
+                    body.extend_from_slice(data);
+                    if !payload.is_empty() {
+                        // Give the window back, so a long conversation never runs out of it.
+                        let n = (payload.len() as u32).to_be_bytes();
+                        let mut update = Vec::with_capacity(26);
+                        frame(&mut update, WINDOW_UPDATE, 0, 0, &n);
+                        frame(&mut update, WINDOW_UPDATE, 0, id, &n);
+                        self.send(&update, deadline, timeout)?;
+                    }
+                    if flags & END_STREAM != 0 {
+                        return Err(WireError::Failed("the reply ended without a status".into()));
+                    }
+                }
+                HEADERS | CONTINUATION if stream == id => {
+                    let fragment = if kind == HEADERS {
+                        if block.is_some() {
+                            return Err(WireError::Failed("unexpected HEADERS".into()));
+                        }
+                        ends_stream = flags & END_STREAM != 0;
+                        headers_fragment(flags, &payload)?
+                    } else {
+                        &payload[..]
+                    };
+                    let acc = block.get_or_insert_with(Vec::new);
+                    acc.extend_from_slice(fragment);
+                    if acc.len() > MAX_HEADER_BLOCK {
+                        return Err(WireError::Failed("header block too large".into()));
+                    }
+                    if flags & END_HEADERS == 0 {
+                        continue;
+                    }
+                    let done = block.take().unwrap_or_default();
+                    let fields = self
+                        .decoder
+                        .decode(&done)
+                        .map_err(|e| WireError::Failed(format!("bad header block: {e:?}")))?;
+                    for (name, value) in fields {
+                        match &name[..] {
+                            b":status" if value != b"200" => {
+                                return Err(WireError::Failed(format!(
+                                    "HTTP status {}",
+                                    String::from_utf8_lossy(&value)
+                                )))
+                            }
+                            b"grpc-status" => {
+                                let code = std::str::from_utf8(&value)
+                                    .ok()
+                                    .and_then(|v| v.parse().ok())
+                                    .unwrap_or(2);
+                                status.get_or_insert((code, String::new())).0 = code;
+                            }
+                            b"grpc-message" => {
+                                status.get_or_insert((2, String::new())).1 = percent_decode(&value);
+                            }
+                            _ => {}
+                        }
+                    }
+                    // The call ends with the trailers (or a trailers-only answer).
+                    if ends_stream || status.is_some() {
+                        return finish(status, body);
+                    }
+                }
+                // WINDOW_UPDATE, SETTINGS acknowledgements, PING answers, frames of other
+                // streams and unknown types are ignored (RFC 9113 §4.1).
+                _ => {}
+            }
+        }
+    }
+
+    fn read_frame(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(u8, u8, u32, Vec<u8>), WireError> {
+        let mut head = [0u8; 9];
+        self.read_exact(&mut head, deadline, timeout)?;
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        if len > MAX_FRAME {
+            return Err(WireError::Failed("frame larger than allowed".into()));
+        }
+        let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
+        let mut payload = vec![0u8; len];
+        self.read_exact(&mut payload, deadline, timeout)?;
+        Ok((head[3], head[4], stream, payload))
+    }
+
+    fn read_exact(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), WireError> {
+        while !buf.is_empty() {
+            let left = remaining(deadline, timeout)?;
+            self.stream
+                .set_read_timeout(Some(left))
+                .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
+            match self.stream.read(buf) {
+                Ok(0) => return Err(WireError::Failed("guardd closed the connection".into())),
+                Ok(n) => buf = &mut buf[n..],
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(WireError::TimedOut(timeout))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(WireError::Failed(format!("read: {e}"))),
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes all of `bytes` with `send(MSG_NOSIGNAL)`: a hung-up guardd is an error, never a
+    /// SIGPIPE that would end a host that keeps its default action.
+    fn send(
+        &mut self,
+        mut bytes: &[u8],
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<(), WireError> {
+        while !bytes.is_empty() {
+            let left = remaining(deadline, timeout)?;
+            self.stream
+                .set_write_timeout(Some(left))
+                .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
+            match socket::send(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                bytes,
+                MsgFlags::MSG_NOSIGNAL,
+            ) {
+                Ok(n) => bytes = &bytes[n..],
+                Err(Errno::EAGAIN) => return Err(WireError::TimedOut(timeout)),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(WireError::Failed(format!("write: {e}"))),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// connect(2), tried again while guardd's listen backlog is full (EAGAIN): any local user can
+/// keep it full for a moment, which says nothing about guardd; the deadline bounds the tries.
+fn connect(path: &Path, deadline: Instant, timeout: Duration) -> Result<UnixStream, WireError> {
+    let addr = UnixAddr::new(path).map_err(|e| WireError::Failed(format!("socket path: {e}")))?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let fd = socket::socket(
+            AddressFamily::Unix,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+            None,
+        )
+        .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
+        match socket::connect(std::os::fd::AsRawFd::as_raw_fd(&fd.as_fd()), &addr) {
+            Ok(()) => {
+                let stream = UnixStream::from(fd);
+                stream
+                    .set_nonblocking(false)
+                    .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
+                return Ok(stream);
+            }
+            Err(errno @ (Errno::ENOENT | Errno::ECONNREFUSED)) => {
+                return Err(WireError::Absent {
+                    path: path.to_owned(),
+                    errno,
+                })
+            }
+            Err(Errno::EAGAIN) => {
+                let left = remaining(deadline, timeout)?;
+                std::thread::sleep(pause.min(left));
+                pause = (pause * 2).min(BACKLOG_RETRY_MAX);
+            }
+            Err(e) => return Err(WireError::Failed(format!("connect: {e}"))),
+        }
+    }
+}
+
+/// What is left of the deadline, or TimedOut.
+fn remaining(deadline: Instant, timeout: Duration) -> Result<Duration, WireError> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        Err(WireError::TimedOut(timeout))
+    } else {
+        Ok(left)
+    }
+}
+
+/// Appends one frame to `out`.
+fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    let len = (payload.len() as u32).to_be_bytes();
+    out.extend_from_slice(&len[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// A DATA payload without its padding.
+fn unpad(flags: u8, payload: &[u8]) -> Result<&[u8], WireError> {
+    if flags & PADDED == 0 {
+        return Ok(payload);
+    }
+    let pad = *payload
+        .first()
+        .ok_or_else(|| WireError::Failed("bad padding".into()))? as usize;
+    payload
+        .get(1..payload.len().saturating_sub(pad))
+        .filter(|_| pad < payload.len())
+        .ok_or_else(|| WireError::Failed("bad padding".into()))
+}
+
+/// A HEADERS payload's header block fragment, without padding and priority.
+fn headers_fragment(flags: u8, payload: &[u8]) -> Result<&[u8], WireError> {
+    let body = unpad(flags, payload)?;
+    if flags & PRIORITY == 0 {
+        return Ok(body);
+    }
+    body.get(5..)
+        .ok_or_else(|| WireError::Failed("bad HEADERS priority".into()))
+}
+
+/// The reply message out of the gRPC length-prefixed body, or the call's error status.
+fn finish(status: Option<(u32, String)>, body: Vec<u8>) -> Result<Vec<u8>, WireError> {
+    match status {
+        Some((0, _)) => {}
+        Some((code, message)) => return Err(WireError::Status { code, message }),
+        None => return Err(WireError::Failed("the reply has no gRPC status".into())),
+    }
+    let Some(prefix) = body.get(..5) else {
+        return Err(WireError::Failed("the reply has no message".into()));
+    };
+    if prefix[0] != 0 {
+        return Err(WireError::Failed("a compressed reply".into()));
+    }
+    let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+    if body.len() != 5 + len {
+        return Err(WireError::Failed("the reply's length is wrong".into()));
+    }
+    Ok(body[5..].to_vec())
+}
+
+/// The `grpc-timeout` header for `timeout` (whole milliseconds, at most 8 digits).
+fn grpc_timeout(timeout: Duration) -> String {
+    format!("{}m", timeout.as_millis().clamp(1, 99_999_999))
+}
+
+/// A `grpc-message` value, percent-decoded (invalid sequences kept as they are).
+fn percent_decode(value: &[u8]) -> String {
+    let mut out = Vec::with_capacity(value.len());
+    let mut i = 0;
+    while i < value.len() {
+        if value[i] == b'%' {
+            if let Some(byte) = value
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                out.push(byte);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(value[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_padding_and_status() {
+        let mut out = Vec::new();
+        frame(&mut out, DATA, END_STREAM, 3, b"abc");
+        assert_eq!(out, [0, 0, 3, 0, 1, 0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(unpad(PADDED, &[2, b'x', 0, 0]).unwrap(), b"x");
+        assert!(unpad(PADDED, &[9, b'x']).is_err());
+        assert!(unpad(PADDED, &[]).is_err());
+        assert_eq!(
+            headers_fragment(PRIORITY, &[0, 0, 0, 1, 16, 7]).unwrap(),
+            [7]
+        );
+        assert!(headers_fragment(PRIORITY, &[0, 0]).is_err());
+        assert_eq!(percent_decode(b"a%20b%zz%"), "a b%zz%");
+        assert_eq!(grpc_timeout(Duration::from_secs(5)), "5000m");
+        assert_eq!(
+            finish(Some((0, String::new())), vec![0, 0, 0, 0, 2, 8, 1]).unwrap(),
+            [8, 1]
+        );
+        assert!(matches!(
+            finish(Some((7, "no".into())), Vec::new()),
+            Err(WireError::Status { code: 7, .. })
+        ));
+        assert!(finish(None, vec![0, 0, 0, 0, 0]).is_err());
+        assert!(finish(Some((0, String::new())), vec![0, 0, 0, 0, 5, 1]).is_err());
+    }
+}
