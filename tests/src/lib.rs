@@ -666,12 +666,22 @@ impl Secret {
     }
 
     /// The code shown `offset` seconds from now.
+    ///
+    /// Never within 2 s of the end of a 30 s step: a code typed at the end of a step and checked
+    /// in the next one is accepted with a drift of -1, which guardd then keeps, and a test's
+    /// next `code_at(30)` would fall outside the window (a flake a CI run met). A person's phone
+    /// shows the current step, so this only keeps tests away from the edge.
     pub fn code_at(&self, offset: i64) -> String {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_secs() as i64;
-        self.code_at_time((now + offset) as u64)
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+        let into_step = now.as_millis() % 30_000;
+        let now = if into_step > 28_000 {
+            let wait = Duration::from_millis((30_000 - into_step) as u64 + 100);
+            std::thread::sleep(wait);
+            now + wait
+        } else {
+            now
+        };
+        self.code_at_time((now.as_secs() as i64 + offset) as u64)
     }
 
     /// The code shown at Unix time `time`.
