@@ -507,4 +507,82 @@ mod tests {
         assert!(finish(None, vec![0, 0, 0, 0, 0]).is_err());
         assert!(finish(Some((0, String::new())), vec![0, 0, 0, 0, 5, 1]).is_err());
     }
+
+    /// A "guardd" that reads the request and answers with `reply` (raw bytes), then holds the
+    /// connection open until the test ends.
+    fn fake(reply: &'static [u8]) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = std::io::Read::read(&mut conn, &mut buf);
+            let _ = std::io::Write::write_all(&mut conn, reply);
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        (dir, path)
+    }
+
+    fn call(path: &Path, timeout: Duration) -> Result<Vec<u8>, WireError> {
+        Connection::open(path, timeout)?.call("/soffid.otp.v1.Guard/Begin", b"", timeout)
+    }
+
+    #[test]
+    fn a_silent_daemon_is_a_timeout_within_the_deadline() {
+        let (_dir, path) = fake(b"");
+        let started = Instant::now();
+        let err = call(&path, Duration::from_millis(300)).unwrap_err();
+        assert!(matches!(err, WireError::TimedOut(_)), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn what_no_http2_server_sends_is_a_failure_not_a_panic() {
+        // A frame longer than allowed; a GOAWAY before the call; a RST_STREAM; a DATA frame that
+        // ends the stream without a status; a header block that does not decode.
+        let replies: [&'static [u8]; 5] = [
+            b"\xff\xff\xff\x00\x00\x00\x00\x00\x01",
+            b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00",
+            b"\x00\x00\x04\x03\x00\x00\x00\x00\x01\x00\x00\x00\x02",
+            b"\x00\x00\x05\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00\x00",
+            b"\x00\x00\x02\x01\x05\x00\x00\x00\x01\xff\xff",
+        ];
+        for reply in replies {
+            let (_dir, path) = fake(reply);
+            let err = call(&path, Duration::from_secs(2)).unwrap_err();
+            assert!(matches!(err, WireError::Failed(_)), "{reply:?}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn a_trailers_only_status_is_the_call_s_error() {
+        // HEADERS, END_STREAM | END_HEADERS, on stream 1: ":status: 200" (static index 8),
+        // then "grpc-status: 7" and "grpc-message: no%20way" as literals without indexing.
+        let (_dir, path) = fake(
+            b"\x00\x00\x27\x01\x05\x00\x00\x00\x01\x88\x00\x0bgrpc-status\x017\x00\x0cgrpc-message\x08no%20way",
+        );
+        match call(&path, Duration::from_secs(2)) {
+            Err(WireError::Status { code, message }) => {
+                assert_eq!((code, message.as_str()), (7, "no way"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn no_socket_is_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = call(&dir.path().join("none.sock"), Duration::from_secs(1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                WireError::Absent {
+                    errno: Errno::ENOENT,
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
 }

@@ -19,6 +19,9 @@
 //! and, as root, the same baseline and OTP login through service files in /etc/pam.d and the
 //! system's libpam without pam_wrapper.
 //!
+//! `BENCH_MODULE_BEFORE=/path/to/libpam_soffid_otp.so` adds the same module variants with
+//! another build of the module (an earlier version), interleaved in the same run.
+//!
 //! Every login needs a fresh TOTP step (each is accepted once), so guardd runs in-process with a
 //! clock that the benchmark moves forward 30 s before each login.
 
@@ -161,6 +164,13 @@ fn main() {
     for (name, text) in &anchors {
         std::fs::write(services.dir.path().join(name), text).unwrap();
     }
+    let before = std::env::var_os("BENCH_MODULE_BEFORE").map(std::path::PathBuf::from);
+    if let Some(old) = &before {
+        let line = format!("auth required {} {args}\n", old.display());
+        for name in ["bench-before-otp", "bench-before-nootp"] {
+            std::fs::write(services.dir.path().join(name), &line).unwrap();
+        }
+    }
     let hotp_counter = AtomicU64::new(0);
     let mut variants = vec![
         Variant::new("pam_permit only", "bench-permit", Input::Nothing, false),
@@ -180,6 +190,20 @@ fn main() {
         Variant::new("module, rules permit", "bench-nootp", Input::Nothing, false),
         Variant::new("module, OTP login", "bench-otp", Input::Guardd, false),
     ];
+    if before.is_some() {
+        variants.push(Variant::new(
+            "module before, rules permit",
+            "bench-before-nootp",
+            Input::Nothing,
+            false,
+        ));
+        variants.push(Variant::new(
+            "module before, OTP login",
+            "bench-before-otp",
+            Input::Guardd,
+            false,
+        ));
+    }
     // The /etc/pam.d variants need root to write there.
     let _etc = is_root().then(|| {
         variants.push(Variant::new(
@@ -244,7 +268,7 @@ fn main() {
         for v in mine {
             let m = median(&mut v.times);
             println!(
-                "    {:<24} median {:>7.3} ms   over baseline {:>+7.3} ms (ratio {:.2}x)",
+                "    {:<28} median {:>7.3} ms   over baseline {:>+7.3} ms (ratio {:.2}x)",
                 v.name,
                 ms(m),
                 ms(m) - ms(base),
