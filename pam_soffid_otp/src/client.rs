@@ -113,3 +113,81 @@ impl Daemon for GrpcDaemon {
         step
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::tests::{fake_owned, heap, ok_reply};
+    use std::io::{Read, Write};
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixListener;
+
+    /// Step{permit: Permit{}}.
+    const PERMIT: &[u8] = b"\x12\x00";
+
+    #[test]
+    fn the_code_is_left_nowhere_in_the_heap() {
+        const CODE: &[u8] = b"123456-a-code-nobody-else-sends";
+        // Answered, then refused with an error status, then a daemon that hangs up.
+        let replies = [
+            ok_reply(1, PERMIT),
+            b"\x00\x00\x10\x01\x05\x00\x00\x00\x01\x88\x00\x0bgrpc-status\x017".to_vec(),
+            Vec::new(),
+        ];
+        for reply in replies {
+            let (_dir, path) = fake_owned(reply.clone());
+            let mut daemon = GrpcDaemon::connect(&path, Duration::from_millis(500)).unwrap();
+            heap::watch(CODE);
+            let _ = daemon.answer("c".into(), Zeroizing::new(CODE.to_vec()));
+            drop(daemon);
+            assert_eq!(heap::left(), 0, "after {reply:?}");
+        }
+    }
+
+    /// A guardd that reads the whole request, stops reading (as one that closes the connection
+    /// right after its answer), then answers in full.
+    fn answers_then_stops_reading(reply: Vec<u8>) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            // The preface, then frames until the request's DATA ends the stream.
+            loop {
+                let n = conn.read(&mut buf).unwrap();
+                assert!(n > 0);
+                got.extend_from_slice(&buf[..n]);
+                let mut at = 24;
+                let mut done = false;
+                while got.len() >= at + 9 {
+                    let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+                    done |= got[at + 3] == 0 && got[at + 4] & 1 != 0;
+                    at += 9 + len;
+                }
+                if done && got.len() >= at {
+                    break;
+                }
+            }
+            conn.shutdown(Shutdown::Read).unwrap();
+            conn.write_all(&reply).unwrap();
+            std::thread::sleep(Duration::from_secs(5));
+        });
+        (dir, path)
+    }
+
+    #[test]
+    fn a_complete_answer_counts_even_if_guardd_stopped_reading() {
+        // The answer is all there: returning the flow-control window (WINDOW_UPDATE) to a guardd
+        // that no longer reads fails with EPIPE, which must not lose the verdict.
+        let (_dir, path) = answers_then_stops_reading(ok_reply(1, PERMIT));
+        let mut daemon = GrpcDaemon::connect(&path, Duration::from_secs(2)).unwrap();
+        let step = daemon.answer("c".into(), Zeroizing::new(b"1".to_vec()));
+        assert!(
+            matches!(&step, Ok(Step { kind: Some(_) })),
+            "{:?}",
+            step.err()
+        );
+    }
+}
