@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{self, AddressFamily, MsgFlags, SockFlag, SockType, UnixAddr};
+use zeroize::Zeroizing;
 
 /// The client connection preface (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -143,13 +144,18 @@ impl Connection {
             (b"te", b"trailers"),
             (b"grpc-timeout", deadline_header.as_bytes()),
         ];
-        let block = self.encoder.encode(headers);
-        if block.len() > MAX_FRAME || request.len() + 5 > MAX_FRAME {
+        if request.len() + 5 > MAX_FRAME {
             return Err(WireError::Failed("request too large".into()));
         }
-        let mut out = Vec::with_capacity(block.len() + request.len() + 32);
+        let block = self.encoder.encode(headers);
+        if block.len() > MAX_FRAME {
+            return Err(WireError::Failed("request too large".into()));
+        }
+        // The request may hold a code (Answer): every buffer it is copied into is zeroized, on
+        // every path. Sized up front, so that no reallocation leaves a copy behind.
+        let mut out = Zeroizing::new(Vec::with_capacity(block.len() + request.len() + 32));
         frame(&mut out, HEADERS, END_HEADERS, id, &block);
-        let mut message = Vec::with_capacity(request.len() + 5);
+        let mut message = Zeroizing::new(Vec::with_capacity(request.len() + 5));
         message.push(0);
         message.extend_from_slice(&(request.len() as u32).to_be_bytes());
         message.extend_from_slice(request);
