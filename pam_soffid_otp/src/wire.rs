@@ -46,6 +46,8 @@ const MAX_FRAME: usize = 16_384;
 const MAX_MESSAGE: usize = 64 * 1024;
 /// The largest header block accepted (HEADERS plus CONTINUATION).
 const MAX_HEADER_BLOCK: usize = 16 * 1024;
+/// SETTINGS_HEADER_TABLE_SIZE: the protocol's default, which this client never changes.
+const HEADER_TABLE_SIZE: usize = 4096;
 /// The longest pause between connect(2) attempts while guardd's listen backlog is full.
 const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(5);
 
@@ -89,12 +91,16 @@ impl Connection {
     pub fn open(path: &Path, timeout: Duration) -> Result<Connection, WireError> {
         let deadline = Instant::now() + timeout;
         let stream = connect(path, deadline, timeout)?;
+        // guardd's dynamic table may not outgrow SETTINGS_HEADER_TABLE_SIZE, which this client
+        // leaves at its default (RFC 9113 §6.5.2): a larger size update is a COMPRESSION_ERROR.
+        let mut decoder = loona_hpack::Decoder::new();
+        decoder.set_max_allowed_table_size(HEADER_TABLE_SIZE);
         let mut conn = Connection {
             stream,
             path: path.to_owned(),
             next_stream: 1,
             encoder: loona_hpack::Encoder::new(),
-            decoder: loona_hpack::Decoder::new(),
+            decoder,
             opened: Instant::now(),
             going_away: false,
         };
@@ -244,29 +250,45 @@ impl Connection {
                         continue;
                     }
                     let done = block.take().unwrap_or_default();
-                    let fields = self
-                        .decoder
-                        .decode(&done)
-                        .map_err(|e| WireError::Failed(format!("bad header block: {e:?}")))?;
-                    for (name, value) in fields {
-                        match &name[..] {
-                            b":status" if value != b"200" => {
-                                return Err(WireError::Failed(format!(
-                                    "HTTP status {}",
-                                    String::from_utf8_lossy(&value)
-                                )))
+                    // Only the fields this client reads are kept, each in one buffer: a block of
+                    // references to a large table entry must not become a copy per reference.
+                    let mut http_status: Option<Vec<u8>> = None;
+                    let mut code: Option<u32> = None;
+                    let mut message: Option<Vec<u8>> = None;
+                    self.decoder
+                        .decode_with_cb(&done, |name, value| match &name[..] {
+                            b":status" if http_status.is_none() && value[..] != b"200"[..] => {
+                                http_status = Some(value.into_owned());
                             }
                             b"grpc-status" => {
-                                let code = std::str::from_utf8(&value)
-                                    .ok()
-                                    .and_then(|v| v.parse().ok())
-                                    .unwrap_or(2);
-                                status.get_or_insert((code, String::new())).0 = code;
+                                code = Some(
+                                    std::str::from_utf8(&value)
+                                        .ok()
+                                        .and_then(|v| v.parse().ok())
+                                        .unwrap_or(2),
+                                );
                             }
                             b"grpc-message" => {
-                                status.get_or_insert((2, String::new())).1 = percent_decode(&value);
+                                let m = message.get_or_insert_with(Vec::new);
+                                m.clear();
+                                m.extend_from_slice(&value);
                             }
                             _ => {}
+                        })
+                        .map_err(|e| WireError::Failed(format!("bad header block: {e:?}")))?;
+                    if let Some(value) = http_status {
+                        return Err(WireError::Failed(format!(
+                            "HTTP status {}",
+                            String::from_utf8_lossy(&value)
+                        )));
+                    }
+                    if code.is_some() || message.is_some() {
+                        let s = status.get_or_insert((2, String::new()));
+                        if let Some(code) = code {
+                            s.0 = code;
+                        }
+                        if let Some(message) = message {
+                            s.1 = percent_decode(&message);
                         }
                     }
                     // The call ends with the trailers (or a trailers-only answer).
