@@ -81,7 +81,8 @@ pub struct Connection {
     encoder: loona_hpack::Encoder<'static>,
     decoder: loona_hpack::Decoder<'static>,
     opened: Instant,
-    /// Set once guardd said GOAWAY: no new stream may start on this connection.
+    /// Set once guardd said GOAWAY, or stopped reading: no new stream may start on this
+    /// connection.
     going_away: bool,
 }
 
@@ -191,12 +192,12 @@ impl Connection {
                     }
                     let mut ack = Vec::with_capacity(9);
                     frame(&mut ack, SETTINGS, ACK, 0, &[]);
-                    self.send(&ack, deadline, timeout)?;
+                    self.send_control(&ack, deadline, timeout);
                 }
                 PING if flags & ACK == 0 => {
                     let mut pong = Vec::with_capacity(17);
                     frame(&mut pong, PING, ACK, 0, &payload);
-                    self.send(&pong, deadline, timeout)?;
+                    self.send_control(&pong, deadline, timeout);
                 }
                 GOAWAY => {
                     self.going_away = true;
@@ -225,7 +226,7 @@ impl Connection {
                         let mut update = Vec::with_capacity(26);
                         frame(&mut update, WINDOW_UPDATE, 0, 0, &n);
                         frame(&mut update, WINDOW_UPDATE, 0, id, &n);
-                        self.send(&update, deadline, timeout)?;
+                        self.send_control(&update, deadline, timeout);
                     }
                     if flags & END_STREAM != 0 {
                         return Err(WireError::Failed("the reply ended without a status".into()));
@@ -347,6 +348,16 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Sends a frame the answer being read does not depend on (an acknowledgement, a window
+    /// update). guardd may stop reading once it has written a complete answer (it closes the
+    /// connection: shutdown, end of its age): the answer is then still read to its end, and
+    /// the connection is not used for another call.
+    fn send_control(&mut self, bytes: &[u8], deadline: Instant, timeout: Duration) {
+        if self.send(bytes, deadline, timeout).is_err() {
+            self.going_away = true;
+        }
     }
 
     /// Writes all of `bytes` with `send(MSG_NOSIGNAL)`: a hung-up guardd is an error, never a
