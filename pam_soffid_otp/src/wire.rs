@@ -634,6 +634,18 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_continuation_without_headers_is_not_a_header_block() {
+        // The trailers sent as a CONTINUATION that follows no HEADERS (RFC 9113 §6.10).
+        let mut reply = ok_reply(1, b"\x08\x01");
+        let at = reply.len() - 15 - 9 + 3;
+        assert_eq!(reply[at], HEADERS);
+        reply[at] = CONTINUATION;
+        let (_dir, path) = fake_owned(reply);
+        let err = call(&path, Duration::from_secs(2)).unwrap_err();
+        assert!(matches!(err, WireError::Failed(_)), "{err:?}");
+    }
+
+    #[test]
     fn a_dynamic_table_larger_than_the_settings_allow_is_refused() {
         // RFC 7541 §4.2, RFC 9113 §4.3: a size update above SETTINGS_HEADER_TABLE_SIZE (4096,
         // this client never raises it) is a COMPRESSION_ERROR. Here, 1 MiB before ":status 200".
