@@ -239,6 +239,8 @@ impl Connection {
                         }
                         ends_stream = flags & END_STREAM != 0;
                         headers_fragment(flags, &payload)?
+                    } else if block.is_none() {
+                        return Err(WireError::Failed("CONTINUATION without HEADERS".into()));
                     } else {
                         &payload[..]
                     };
