@@ -117,32 +117,13 @@ impl Daemon for GrpcDaemon {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::tests::{fake_owned, heap, ok_reply};
+    use crate::wire::tests::ok_reply;
     use std::io::{Read, Write};
     use std::net::Shutdown;
     use std::os::unix::net::UnixListener;
 
     /// Step{permit: Permit{}}.
     const PERMIT: &[u8] = b"\x12\x00";
-
-    #[test]
-    fn the_code_is_left_nowhere_in_the_heap() {
-        const CODE: &[u8] = b"123456-a-code-nobody-else-sends";
-        // Answered, then refused with an error status, then a daemon that hangs up.
-        let replies = [
-            ok_reply(1, PERMIT),
-            b"\x00\x00\x10\x01\x05\x00\x00\x00\x01\x88\x00\x0bgrpc-status\x017".to_vec(),
-            Vec::new(),
-        ];
-        for reply in replies {
-            let (_dir, path) = fake_owned(reply.clone());
-            let mut daemon = GrpcDaemon::connect(&path, Duration::from_millis(500)).unwrap();
-            heap::watch(CODE);
-            let _ = daemon.answer("c".into(), Zeroizing::new(CODE.to_vec()));
-            drop(daemon);
-            assert_eq!(heap::left(), 0, "after {reply:?}");
-        }
-    }
 
     /// A guardd that reads the whole request, stops reading (as one that closes the connection
     /// right after its answer), then answers in full.

@@ -660,30 +660,6 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_header_block_cannot_make_the_module_allocate_much() {
-        // One 4000-byte entry, then indexed references to it up to the block's limit: ~50 MB of
-        // header fields out of 16 KiB, if the client copies every field out.
-        let mut block = vec![0x88, 0x40, 3, b'x', b'-', b'a', 0x7f, 0xa1, 0x1e];
-        block.extend_from_slice(&[b'a'; 4000]);
-        block.resize(MAX_HEADER_BLOCK, 0xbe);
-        let mut reply = Vec::new();
-        frame(&mut reply, HEADERS, 0, 1, &block[..MAX_FRAME / 2]);
-        frame(
-            &mut reply,
-            CONTINUATION,
-            END_HEADERS,
-            1,
-            &block[MAX_FRAME / 2..],
-        );
-        reply.extend_from_slice(&ok_reply(1, b"\x08\x01")[10..]);
-        let (_dir, path) = fake_owned(reply);
-        heap::reset();
-        let result = call(&path, Duration::from_secs(5));
-        let peak = heap::peak();
-        assert!(peak < 4 << 20, "{peak} bytes at once; {result:?}");
-    }
-
-    #[test]
     fn no_socket_is_absent() {
         let dir = tempfile::tempdir().unwrap();
         let err = call(&dir.path().join("none.sock"), Duration::from_secs(1)).unwrap_err();
@@ -697,78 +673,5 @@ pub(crate) mod tests {
             ),
             "{err:?}"
         );
-    }
-
-    /// The test binary's allocator: counts the bytes the current thread holds (their peak), and
-    /// whether a block it frees still holds a watched byte string (a secret left in the heap).
-    #[allow(unsafe_code)]
-    pub(crate) mod heap {
-        use std::alloc::{GlobalAlloc, Layout, System};
-        use std::cell::Cell;
-
-        thread_local! {
-            static LIVE: Cell<isize> = const { Cell::new(0) };
-            static PEAK: Cell<isize> = const { Cell::new(0) };
-            static BASE: Cell<isize> = const { Cell::new(0) };
-            static WATCHED: Cell<Option<&'static [u8]>> = const { Cell::new(None) };
-            static LEFT: Cell<usize> = const { Cell::new(0) };
-        }
-
-        struct Counting;
-
-        // SAFETY: every call is passed on to the system allocator with the same layout; the
-        // counters are const-initialised thread locals without destructors (no allocation).
-        unsafe impl GlobalAlloc for Counting {
-            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-                let _ = LIVE.try_with(|l| {
-                    l.set(l.get() + layout.size() as isize);
-                    let _ = PEAK.try_with(|p| p.set(p.get().max(l.get())));
-                });
-                // Zeroed, so that every byte of a block is initialised when `dealloc` reads it.
-                // SAFETY: the caller's layout, as GlobalAlloc::alloc requires.
-                unsafe { System.alloc_zeroed(layout) }
-            }
-
-            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-                let _ = LIVE.try_with(|l| l.set(l.get() - layout.size() as isize));
-                if let Ok(Some(watched)) = WATCHED.try_with(Cell::get) {
-                    // SAFETY: `ptr` is a live block of `layout.size()` bytes from `alloc`, which
-                    // zeroed it: initialised.
-                    let block = unsafe { std::slice::from_raw_parts(ptr, layout.size()) };
-                    if block.windows(watched.len()).any(|w| w == watched) {
-                        let _ = LEFT.try_with(|n| n.set(n.get() + 1));
-                    }
-                }
-                // SAFETY: allocated by `alloc` above with this layout.
-                unsafe { System.dealloc(ptr, layout) }
-            }
-        }
-
-        #[global_allocator]
-        static COUNTING: Counting = Counting;
-
-        /// Starts counting this thread's peak from what it holds now.
-        pub(crate) fn reset() {
-            let live = LIVE.with(Cell::get);
-            BASE.with(|b| b.set(live));
-            PEAK.with(|p| p.set(live));
-        }
-
-        /// The most this thread held at once since `reset`, beyond what it held then.
-        pub(crate) fn peak() -> isize {
-            PEAK.with(Cell::get) - BASE.with(Cell::get)
-        }
-
-        /// From now on, counts this thread's freed blocks that still hold `secret`.
-        pub(crate) fn watch(secret: &'static [u8]) {
-            LEFT.with(|n| n.set(0));
-            WATCHED.with(|w| w.set(Some(secret)));
-        }
-
-        /// How many freed blocks held the watched secret; stops watching.
-        pub(crate) fn left() -> usize {
-            WATCHED.with(|w| w.set(None));
-            LEFT.with(Cell::get)
-        }
     }
 }
