@@ -480,7 +480,10 @@ impl Guard for GuardService {
                     )
                 }
                 Rule::Otp { .. } if can_answer => {
-                    let proving = match self.reuse_or_prove(&caller, &ctx, uid, &decision).await? {
+                    let proving = match self
+                        .reuse_or_prove(&caller, &ctx, uid, &decision, &facts.ssh_keys)
+                        .await?
+                    {
                         reuse::Reused::Granted(proof) => {
                             audit::record(
                                 &Event {
@@ -667,7 +670,7 @@ impl Guard for GuardService {
             let verified = matches!(verdict, Verdict::Otp(_) | Verdict::Backup);
             let (proof, flow) = match flow {
                 Flow::Login(Some(proving)) if verified => (
-                    self.make_grants(&caller, &ctx.user, *proving).await,
+                    self.make_grants(&caller, &ctx.user, uid, *proving).await,
                     Flow::Login(None),
                 ),
                 flow => (None, flow),
@@ -802,6 +805,8 @@ struct LoginFacts {
     groups: Option<Result<Vec<String>, LookupError>>,
     /// Set when a rule asked for groups not looked up yet.
     wanted_groups: Cell<bool>,
+    /// The keys sshd says authenticated the login (see `ssh_keys`), parsed once per decision.
+    ssh_keys: Vec<String>,
 }
 
 impl LoginFacts {
@@ -939,11 +944,15 @@ impl GuardService {
         account: Option<&Account>,
     ) -> Result<(Arc<Policy>, rules::Decision, LoginFacts), ServiceError> {
         let policy = self.policy();
-        let request = self.rules_request(ctx, self.clock.now() as i64, self.ssh_keys(caller, ctx));
+        let ssh_keys = self.ssh_keys(caller, ctx);
+        let request = self.rules_request(ctx, self.clock.now() as i64, ssh_keys.clone());
         let uid = account.map(|a| a.uid);
         // Facts are fetched only when a rule asks for them, so rules that need none (a deny, a
         // break-glass permit) are decided while the store or NSS is down.
-        let mut facts = LoginFacts::default();
+        let mut facts = LoginFacts {
+            ssh_keys,
+            ..LoginFacts::default()
+        };
         let mut decision = policy.evaluate(&request, &facts, false);
         loop {
             if facts.wanted_stored.get() && facts.stored.is_none() {

@@ -745,13 +745,49 @@ impl PamServices {
 
     /// Runs `pamtester <service> <user> <operation>` (e.g. `acct_mgmt`) under pam_wrapper.
     pub fn pamtester_op(&self, service: &str, user: &str, operation: &str, input: &str) -> Output {
+        self.run_pamtester(None, service, user, operation, input)
+    }
+
+    /// As [`PamServices::pamtester`], run by the user `runner` (through runuser): the module
+    /// then calls guardd as that uid, as a screen locker would.
+    pub fn pamtester_as(&self, runner: &str, service: &str, user: &str, input: &str) -> Output {
+        self.run_pamtester(Some(runner), service, user, "authenticate", input)
+    }
+
+    fn run_pamtester(
+        &self,
+        runner: Option<&str>,
+        service: &str,
+        user: &str,
+        operation: &str,
+        input: &str,
+    ) -> Output {
         static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-        let mut cmd = Command::new("pamtester");
-        cmd.args(["-v", service, user, operation])
-            .env("LD_PRELOAD", "libpam_wrapper.so")
-            .env("PAM_WRAPPER", "1")
-            .env("PAM_WRAPPER_SERVICE_DIR", self.dir.path());
+        let wrapper = [
+            ("LD_PRELOAD", "libpam_wrapper.so".into()),
+            ("PAM_WRAPPER", "1".into()),
+            (
+                "PAM_WRAPPER_SERVICE_DIR",
+                self.dir.path().display().to_string(),
+            ),
+        ];
+        let mut cmd = match runner {
+            // runuser resets the environment: the wrapper's variables go through env(1).
+            Some(runner) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", runner, "--", "env"])
+                    .args(wrapper.iter().map(|(k, v)| format!("{k}={v}")))
+                    .arg("pamtester");
+                c
+            }
+            None => {
+                let mut c = Command::new("pamtester");
+                c.envs(wrapper);
+                c
+            }
+        };
+        cmd.args(["-v", service, user, operation]);
         feed(cmd, input)
     }
 }
@@ -765,8 +801,8 @@ pub fn system_pamtester(service: &str, user: &str, input: &str) -> Output {
     feed(cmd, input)
 }
 
-/// Runs `cmd` (pamtester) with `input` on its standard input; returns its output.
-fn feed(mut cmd: Command, input: &str) -> Output {
+/// Runs `cmd` with `input` on its standard input; returns its output.
+pub fn feed(mut cmd: Command, input: &str) -> Output {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

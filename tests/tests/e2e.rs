@@ -315,6 +315,30 @@ mod as_root {
             .unwrap()
     }
 
+    /// A sudo PAM service `service` stacking the built module with `module_args`, and a
+    /// sudoers drop-in that lets `user` run `id` as root through it, asking every time.
+    fn sudo_service(service: &str, user: &User, module_args: &str) -> [EtcFile; 2] {
+        let pam = EtcFile::write(
+            &format!("/etc/pam.d/{service}"),
+            &format!(
+                "auth required {} {module_args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
+                artefact("libpam_soffid_otp.so").display()
+            ),
+            0o644,
+        );
+        let dropin = format!("/etc/sudoers.d/{service}");
+        let sudoers = EtcFile::write(
+            &dropin,
+            &format!(
+                "Defaults:{u} pam_service={service}, timestamp_timeout=0, passwd_tries=1\n{u} ALL=(root) /usr/bin/id\n",
+                u = user.name
+            ),
+            0o440,
+        );
+        run(Command::new("visudo").args(["-cf", &dropin]));
+        [pam, sudoers]
+    }
+
     /// A key pair for `user`, installed in ~/.ssh/authorized_keys; returns the private key path.
     fn install_key(dir: &Path, user: &User) -> PathBuf {
         add_key(dir, user, "id_ed25519")
@@ -490,37 +514,15 @@ mod as_root {
         let d = Daemon::with_config(RULES, "max_tries = 1\n");
         let user = User::create();
         let service = format!("sudo-otp-{}", user.name);
-        let module = artefact("libpam_soffid_otp.so");
-        let _pam = EtcFile::write(
-            &format!("/etc/pam.d/{service}"),
-            &format!(
-                "auth required {} socket={} timeout=2\naccount required pam_permit.so\nsession required pam_permit.so\n",
-                module.display(),
-                d.socket.display()
-            ),
-            0o644,
+        let _files = sudo_service(
+            &service,
+            &user,
+            &format!("socket={} timeout=2", d.socket.display()),
         );
-        let dropin = format!("/etc/sudoers.d/{service}");
-        let _sudoers = EtcFile::write(
-            &dropin,
-            &format!(
-                "Defaults:{u} pam_service={service}, timestamp_timeout=0, passwd_tries=1\n{u} ALL=(root) /usr/bin/id\n",
-                u = user.name
-            ),
-            0o440,
-        );
-        run(Command::new("visudo").args(["-cf", &dropin]));
         let sudo = |input: &str| {
-            let mut child = Command::new("runuser")
-                .args(["-u", &user.name, "--", "sudo", "-S", "/usr/bin/id", "-un"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            use std::io::Write;
-            let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-            child.wait_with_output().unwrap()
+            let mut cmd = Command::new("runuser");
+            cmd.args(["-u", &user.name, "--", "sudo", "-S", "/usr/bin/id", "-un"]);
+            harness::feed(cmd, input)
         };
         // Not enrolled: the rule lets them through without a code.
         let open = sudo("");
@@ -684,24 +686,7 @@ mod as_root {
             &args,
         );
         let service = format!("sudo-s{}", user.name);
-        let _pam = EtcFile::write(
-            &format!("/etc/pam.d/{service}"),
-            &format!(
-                "auth required {} {args}\naccount required pam_permit.so\nsession required pam_permit.so\n",
-                artefact("libpam_soffid_otp.so").display(),
-            ),
-            0o644,
-        );
-        let dropin = format!("/etc/sudoers.d/{service}");
-        let _sudoers = EtcFile::write(
-            &dropin,
-            &format!(
-                "Defaults:{u} pam_service={service}, timestamp_timeout=0, passwd_tries=1\n{u} ALL=(root) /usr/bin/id\n",
-                u = user.name
-            ),
-            0o440,
-        );
-        run(Command::new("visudo").args(["-cf", &dropin]));
+        let _files = sudo_service(&service, &user, &args);
         let sudo = ["--command", "sudo -S /usr/bin/id -un"];
 
         let code = secret.code_at(0);

@@ -2,7 +2,7 @@
 //! window runs out, a grant survives a restart of guardd, and a caller without root's rights
 //! never makes or uses one. With sshd and sudo: tests/tests/e2e.rs.
 
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use harness::{Daemon, PamServices};
@@ -92,33 +92,6 @@ mod as_root {
     use super::*;
     use harness::User;
 
-    /// pamtester under pam_wrapper as `runner`.
-    fn pamtester_as(
-        pam: &PamServices,
-        runner: &str,
-        service: &str,
-        user: &str,
-        input: &str,
-    ) -> Output {
-        let mut child = Command::new("runuser")
-            .args(["-u", runner, "--", "env"])
-            .arg("LD_PRELOAD=libpam_wrapper.so")
-            .arg("PAM_WRAPPER=1")
-            .arg(format!(
-                "PAM_WRAPPER_SERVICE_DIR={}",
-                pam.dir.path().display()
-            ))
-            .args(["pamtester", "-v", service, user, "authenticate"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        let _ = child.stdin.take().unwrap().write_all(input.as_bytes());
-        child.wait_with_output().unwrap()
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     #[ignore = "needs root"]
     async fn a_caller_without_root_rights_never_makes_or_uses_a_grant() {
@@ -131,13 +104,7 @@ mod as_root {
         // The user's own process (a screen locker) proves a code: no grant comes of it.
         let code = secret.code_at(0);
         d.remember(&code);
-        let own = pamtester_as(
-            &pam,
-            &user.name,
-            "reuse-a",
-            &user.name,
-            &format!("{code}\n"),
-        );
+        let own = pam.pamtester_as(&user.name, "reuse-a", &user.name, &format!("{code}\n"));
         assert!(
             own.status.success() && prompted(&own),
             "{own:?}\n{}",
@@ -154,7 +121,7 @@ mod as_root {
         d.remember(&code);
         let by_root = pam.pamtester("reuse-a", &user.name, &format!("{code}\n"));
         assert!(by_root.status.success(), "{by_root:?}\n{}", d.log());
-        let own_after = pamtester_as(&pam, &user.name, "reuse-a", &user.name, "");
+        let own_after = pam.pamtester_as(&user.name, "reuse-a", &user.name, "");
         assert!(
             !own_after.status.success() && prompted(&own_after),
             "{own_after:?}"

@@ -19,8 +19,6 @@ use crate::ssh_auth;
 #[derive(Debug)]
 pub(super) struct Proving {
     pub reuse: Vec<Reuse>,
-    /// The uid of the account logging in (its login session is the only one that counts).
-    pub uid: Option<u32>,
     pub attributes: Attributes,
     pub ssh_connection: Option<String>,
 }
@@ -35,20 +33,21 @@ pub(super) enum Reused {
 }
 
 impl GuardService {
-    /// Looks for a grant that lets this login (by `caller`, of the account with `uid`) in
-    /// under `decision`'s obligations; if none does, what its proof of an OTP should leave.
+    /// Looks for a grant that lets this login (by `caller`, of the account with `uid`, with
+    /// the ssh keys the decision saw) in under `decision`'s obligations; if none does, what its
+    /// proof of an OTP should leave.
     pub(super) async fn reuse_or_prove(
         &self,
         caller: &Caller,
         ctx: &LoginContext,
         uid: Option<u32>,
         decision: &Decision,
+        ssh_keys: &[String],
     ) -> Result<Reused, ServiceError> {
         if decision.reuse.is_empty() || !caller.is_root() {
             return Ok(Reused::Prove(None));
         }
-        let keys = self.ssh_keys(caller, ctx);
-        let attributes = self.attributes(caller, ctx, &keys, uid);
+        let attributes = self.attributes(caller, ctx, ssh_keys, uid);
         if let Some((grant, _)) = self
             .reusable(caller, &ctx.user, &attributes, &decision.reuse)
             .await?
@@ -59,7 +58,6 @@ impl GuardService {
             Some(ctx.ssh_connection.clone()).filter(|c| !c.is_empty() && self.is_sshd(caller, ctx));
         Ok(Reused::Prove(Some(Box::new(Proving {
             reuse: decision.reuse.clone(),
-            uid,
             attributes,
             ssh_connection,
         }))))
@@ -144,15 +142,16 @@ impl GuardService {
         Ok(grant::find(&grants, reuse, attributes, now).map(|(g, until)| (g.clone(), until)))
     }
 
-    /// After an OTP proven in `proving`'s conversation: one grant per obligation, bound to the
-    /// attributes of the login (its session, if it began in one, read again from the caller
-    /// that answered, which must still be in it).
+    /// After an OTP proven in `proving`'s conversation (of the account with `uid`): one grant
+    /// per obligation, bound to the attributes of the login (its session, if it began in one,
+    /// read again from the caller that answered, which must still be in it).
     /// Returns the proving login's audit id. A grant that cannot be stored only costs the
     /// user a code next time: the login itself goes on.
     pub(super) async fn make_grants(
         &self,
         caller: &Caller,
         user: &str,
+        uid: Option<u32>,
         proving: Proving,
     ) -> Option<String> {
         if !caller.is_root() || proving.reuse.is_empty() {
@@ -161,7 +160,7 @@ impl GuardService {
         let proof = crate::otp::random_hex(8).ok()?;
         let now = self.clock.now() as i64;
         let mut attributes = proving.attributes;
-        let answering = Attributes::session_name(&self.host, caller.login_session(proving.uid));
+        let answering = Attributes::session_name(&self.host, caller.login_session(uid));
         attributes.session = attributes.session.filter(|s| answering.as_ref() == Some(s));
         let mut grants = Vec::with_capacity(proving.reuse.len());
         for r in &proving.reuse {

@@ -464,7 +464,26 @@ fn reuse_fixture() -> (Fixture, Arc<std::sync::atomic::AtomicU64>) {
     (f, now)
 }
 
+/// The challenge of `step`, a prompt (the test expects one).
+fn challenge_of(step: Step) -> String {
+    match step.kind {
+        Some(step::Kind::Prompt(p)) => p.challenge,
+        other => panic!("expected a prompt: {other:?}"),
+    }
+}
+
 impl Fixture {
+    /// Begins `req` as `caller`, which must be asked for a code: the prompt's challenge.
+    async fn prompt(&self, caller: Caller, req: BeginRequest) -> String {
+        challenge_of(
+            self.svc
+                .begin(request(caller, req))
+                .await
+                .unwrap()
+                .into_inner(),
+        )
+    }
+
     /// The reuse line of `guardctl explain` for ann's ssh login with key `key`.
     async fn explain_reuse(&self, key: &str) -> String {
         let context = ssh_login("ann", key).context;
@@ -647,17 +666,9 @@ async fn forget_a_disabled_token_a_lockout_or_a_changed_rule_end_grants() {
 
     // A lock-out: wrong codes until the back-off starts.
     for _ in 0..5 {
-        let step = f
-            .svc
-            .begin(request(ROOT, ssh_login("ann", "b")))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(step::Kind::Prompt(p)) = step.kind else {
-            panic!("{step:?}")
-        };
+        let challenge = f.prompt(ROOT, ssh_login("ann", "b")).await;
         let wrong = AnswerRequest {
-            challenge: p.challenge,
+            challenge,
             response: b"000000".to_vec(),
         };
         f.svc.answer(request(ROOT, wrong)).await.unwrap();
@@ -828,17 +839,9 @@ async fn a_code_right_at_the_second_try_leaves_a_grant() {
     let (f, _) = reuse_fixture();
     let secret = f.enroll_active("ann").await;
     f.now.store(NOW, std::sync::atomic::Ordering::SeqCst);
-    let step = f
-        .svc
-        .begin(request(ROOT, ssh_login("ann", "a")))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(step::Kind::Prompt(p)) = step.kind else {
-        panic!("{step:?}")
-    };
+    let challenge = f.prompt(ROOT, ssh_login("ann", "a")).await;
     let wrong = AnswerRequest {
-        challenge: p.challenge,
+        challenge,
         response: b"000000".to_vec(),
     };
     let step = f
@@ -847,12 +850,9 @@ async fn a_code_right_at_the_second_try_leaves_a_grant() {
         .await
         .unwrap()
         .into_inner();
-    let Some(step::Kind::Prompt(p)) = step.kind else {
-        panic!("{step:?}")
-    };
     let code = otp::totp_code(&secret, OtpParams::default(), NOW).unwrap();
     let right = AnswerRequest {
-        challenge: p.challenge,
+        challenge: challenge_of(step),
         response: code.into_bytes(),
     };
     let step = f
@@ -884,17 +884,9 @@ async fn reissued_backup_codes_end_grants() {
         .codes;
     // A backup code proves the login and leaves a grant.
     f.now.store(NOW, std::sync::atomic::Ordering::SeqCst);
-    let step = f
-        .svc
-        .begin(request(ROOT, ssh_login("ann", "a")))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(step::Kind::Prompt(p)) = step.kind else {
-        panic!("{step:?}")
-    };
+    let challenge = f.prompt(ROOT, ssh_login("ann", "a")).await;
     let backup = AnswerRequest {
-        challenge: p.challenge,
+        challenge,
         response: codes[0].clone().into_bytes(),
     };
     let step = f
@@ -948,27 +940,22 @@ async fn a_grant_stored_as_the_back_off_starts_lets_no_login_in_during_it() {
     assert_eq!(obligations.len(), 1);
     let proving = reuse::Proving {
         reuse: obligations,
-        uid: Some(1000),
         attributes: f.svc.attributes(&ROOT, &ctx, &keys, Some(1000)),
         ssh_connection: None,
     };
     for _ in 0..5 {
-        let step = f
-            .svc
-            .begin(request(ROOT, ssh_login("ann", "b")))
-            .await
-            .unwrap()
-            .into_inner();
-        let Some(step::Kind::Prompt(p)) = step.kind else {
-            panic!("{step:?}")
-        };
+        let challenge = f.prompt(ROOT, ssh_login("ann", "b")).await;
         let wrong = AnswerRequest {
-            challenge: p.challenge,
+            challenge,
             response: b"000000".to_vec(),
         };
         f.svc.answer(request(ROOT, wrong)).await.unwrap();
     }
-    assert!(f.svc.make_grants(&ROOT, "ann", proving).await.is_some());
+    assert!(f
+        .svc
+        .make_grants(&ROOT, "ann", Some(1000), proving)
+        .await
+        .is_some());
     // The first back-off lasts 30 s.
     assert_ne!(
         f.login(ROOT, ssh_login("ann", "a"), &secret, NOW + 10)
