@@ -507,8 +507,15 @@ impl Guard for GuardService {
                         }
                         reuse::Reused::Prove(proving) => proving,
                     };
+                    // sshd's auth info (up to 16 KiB) has served: the keys are in `proving`. A
+                    // waiting conversation keeps only what its answer needs, so open prompts
+                    // cannot hold 16 KiB each.
+                    let waiting = LoginContext {
+                        ssh_auth_info: String::new(),
+                        ..ctx.clone()
+                    };
                     let opened = self.open_conversation(
-                        ctx.clone(),
+                        waiting,
                         &caller,
                         self.max_tries,
                         Flow::Login(proving),

@@ -964,3 +964,25 @@ async fn a_grant_stored_as_the_back_off_starts_lets_no_login_in_during_it() {
         "let in during the back-off"
     );
 }
+
+/// An open prompt keeps no copy of sshd's auth info (up to 16 KiB, any caller may send it): a
+/// uid's share of open conversations must not cost 16 KiB each.
+#[tokio::test]
+async fn a_waiting_conversation_holds_no_ssh_auth_info() {
+    let (f, _) = reuse_fixture();
+    f.enroll_active("ann").await;
+    let mut login = ssh_login("ann", "a");
+    login
+        .context
+        .as_mut()
+        .unwrap()
+        .ssh_auth_info
+        .push_str(&"x".repeat(8000));
+    f.prompt(user(1000), login).await;
+    let sessions = f.svc.sessions.lock().unwrap();
+    assert_eq!(sessions.open.len(), 1);
+    assert!(sessions
+        .open
+        .values()
+        .all(|s| s.context.ssh_auth_info.is_empty()));
+}
