@@ -4,7 +4,7 @@
 
 /// The first number of the `key` line (e.g. `Uid:`, `VmHWM:`) of `/proc/PID/status`.
 pub fn status_number(pid: u32, key: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let status = read(&format!("/proc/{pid}/status"))?;
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))?
@@ -22,8 +22,7 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// The audit login session of `pid` (`/proc/PID/sessionid`, set by pam_loginuid); None when
 /// unset (4294967295) or unreadable.
 pub fn session_id(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/sessionid"))
-        .ok()?
+    read(&format!("/proc/{pid}/sessionid"))?
         .trim()
         .parse()
         .ok()
@@ -33,8 +32,7 @@ pub fn session_id(pid: u32) -> Option<u32> {
 /// The audit login uid of `pid` (`/proc/PID/loginuid`: whom pam_loginuid recorded as logged
 /// in); None when unset or unreadable.
 pub fn loginuid(pid: u32) -> Option<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/loginuid"))
-        .ok()?
+    read(&format!("/proc/{pid}/loginuid"))?
         .trim()
         .parse()
         .ok()
@@ -58,9 +56,32 @@ pub fn boot_id() -> Option<&'static str> {
     .as_deref()
 }
 
+/// A /proc file's text. Read into one page-sized buffer: `fs::read_to_string` asks a file that
+/// says its size is 0 for 32 bytes, then doubles, about eight reads for a `status` file, on
+/// every connection guardd accepts.
+fn read(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok()?;
+    let mut buf = vec![0u8; 4096];
+    let mut len = 0;
+    loop {
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return None,
+        }
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).ok()
+}
+
 /// Field `n` (counted from 0 after the command name) of `/proc/PID/stat`.
 fn stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let stat = read(&format!("/proc/{pid}/stat"))?;
     // The command name (which may hold spaces and parentheses) closes with the last ')'.
     stat.rsplit_once(')')?
         .1

@@ -50,6 +50,12 @@ const MAX_HEADER_BLOCK: usize = 16 * 1024;
 const HEADER_TABLE_SIZE: usize = 4096;
 /// The longest pause between connect(2) attempts while guardd's listen backlog is full.
 const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(5);
+/// Received DATA bytes after which the flow-control window is given back: half the protocol's
+/// initial window (65,535), which this client never changes. guardd's replies are far smaller,
+/// so a PAM transaction normally never sends a WINDOW_UPDATE; a large reply still cannot stall.
+const WINDOW_REFILL: u32 = 32 * 1024;
+/// How much one read(2) asks for: a whole frame of the largest size and its header.
+const READ_CHUNK: usize = MAX_FRAME + 9;
 
 /// Why a call got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -84,11 +90,21 @@ pub struct Connection {
     /// Set once guardd said GOAWAY, or stopped reading: no new stream may start on this
     /// connection.
     going_away: bool,
+    /// Frames that go out with the next call's request, in the same write: the preface and
+    /// SETTINGS of a new connection, the acknowledgement of guardd's SETTINGS. Each write wakes
+    /// guardd; a login pays for one per call, not one per frame.
+    pending: Vec<u8>,
+    /// Bytes read from the socket and not yet taken as frames (from `taken` on): guardd's
+    /// answer usually arrives in one read.
+    input: Vec<u8>,
+    taken: usize,
+    /// DATA bytes received on the connection since its window was last given back.
+    unacked: u32,
 }
 
 impl Connection {
-    /// Connects to `path` and sends the preface and this client's SETTINGS (guardd's are read
-    /// with the first answer: no round trip is spent waiting for them).
+    /// Connects to `path`. The preface and this client's SETTINGS go out with the first call
+    /// (guardd's SETTINGS are read with its first answer: no round trip waits for them).
     pub fn open(path: &Path, timeout: Duration) -> Result<Connection, WireError> {
         let deadline = Instant::now() + timeout;
         let stream = connect(path, deadline, timeout)?;
@@ -104,11 +120,13 @@ impl Connection {
             decoder,
             opened: Instant::now(),
             going_away: false,
+            pending: PREFACE.to_vec(),
+            input: Vec::with_capacity(2 * READ_CHUNK),
+            taken: 0,
+            unacked: 0,
         };
-        let mut hello = PREFACE.to_vec();
         // SETTINGS_ENABLE_PUSH = 0: guardd never pushes, and this client could not take it.
-        frame(&mut hello, SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 0]);
-        conn.send(&hello, deadline, timeout)?;
+        frame(&mut conn.pending, SETTINGS, 0, 0, &[0, 2, 0, 0, 0, 0]);
         Ok(conn)
     }
 
@@ -160,7 +178,10 @@ impl Connection {
         }
         // The request may hold a code (Answer): every buffer it is copied into is zeroized, on
         // every path. Sized up front, so that no reallocation leaves a copy behind.
-        let mut out = Zeroizing::new(Vec::with_capacity(block.len() + request.len() + 32));
+        let mut out = Zeroizing::new(Vec::with_capacity(
+            self.pending.len() + block.len() + request.len() + 32,
+        ));
+        out.append(&mut self.pending);
         frame(&mut out, HEADERS, END_HEADERS, id, &block);
         let mut message = Zeroizing::new(Vec::with_capacity(request.len() + 5));
         message.push(0);
@@ -179,6 +200,8 @@ impl Connection {
         timeout: Duration,
     ) -> Result<Vec<u8>, WireError> {
         let mut body = Vec::new();
+        // DATA bytes of this stream not yet given back to its window.
+        let mut stream_unacked = 0u32;
         let mut status: Option<(u32, String)> = None;
         let mut block: Option<Vec<u8>> = None;
         // Whether the header block being read ends the stream (set on its HEADERS frame).
@@ -190,9 +213,9 @@ impl Connection {
                     if payload.len() % 6 != 0 || stream != 0 {
                         return Err(WireError::Failed("malformed SETTINGS".into()));
                     }
-                    let mut ack = Vec::with_capacity(9);
-                    frame(&mut ack, SETTINGS, ACK, 0, &[]);
-                    self.send_control(&ack, deadline, timeout);
+                    // Acknowledged with the next request: sent now, it would wake guardd in the
+                    // middle of its answer for nothing this client needs.
+                    frame(&mut self.pending, SETTINGS, ACK, 0, &[]);
                 }
                 PING if flags & ACK == 0 => {
                     let mut pong = Vec::with_capacity(17);
@@ -220,12 +243,32 @@ impl Connection {
                         return Err(WireError::Failed("reply too large".into()));
                     }
                     body.extend_from_slice(data);
-                    if !payload.is_empty() {
-                        // Give the window back, so a long conversation never runs out of it.
-                        let n = (payload.len() as u32).to_be_bytes();
-                        let mut update = Vec::with_capacity(26);
-                        frame(&mut update, WINDOW_UPDATE, 0, 0, &n);
-                        frame(&mut update, WINDOW_UPDATE, 0, id, &n);
+                    // Flow control counts whole DATA payloads, padding included.
+                    let n = payload.len() as u32;
+                    self.unacked += n;
+                    stream_unacked += n;
+                    let mut update = Vec::new();
+                    if self.unacked >= WINDOW_REFILL {
+                        frame(
+                            &mut update,
+                            WINDOW_UPDATE,
+                            0,
+                            0,
+                            &self.unacked.to_be_bytes(),
+                        );
+                        self.unacked = 0;
+                    }
+                    if stream_unacked >= WINDOW_REFILL && flags & END_STREAM == 0 {
+                        frame(
+                            &mut update,
+                            WINDOW_UPDATE,
+                            0,
+                            id,
+                            &stream_unacked.to_be_bytes(),
+                        );
+                        stream_unacked = 0;
+                    }
+                    if !update.is_empty() {
                         self.send_control(&update, deadline, timeout);
                     }
                     if flags & END_STREAM != 0 {
@@ -311,32 +354,48 @@ impl Connection {
         deadline: Instant,
         timeout: Duration,
     ) -> Result<(u8, u8, u32, Vec<u8>), WireError> {
-        let mut head = [0u8; 9];
-        self.read_exact(&mut head, deadline, timeout)?;
+        let head: [u8; 9] = self
+            .take(9, deadline, timeout)?
+            .try_into()
+            .unwrap_or([0; 9]);
         let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
         if len > MAX_FRAME {
             return Err(WireError::Failed("frame larger than allowed".into()));
         }
         let stream = u32::from_be_bytes([head[5] & 0x7f, head[6], head[7], head[8]]);
-        let mut payload = vec![0u8; len];
-        self.read_exact(&mut payload, deadline, timeout)?;
+        let payload = self.take(len, deadline, timeout)?.to_vec();
         Ok((head[3], head[4], stream, payload))
     }
 
-    fn read_exact(
-        &mut self,
-        mut buf: &mut [u8],
-        deadline: Instant,
-        timeout: Duration,
-    ) -> Result<(), WireError> {
-        while !buf.is_empty() {
+    /// The next `n` bytes guardd sent, reading more (a chunk at a time) when fewer are buffered.
+    fn take(&mut self, n: usize, deadline: Instant, timeout: Duration) -> Result<&[u8], WireError> {
+        if self.input.len() - self.taken < n {
+            // Keep what is left at the front; the buffer never grows past one chunk and a frame.
+            self.input.drain(..self.taken);
+            self.taken = 0;
+            while self.input.len() < n {
+                self.read_more(deadline, timeout)?;
+            }
+        }
+        let at = self.taken;
+        self.taken += n;
+        Ok(&self.input[at..at + n])
+    }
+
+    /// One read(2) of up to `READ_CHUNK` bytes onto the end of `input`.
+    fn read_more(&mut self, deadline: Instant, timeout: Duration) -> Result<(), WireError> {
+        let mut chunk = [0u8; READ_CHUNK];
+        loop {
             let left = remaining(deadline, timeout)?;
             self.stream
                 .set_read_timeout(Some(left))
                 .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
-            match self.stream.read(buf) {
+            match self.stream.read(&mut chunk[..]) {
                 Ok(0) => return Err(WireError::Failed("guardd closed the connection".into())),
-                Ok(n) => buf = &mut buf[n..],
+                Ok(n) => {
+                    self.input.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
                 Err(e)
                     if matches!(
                         e.kind(),
@@ -349,7 +408,6 @@ impl Connection {
                 Err(e) => return Err(WireError::Failed(format!("read: {e}"))),
             }
         }
-        Ok(())
     }
 
     /// Sends a frame the answer being read does not depend on (an acknowledgement, a window
@@ -657,6 +715,125 @@ pub(crate) mod tests {
         let (_dir, path) = fake_owned(reply);
         let err = call(&path, Duration::from_secs(2)).unwrap_err();
         assert!(matches!(err, WireError::Failed(_)), "{err:?}");
+    }
+
+    /// A "guardd" that, for each of `replies`, reads once (one write of the client arrives whole
+    /// in one read) and answers with it; then reads what else comes within a second. Returns
+    /// what each read got.
+    fn recording(
+        replies: Vec<Vec<u8>>,
+    ) -> (
+        tempfile::TempDir,
+        PathBuf,
+        std::sync::mpsc::Receiver<Vec<Vec<u8>>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("g.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut reads = Vec::new();
+            let mut buf = vec![0u8; 65536];
+            for reply in replies {
+                let n = std::io::Read::read(&mut conn, &mut buf).unwrap();
+                reads.push(buf[..n].to_vec());
+                std::io::Write::write_all(&mut conn, &reply).unwrap();
+            }
+            conn.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+            let mut rest = Vec::new();
+            while let Ok(n @ 1..) = std::io::Read::read(&mut conn, &mut buf) {
+                rest.extend_from_slice(&buf[..n]);
+            }
+            reads.push(rest);
+            let _ = tx.send(reads);
+        });
+        (dir, path, rx)
+    }
+
+    /// The (type, flags, stream) of each frame in `bytes`, after the preface if it starts so.
+    fn frames_in(bytes: &[u8]) -> Vec<(u8, u8, u32)> {
+        let mut at = if bytes.starts_with(PREFACE) {
+            PREFACE.len()
+        } else {
+            0
+        };
+        let mut out = Vec::new();
+        while at + 9 <= bytes.len() {
+            let len = u32::from_be_bytes([0, bytes[at], bytes[at + 1], bytes[at + 2]]) as usize;
+            let stream =
+                u32::from_be_bytes([bytes[at + 5], bytes[at + 6], bytes[at + 7], bytes[at + 8]]);
+            out.push((bytes[at + 3], bytes[at + 4], stream));
+            at += 9 + len;
+        }
+        assert_eq!(at, bytes.len(), "whole frames");
+        out
+    }
+
+    #[test]
+    fn each_call_is_one_write_and_guardds_settings_are_acknowledged_with_the_next() {
+        // Each write wakes guardd: the preface and SETTINGS go with the first request, the
+        // acknowledgement of guardd's SETTINGS with the second, and nothing is sent in between.
+        let mut first = Vec::new();
+        frame(&mut first, SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 8]);
+        first.extend_from_slice(&ok_reply(1, b"\x08\x01"));
+        let (_dir, path, reads) = recording(vec![first, ok_reply(3, b"\x08\x02")]);
+        let timeout = Duration::from_secs(2);
+        let mut conn = Connection::open(&path, timeout).unwrap();
+        assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), b"\x08\x01");
+        assert_eq!(conn.call("/a/B", b"y", timeout).unwrap(), b"\x08\x02");
+        drop(conn);
+        let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(reads[0].starts_with(PREFACE));
+        assert_eq!(
+            frames_in(&reads[0]),
+            [
+                (SETTINGS, 0, 0),
+                (HEADERS, END_HEADERS, 1),
+                (DATA, END_STREAM, 1)
+            ]
+        );
+        assert_eq!(
+            frames_in(&reads[1]),
+            [
+                (SETTINGS, ACK, 0),
+                (HEADERS, END_HEADERS, 3),
+                (DATA, END_STREAM, 3)
+            ]
+        );
+        assert!(reads[2].is_empty(), "{:?}", frames_in(&reads[2]));
+    }
+
+    #[test]
+    fn a_reply_larger_than_half_the_window_gives_the_window_back_as_it_arrives() {
+        // 45,000 bytes of message in three DATA frames: past 32 KiB the connection's and the
+        // stream's windows are given back, so a reply up to the 64 KiB limit never stalls.
+        let message = vec![7u8; 45_000 - 5];
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(&message);
+        let mut reply = Vec::new();
+        frame(&mut reply, HEADERS, END_HEADERS, 1, &[0x88]);
+        for chunk in body.chunks(15_000) {
+            frame(&mut reply, DATA, 0, 1, chunk);
+        }
+        frame(
+            &mut reply,
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            b"\x00\x0bgrpc-status\x010",
+        );
+        let (_dir, path, reads) = recording(vec![reply]);
+        let timeout = Duration::from_secs(2);
+        let mut conn = Connection::open(&path, timeout).unwrap();
+        assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), message);
+        drop(conn);
+        let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(
+            frames_in(&reads[1]),
+            [(WINDOW_UPDATE, 0, 0), (WINDOW_UPDATE, 0, 1)]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@
 //! - `pam_oath`: Debian's libpam-oath, HOTP, an anchor: it checks the code and rewrites its
 //!   users file with the new counter.
 //! - `module, guardd absent`: `failmode=safe` then pam_permit; what loading the module and
-//!   failing to connect cost (dlopen, runtime, connect attempt, syslog line).
+//!   failing to connect cost (dlopen, connect attempt, syslog line).
 //! - `module, rules permit`: one Begin answered with a permit, no prompt, nothing written.
 //! - `module, OTP login`: Begin, the prompt, Answer, the code verified and committed (fsync).
 //!
@@ -96,15 +96,23 @@ fn main() {
         let vtime = vtime.clone();
         Clock::from_fn(move || vtime.load(Ordering::SeqCst))
     };
-    let runtime = tokio::runtime::Runtime::new().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = runtime.spawn(guardd::server::run_with_clock(config, clock, async {
-        let _ = stopped.await;
-    }));
+    // guardd on its own thread, on the runtime the daemon runs on.
+    let server = std::thread::spawn(move || {
+        guardd::server::runtime()
+            .unwrap()
+            .block_on(guardd::server::run_with_clock(config, clock, async {
+                let _ = stopped.await;
+            }))
+    });
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let secret = runtime.block_on(harness::Guard::new(socket.clone()).enroll_active(USER));
+    let client = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret = client.block_on(harness::Guard::new(socket.clone()).enroll_active(USER));
 
     let module = artefact("libpam_soffid_otp.so");
     let line = |args: &str| format!("auth required {} {args}\n", module.display());
@@ -253,7 +261,7 @@ fn main() {
         }
     }
     let _ = stop.send(());
-    let _ = runtime.block_on(server);
+    let _ = server.join();
 
     println!("pam_authenticate, {runs} interleaved runs of each (a whole pamtester process each):");
     for (system, title) in [(false, "pam_wrapper"), (true, "/etc/pam.d, system libpam")] {

@@ -102,10 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         print!("{report}");
         return Ok(());
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = guardd::server::runtime().context("cannot start the async runtime")?;
     runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("cannot watch SIGTERM")?;
