@@ -148,24 +148,18 @@ fn open_store(config: &Config) -> Result<Runner, ServerError> {
     }
 }
 
-/// How long an idle thread of the blocking pool (NSS look-ups, password checks) is kept. tokio's
-/// default is 10 s: on a server with a login every few minutes each one would start a thread.
-const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(600);
-
-/// The runtime guardd serves on: one thread for the protocol work of every connection, beside
-/// the store's thread and a pool for what blocks (NSS, PAM password checks).
+/// The runtime guardd serves on (the daemon and the benchmarks that run it in-process): tokio's
+/// worker threads for the protocol work, beside the store's own thread and a blocking pool for
+/// NSS look-ups and password checks.
 ///
-/// A login is a few hand-offs between threads (a connection, NSS, the store) and each one that
-/// wakes an idle CPU costs more than the work handed over (~0.1 ms on a 2-core VM, measured with
-/// `perf sched`). On one thread, tasks pass work on without waking another CPU, and no idle
-/// worker is woken to steal a task just spawned: on the same machine a fresh connection and a
-/// Begin took 13% less, and a 32-client storm went 24% faster at 25% less CPU per login. Nothing
-/// on it blocks: every blocking step has its own thread, so one thread serves every login a
-/// host sees (about 6,000 logins/s of its CPU on that machine).
+/// One worker thread instead (`new_current_thread`) was measured against this in the same
+/// session: a fresh connection and a Begin in a loop took 13% less, but whole PAM logins were no
+/// faster (within the noise of 300 interleaved runs) and `guardd-load` was slower (32 clients:
+/// 5,232 against 5,613 logins/s, medians of two interleaved runs each; cheap Begins 19,000
+/// against 23,500/s), so the workers stay.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
         .build()
 }
 
