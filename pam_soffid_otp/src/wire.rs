@@ -56,6 +56,9 @@ const BACKLOG_RETRY_MAX: Duration = Duration::from_millis(5);
 const WINDOW_REFILL: u32 = 32 * 1024;
 /// How much one read(2) asks for: a whole frame of the largest size and its header.
 const READ_CHUNK: usize = MAX_FRAME + 9;
+/// Acknowledgements held for the next request at most (bytes): a server that sends SETTINGS
+/// without end gets them at once beyond this, instead of growing the host's memory.
+const MAX_PENDING: usize = 16 * 9;
 
 /// Why a call got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -216,6 +219,10 @@ impl Connection {
                     // Acknowledged with the next request: sent now, it would wake guardd in the
                     // middle of its answer for nothing this client needs.
                     frame(&mut self.pending, SETTINGS, ACK, 0, &[]);
+                    if self.pending.len() >= MAX_PENDING {
+                        let acks = std::mem::take(&mut self.pending);
+                        self.send_control(&acks, deadline, timeout);
+                    }
                 }
                 PING if flags & ACK == 0 => {
                     let mut pong = Vec::with_capacity(17);
@@ -382,32 +389,37 @@ impl Connection {
         Ok(&self.input[at..at + n])
     }
 
-    /// One read(2) of up to `READ_CHUNK` bytes onto the end of `input`.
+    /// One read(2) of up to `READ_CHUNK` bytes onto the end of `input`, straight into its spare
+    /// room (reserved at open: what is left before a read is less than a frame, so the buffer
+    /// never reallocates).
     fn read_more(&mut self, deadline: Instant, timeout: Duration) -> Result<(), WireError> {
-        let mut chunk = [0u8; READ_CHUNK];
-        loop {
-            let left = remaining(deadline, timeout)?;
-            self.stream
-                .set_read_timeout(Some(left))
-                .map_err(|e| WireError::Failed(format!("socket: {e}")))?;
-            match self.stream.read(&mut chunk[..]) {
-                Ok(0) => return Err(WireError::Failed("guardd closed the connection".into())),
-                Ok(n) => {
-                    self.input.extend_from_slice(&chunk[..n]);
-                    return Ok(());
-                }
+        let filled = self.input.len();
+        self.input.resize(filled + READ_CHUNK, 0);
+        let got = loop {
+            let left = match remaining(deadline, timeout) {
+                Ok(left) => left,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = self.stream.set_read_timeout(Some(left)) {
+                break Err(WireError::Failed(format!("socket: {e}")));
+            }
+            match self.stream.read(&mut self.input[filled..]) {
+                Ok(0) => break Err(WireError::Failed("guardd closed the connection".into())),
+                Ok(n) => break Ok(n),
                 Err(e)
                     if matches!(
                         e.kind(),
                         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                     ) =>
                 {
-                    return Err(WireError::TimedOut(timeout))
+                    break Err(WireError::TimedOut(timeout))
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(WireError::Failed(format!("read: {e}"))),
+                Err(e) => break Err(WireError::Failed(format!("read: {e}"))),
             }
-        }
+        };
+        self.input.truncate(filled + *got.as_ref().unwrap_or(&0));
+        got.map(|_| ())
     }
 
     /// Sends a frame the answer being read does not depend on (an acknowledgement, a window
@@ -828,12 +840,34 @@ pub(crate) mod tests {
         let timeout = Duration::from_secs(2);
         let mut conn = Connection::open(&path, timeout).unwrap();
         assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), message);
+        // Read a chunk at a time into the room reserved at open: never reallocated.
+        assert_eq!(conn.input.capacity(), 2 * READ_CHUNK);
         drop(conn);
         let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(
             frames_in(&reads[1]),
             [(WINDOW_UPDATE, 0, 0), (WINDOW_UPDATE, 0, 1)]
         );
+    }
+
+    #[test]
+    fn settings_without_end_are_acknowledged_in_bounded_batches() {
+        let mut reply = Vec::new();
+        for _ in 0..1000 {
+            frame(&mut reply, SETTINGS, 0, 0, &[]);
+        }
+        reply.extend_from_slice(&ok_reply(1, b"\x08\x01"));
+        let (_dir, path, reads) = recording(vec![reply]);
+        let timeout = Duration::from_secs(2);
+        let mut conn = Connection::open(&path, timeout).unwrap();
+        assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), b"\x08\x01");
+        assert!(conn.pending.len() < MAX_PENDING);
+        let held = conn.pending.len() / 9;
+        drop(conn);
+        let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
+        let acks = frames_in(&reads[1]);
+        assert!(acks.iter().all(|f| *f == (SETTINGS, ACK, 0)));
+        assert_eq!(acks.len() + held, 1000);
     }
 
     #[test]
