@@ -15,6 +15,10 @@
 //!   failing to connect cost (dlopen, connect attempt, syslog line).
 //! - `module, rules permit`: one Begin answered with a permit, no prompt, nothing written.
 //! - `module, OTP login`: Begin, the prompt, Answer, the code verified and committed (fsync).
+//! - `floor: module, canned answers` (rules permit / OTP login): the module against a server
+//!   thread in this process that answers each call at once from memory (a prompt, then a
+//!   permit), with no HTTP/2 stack, no rules, no store: what crossing to another process costs
+//!   the module, below which no daemon design can go.
 //!
 //! and, as root, the same baseline and OTP login through service files in /etc/pam.d and the
 //! system's libpam without pam_wrapper.
@@ -60,6 +64,8 @@ enum Input {
     TotpNow,
     /// The next HOTP code (pam_oath).
     Hotp,
+    /// Any code: the canned server permits whatever it is told.
+    Canned,
 }
 
 /// One way to run pam_authenticate, and its timings.
@@ -114,6 +120,9 @@ fn main() {
         .unwrap();
     let secret = client.block_on(harness::Guard::new(socket.clone()).enroll_active(USER));
 
+    let canned_permit = canned::serve(dir.path().join("canned-permit.sock"), false);
+    let canned_otp = canned::serve(dir.path().join("canned-otp.sock"), true);
+
     let module = artefact("libpam_soffid_otp.so");
     let line = |args: &str| format!("auth required {} {args}\n", module.display());
     let absent = dir.path().join("absent.sock");
@@ -122,6 +131,14 @@ fn main() {
     let files = [
         ("bench-otp", line(&args)),
         ("bench-nootp", line(&args)),
+        (
+            "bench-canned-nootp",
+            line(&format!("socket={} timeout=5", canned_permit.display())),
+        ),
+        (
+            "bench-canned-otp",
+            line(&format!("socket={} timeout=5", canned_otp.display())),
+        ),
         (
             "bench-absent",
             format!(
@@ -197,6 +214,18 @@ fn main() {
         ),
         Variant::new("module, rules permit", "bench-nootp", Input::Nothing, false),
         Variant::new("module, OTP login", "bench-otp", Input::Guardd, false),
+        Variant::new(
+            "floor: canned, permit",
+            "bench-canned-nootp",
+            Input::Nothing,
+            false,
+        ),
+        Variant::new(
+            "floor: canned, OTP",
+            "bench-canned-otp",
+            Input::Canned,
+            false,
+        ),
     ];
     if before.is_some() {
         variants.push(Variant::new(
@@ -245,6 +274,7 @@ fn main() {
                     format!("{}\n", secret.code_at_time(now))
                 }
                 Input::TotpNow => format!("{}\n", secret.code_at(0)),
+                Input::Canned => "123456\n".to_owned(),
                 Input::Hotp => {
                     let counter = hotp_counter.fetch_add(1, Ordering::SeqCst);
                     format!("{}\n", secret.hotp(counter))
@@ -305,4 +335,105 @@ fn median(v: &mut [Duration]) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// A server that speaks just enough of gRPC over HTTP/2 to answer the module at once from
+/// memory: for each request (the frames up to a DATA that ends its stream), a reply on that
+/// stream. With `prompt`, a connection's first call gets a prompt and every later one a permit;
+/// without, every call gets a permit. One thread per connection, as cheap as a server can be.
+mod canned {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use prost::Message;
+    use proto::v1::{step, Permit, Prompt, Step};
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    pub fn serve(path: PathBuf, prompt: bool) -> PathBuf {
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                std::thread::spawn(move || {
+                    let mut input = Vec::new();
+                    let mut at = 0;
+                    let mut calls = 0;
+                    let mut buf = [0u8; 16384];
+                    loop {
+                        // Whole frames so far: a DATA frame with END_STREAM ends a request.
+                        let mut ended = None;
+                        loop {
+                            if at == 0 && input.len() >= PREFACE.len() && input.starts_with(PREFACE)
+                            {
+                                at = PREFACE.len();
+                            }
+                            if at == 0 || input.len() < at + 9 {
+                                break;
+                            }
+                            let len =
+                                u32::from_be_bytes([0, input[at], input[at + 1], input[at + 2]])
+                                    as usize;
+                            if input.len() < at + 9 + len {
+                                break;
+                            }
+                            let stream = u32::from_be_bytes([
+                                input[at + 5] & 0x7f,
+                                input[at + 6],
+                                input[at + 7],
+                                input[at + 8],
+                            ]);
+                            if input[at + 3] == 0 && input[at + 4] & 1 != 0 {
+                                ended = Some(stream);
+                            }
+                            at += 9 + len;
+                        }
+                        if let Some(stream) = ended {
+                            let kind = if prompt && calls == 0 {
+                                step::Kind::Prompt(Prompt {
+                                    challenge: "canned".into(),
+                                    text: "Verification code: ".into(),
+                                    ..Prompt::default()
+                                })
+                            } else {
+                                step::Kind::Permit(Permit::default())
+                            };
+                            calls += 1;
+                            let reply = reply(stream, &Step { kind: Some(kind) }.encode_to_vec());
+                            if conn.write_all(&reply).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => input.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        path
+    }
+
+    /// Response headers (`:status: 200`), the message, and the trailers (`grpc-status: 0`).
+    fn reply(stream: u32, message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        frame(&mut out, 0x1, 0x4, stream, &[0x88]);
+        let mut body = vec![0];
+        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        body.extend_from_slice(message);
+        frame(&mut out, 0x0, 0, stream, &body);
+        frame(&mut out, 0x1, 0x5, stream, b"\x00\x0bgrpc-status\x010");
+        out
+    }
+
+    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        out.push(kind);
+        out.push(flags);
+        out.extend_from_slice(&stream.to_be_bytes());
+        out.extend_from_slice(payload);
+    }
 }
