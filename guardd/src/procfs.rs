@@ -76,7 +76,9 @@ fn read(path: &str) -> Option<String> {
         }
     }
     buf.truncate(len);
-    String::from_utf8(buf).ok()
+    // A command name is whatever bytes the executable's file name had (`Name:` in status, the
+    // field in parentheses in stat): never a reason to lose the numbers around it.
+    Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// Field `n` (counted from 0 after the command name) of `/proc/PID/stat`.
@@ -120,5 +122,32 @@ mod tests {
         assert!(boot_id().is_some_and(|b| b.len() == 36));
         // Unset in a test run without a login session, else a number; never 4294967295.
         assert_ne!(session_id(me), Some(u32::MAX));
+    }
+
+    #[test]
+    fn a_command_name_that_is_not_utf8_still_reads() {
+        // Any user can run a program (setuid su included) through a link named so; its real
+        // uid and start time must still be read, or the caller's budget would lose its uid.
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let link = dir
+            .path()
+            .join(std::ffi::OsStr::from_bytes(b"sl\xff\xfeep"));
+        std::os::unix::fs::symlink("/bin/sleep", &link).unwrap();
+        let mut child = std::process::Command::new(&link).arg("5").spawn().unwrap();
+        let pid = child.id();
+        // The name is set at exec: wait until /proc shows it.
+        for _ in 0..100 {
+            if std::fs::read(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(&0xff)) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let uid = status_number(pid, "Uid:");
+        let started = start_time(pid);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(uid, Some(u64::from(nix::unistd::getuid().as_raw())));
+        assert!(started.is_some_and(|t| t > 0));
     }
 }

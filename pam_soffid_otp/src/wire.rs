@@ -211,13 +211,32 @@ impl Connection {
         let mut ends_stream = false;
         loop {
             let (kind, flags, stream, payload) = self.read_frame(deadline, timeout)?;
+            if kind == DATA {
+                // The connection's window counts DATA on every stream, this call's or not.
+                self.unacked += payload.len() as u32;
+                if self.unacked >= WINDOW_REFILL {
+                    let mut update = Vec::with_capacity(13);
+                    frame(
+                        &mut update,
+                        WINDOW_UPDATE,
+                        0,
+                        0,
+                        &self.unacked.to_be_bytes(),
+                    );
+                    self.unacked = 0;
+                    self.send_control(&update, deadline, timeout);
+                }
+            }
             match kind {
                 SETTINGS if flags & ACK == 0 => {
                     if payload.len() % 6 != 0 || stream != 0 {
                         return Err(WireError::Failed("malformed SETTINGS".into()));
                     }
                     // Acknowledged with the next request: sent now, it would wake guardd in the
-                    // middle of its answer for nothing this client needs.
+                    // middle of its answer for nothing this client needs. A connection that
+                    // makes one call (a permit, the account or session stage) never sends it:
+                    // guardd (h2) sets no deadline for it and keeps its defaults until then,
+                    // and a server that did would close the connection, a failure (closed).
                     frame(&mut self.pending, SETTINGS, ACK, 0, &[]);
                     if self.pending.len() >= MAX_PENDING {
                         let acks = std::mem::take(&mut self.pending);
@@ -251,21 +270,9 @@ impl Connection {
                     }
                     body.extend_from_slice(data);
                     // Flow control counts whole DATA payloads, padding included.
-                    let n = payload.len() as u32;
-                    self.unacked += n;
-                    stream_unacked += n;
-                    let mut update = Vec::new();
-                    if self.unacked >= WINDOW_REFILL {
-                        frame(
-                            &mut update,
-                            WINDOW_UPDATE,
-                            0,
-                            0,
-                            &self.unacked.to_be_bytes(),
-                        );
-                        self.unacked = 0;
-                    }
+                    stream_unacked += payload.len() as u32;
                     if stream_unacked >= WINDOW_REFILL && flags & END_STREAM == 0 {
+                        let mut update = Vec::with_capacity(13);
                         frame(
                             &mut update,
                             WINDOW_UPDATE,
@@ -274,8 +281,6 @@ impl Connection {
                             &stream_unacked.to_be_bytes(),
                         );
                         stream_unacked = 0;
-                    }
-                    if !update.is_empty() {
                         self.send_control(&update, deadline, timeout);
                     }
                     if flags & END_STREAM != 0 {
@@ -839,15 +844,33 @@ pub(crate) mod tests {
         let (_dir, path, reads) = recording(vec![reply]);
         let timeout = Duration::from_secs(2);
         let mut conn = Connection::open(&path, timeout).unwrap();
+        let reserved = conn.input.capacity();
         assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), message);
         // Read a chunk at a time into the room reserved at open: never reallocated.
-        assert_eq!(conn.input.capacity(), 2 * READ_CHUNK);
+        assert_eq!(conn.input.capacity(), reserved);
         drop(conn);
         let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
         assert_eq!(
             frames_in(&reads[1]),
             [(WINDOW_UPDATE, 0, 0), (WINDOW_UPDATE, 0, 1)]
         );
+    }
+
+    #[test]
+    fn data_on_another_stream_still_counts_against_the_connection_window() {
+        // Ignored, but it used up the connection's window: given back, or the server stalls.
+        let mut reply = Vec::new();
+        for _ in 0..3 {
+            frame(&mut reply, DATA, 0, 3, &[0u8; 15_000]);
+        }
+        reply.extend_from_slice(&ok_reply(1, b"\x08\x01"));
+        let (_dir, path, reads) = recording(vec![reply]);
+        let timeout = Duration::from_secs(2);
+        let mut conn = Connection::open(&path, timeout).unwrap();
+        assert_eq!(conn.call("/a/B", b"x", timeout).unwrap(), b"\x08\x01");
+        drop(conn);
+        let reads = reads.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(frames_in(&reads[1]), [(WINDOW_UPDATE, 0, 0)]);
     }
 
     #[test]

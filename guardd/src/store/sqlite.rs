@@ -172,7 +172,7 @@ impl SqliteStore {
                 [sealed],
             )?;
         }
-        if let Err(e) = lay_out_wal(&conn, path) {
+        if let Err(e) = lay_out_wal(&conn) {
             tracing::warn!(
                 "cannot lay out {}-wal ahead (commits still work, slower): {e}",
                 path.display()
@@ -260,31 +260,54 @@ impl SqliteStore {
 /// waits for the file system's journal (ext4: about twice the time on the development machine);
 /// a commit that overwrites frames in place does not. SQLite restarts the log from the top after
 /// each checkpoint and never shrinks it while open (no `journal_size_limit`), and a frame of
-/// zeros ends the log for recovery (wrong salt and checksum), so the padding is never read as
-/// data. Without it every commit appends until the first checkpoint: after each start, for the
-/// first ~1,000 logins, which on a quiet server is all of them.
-fn lay_out_wal(conn: &Connection, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
+/// zeros ends the log for recovery (page 0, wrong salt and checksum), so the padding is never
+/// read as data. Without it every commit appends until the first checkpoint: after each start,
+/// for the first ~1,000 logins, which on a quiet server is all of them.
+///
+/// It runs under SQLite's write lock (`BEGIN IMMEDIATE`, then nothing written): no other
+/// connection, in this process or another, can append frames between the size read here and
+/// the zeros written after it.
+fn lay_out_wal(conn: &Connection) -> Result<(), Box<dyn std::error::Error>> {
     let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
     let frames: i64 = conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
-    let (page, frames) = (page.max(0) as u64, frames.max(0) as u64);
+    let (page, frames) = (
+        page.clamp(0, 65_536) as u64,
+        frames.clamp(0, 100_000) as u64,
+    );
     // The WAL header (32 bytes), then frames of a 24-byte header and a page.
     let want = 32 + (frames + WAL_SLACK_FRAMES) * (24 + page);
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    // The migrations above wrote, so the log exists (same mode as the database, 0600).
-    let file = std::fs::OpenOptions::new().write(true).open(&wal)?;
-    let mut at = file.metadata()?.len();
-    if at >= want {
+    // The log SQLite itself uses: its database name (symbolic links resolved) and "-wal".
+    let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
         return Ok(());
-    }
-    let zeros = vec![0u8; 64 * 1024];
-    while at < want {
-        let n = (want - at).min(zeros.len() as u64) as usize;
-        file.write_all_at(&zeros[..n], at)?;
-        at += n as u64;
-    }
-    file.sync_all()?;
-    Ok(())
+    };
+    let wal = format!("{db}-wal");
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let laid = (|| -> Result<(), Box<dyn std::error::Error>> {
+        // SQLite created it at the first read, with the database's mode (0600). Never through
+        // a symbolic link, never anything but a plain file.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+            .open(&wal)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(format!("{wal} is not a plain file").into());
+        }
+        let mut at = meta.len();
+        if at >= want {
+            return Ok(());
+        }
+        let zeros = vec![0u8; 64 * 1024];
+        while at < want {
+            let n = (want - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..n], at)?;
+            at += n as u64;
+        }
+        file.sync_all()?;
+        Ok(())
+    })();
+    conn.execute_batch("ROLLBACK")?;
+    laid
 }
 
 /// Brings the schema to the newest version, one transaction per migration.
@@ -990,6 +1013,35 @@ mod tests {
         assert!(!recovered
             .accept(&t.id, TokenState::Active, 149, 0, 2)
             .unwrap());
+    }
+
+    #[test]
+    fn the_log_is_laid_out_only_under_the_write_lock() {
+        // Another connection in the middle of a write: the lay-out waits for the lock (the busy
+        // timeout), then gives up without touching the log; that writer's commit stands.
+        let (dir, s) = temp_store();
+        let t = s.add_pending(new_token("ann", &[7; 20]), 1).unwrap();
+        drop(s);
+        let wal = dir.path().join("t.db-wal");
+        let other = Connection::open(dir.path().join("t.db")).unwrap();
+        other.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let before = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+        let s = SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap();
+        assert_eq!(
+            std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0),
+            before
+        );
+        other
+            .execute("UPDATE tokens SET label = 'desk' WHERE id = ?1", [&t.id])
+            .unwrap();
+        other.execute_batch("COMMIT").unwrap();
+        let label: String = s
+            .conn()
+            .query_row("SELECT label FROM tokens WHERE id = ?1", [&t.id], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(label, "desk");
     }
 
     #[test]
