@@ -79,6 +79,8 @@ fn unsealing(c: &mut Criterion) {
 fn store(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("db"), &dir.path().join("k")).unwrap();
+    // As the daemon runs it.
+    store.lay_out_wal();
     let t = store
         .add_pending(
             NewToken {

@@ -58,13 +58,17 @@ impl Caller {
     /// The caller of a freshly accepted connection: its SO_PEERCRED credentials and the real uid
     /// of the process behind them.
     pub fn from_cred(uid: u32, gid: u32, pid: Option<i32>) -> Caller {
+        let owner = uid != 0 && uid == nix::unistd::geteuid().as_raw();
         Caller {
             uid,
             gid,
             pid,
             real_uid: pid.and_then(real_uid_of),
-            owner: uid != 0 && uid == nix::unistd::geteuid().as_raw(),
+            owner,
+            // Only callers with root's rights make or use reuse grants, the one use of it: an
+            // unprivileged connection costs the accept loop no further /proc reads.
             process: pid
+                .filter(|_| uid == 0 || owner)
                 .and_then(|p| u32::try_from(p).ok())
                 .map(|p| Process {
                     session: crate::procfs::session_id(p),

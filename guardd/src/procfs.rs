@@ -22,17 +22,18 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 /// The audit login session of `pid` (`/proc/PID/sessionid`, set by pam_loginuid); None when
 /// unset (4294967295) or unreadable.
 pub fn session_id(pid: u32) -> Option<u32> {
-    read(&format!("/proc/{pid}/sessionid"))?
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&id| id != u32::MAX)
+    audit_id(pid, "sessionid")
 }
 
 /// The audit login uid of `pid` (`/proc/PID/loginuid`: whom pam_loginuid recorded as logged
 /// in); None when unset or unreadable.
 pub fn loginuid(pid: u32) -> Option<u32> {
-    read(&format!("/proc/{pid}/loginuid"))?
+    audit_id(pid, "loginuid")
+}
+
+/// An audit id of `pid` (`sessionid`, `loginuid`); None when unset (4294967295) or unreadable.
+fn audit_id(pid: u32, file: &str) -> Option<u32> {
+    read(&format!("/proc/{pid}/{file}"))?
         .trim()
         .parse()
         .ok()
@@ -41,7 +42,7 @@ pub fn loginuid(pid: u32) -> Option<u32> {
 
 /// When `pid` started (clock ticks after boot): with the pid, it names one process for good.
 pub fn start_time(pid: u32) -> Option<u64> {
-    stat_field(pid, 19)
+    stat_field(&read(&format!("/proc/{pid}/stat"))?, 19)
 }
 
 /// This boot's id: session ids start again after a reboot.
@@ -56,34 +57,20 @@ pub fn boot_id() -> Option<&'static str> {
     .as_deref()
 }
 
-/// A /proc file's text. Read into one page-sized buffer: `fs::read_to_string` asks a file that
-/// says its size is 0 for 32 bytes, then doubles, about eight reads for a `status` file, on
-/// every connection guardd accepts.
+/// A /proc file's text, read into a page reserved up front: `fs::read_to_string` starts from
+/// the size the file reports (0 for /proc) and asks for 32 bytes, then doubles, about eight
+/// reads for a `status` file, on every connection guardd accepts.
 fn read(path: &str) -> Option<String> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).ok()?;
-    let mut buf = vec![0u8; 4096];
-    let mut len = 0;
-    loop {
-        match file.read(&mut buf[len..]) {
-            Ok(0) => break,
-            Ok(n) => len += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(_) => return None,
-        }
-        if len == buf.len() {
-            buf.resize(len * 2, 0);
-        }
-    }
-    buf.truncate(len);
+    let mut buf = Vec::with_capacity(4096);
+    std::fs::File::open(path).ok()?.read_to_end(&mut buf).ok()?;
     // A command name is whatever bytes the executable's file name had (`Name:` in status, the
     // field in parentheses in stat): never a reason to lose the numbers around it.
     Some(String::from_utf8_lossy(&buf).into_owned())
 }
 
-/// Field `n` (counted from 0 after the command name) of `/proc/PID/stat`.
-fn stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = read(&format!("/proc/{pid}/stat"))?;
+/// Field `n` (counted from 0 after the command name) of a `/proc/PID/stat` text.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
     // The command name (which may hold spaces and parentheses) closes with the last ')'.
     stat.rsplit_once(')')?
         .1
@@ -95,8 +82,9 @@ fn stat_field(pid: u32, n: usize) -> Option<u64> {
 
 /// User plus system CPU time of `pid`, in microseconds; 0 when it is gone.
 pub fn cpu_us(pid: u32) -> u64 {
-    // utime and stime.
-    let ticks = stat_field(pid, 11).unwrap_or(0) + stat_field(pid, 12).unwrap_or(0);
+    // utime and stime, of one reading.
+    let stat = read(&format!("/proc/{pid}/stat")).unwrap_or_default();
+    let ticks = stat_field(&stat, 11).unwrap_or(0) + stat_field(&stat, 12).unwrap_or(0);
     let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
         .flatten()

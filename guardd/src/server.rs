@@ -132,6 +132,8 @@ fn open_store(config: &Config) -> Result<Runner, ServerError> {
                 ensure_dir(dir, 0o700)?;
             }
             let store = SqliteStore::open(path, &config.key_file)?;
+            // The daemon's commits overwrite the log in place (docs/architecture.md#durability).
+            store.lay_out_wal();
             let thread =
                 StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
             Ok(Runner::Sqlite(thread))

@@ -155,6 +155,8 @@ pub struct GuardService {
     config: Config,
     /// This server's name for `host` rules (the daemon's own, not the client's word).
     host: String,
+    /// `ssh_services`, compiled once: they are matched on every login's Begin.
+    ssh_services: Vec<wildmatch::WildMatch>,
     sessions: Mutex<Sessions>,
     /// Budgets of the shared resources a call can hold (see `budget`).
     session_budget: Arc<Budget>,
@@ -214,6 +216,11 @@ impl GuardService {
             policy: RwLock::new(Arc::new(policy)),
             config: config.clone(),
             host: config.host(),
+            ssh_services: config
+                .ssh_services
+                .iter()
+                .map(|s| wildmatch::WildMatch::new(s))
+                .collect(),
             sessions: Mutex::default(),
             session_budget: Budget::new("logins in progress", SESSIONS),
             blocking_budget: Budget::new("system look-ups", BLOCKING),
@@ -439,7 +446,7 @@ impl Guard for GuardService {
             let record = facts.record();
             let can_answer = record.can_answer;
             let rule = decision.rule_label();
-            let event = |outcome, reason: &str| {
+            let event_login = |outcome, reason: &str, login: &str| {
                 audit::record(
                     &Event {
                         action: "begin",
@@ -451,11 +458,13 @@ impl Guard for GuardService {
                         reason,
                         rule: &rule,
                         policy: policy.digest(),
+                        login,
                         ..Event::default()
                     }
                     .caller(&caller),
                 )
             };
+            let event = |outcome, reason: &str| event_login(outcome, reason, "");
             let step = match decision.verdict {
                 // The records of another account: not a permit, not "unenrolled", whatever the
                 // rules say about this login (a deny stays a deny).
@@ -485,22 +494,7 @@ impl Guard for GuardService {
                         .await?
                     {
                         reuse::Reused::Granted(proof) => {
-                            audit::record(
-                                &Event {
-                                    action: "begin",
-                                    user: &ctx.user,
-                                    service: &ctx.service,
-                                    rhost: &ctx.rhost,
-                                    tty: &ctx.tty,
-                                    outcome: "permit",
-                                    reason: "reuse",
-                                    rule: &rule,
-                                    policy: policy.digest(),
-                                    login: &proof,
-                                    ..Event::default()
-                                }
-                                .caller(&caller),
-                            );
+                            event_login("permit", "reuse", &proof);
                             return Ok(Response::new(Step {
                                 kind: Some(step::Kind::Permit(Permit::default())),
                             }));

@@ -91,7 +91,7 @@ pub(super) async fn explain(
     let reuse = if matches!(d.verdict, Rule::Otp { .. }) && d.indeterminate.is_none() {
         let (u, now) = (request.user.clone(), svc.clock.now() as i64);
         let grants = svc.store(move |store| Ok(store.grants(&u, now)?)).await?;
-        let mut attributes = svc.attributes(&caller_as_root(), &ctx, &keys, None);
+        let mut attributes = svc.attributes(&Caller::from_cred(0, 0, None), &ctx, &keys, None);
         attributes.host = Some(request.host.clone());
         super::reuse::describe(&d.reuse, &grants, &attributes, now)
     } else {
@@ -121,17 +121,4 @@ pub(super) async fn explain(
             .collect(),
         decision,
     }))
-}
-
-/// The hypothetical login of an explanation is judged as a root caller's (sshd, sudo), with no
-/// login session: only those could use a grant.
-fn caller_as_root() -> Caller {
-    Caller {
-        uid: 0,
-        gid: 0,
-        pid: None,
-        real_uid: None,
-        owner: false,
-        process: crate::caller::Process::default(),
-    }
 }

@@ -4,7 +4,6 @@
 
 use proto::v1::{BeginRequest, ForgetReply, ForgetRequest, LoginContext, OpenSessionReply};
 use tonic::{Request, Response};
-use wildmatch::WildMatch;
 
 use super::admin::admin_only;
 use super::{admin_audit, GuardService, ServiceError};
@@ -67,12 +66,7 @@ impl GuardService {
     /// `ssh_services` names. Only then are its SSH_AUTH_INFO_0 and SSH_CONNECTION believed (a
     /// setuid program a user starts cannot choose its PAM service).
     pub(super) fn is_sshd(&self, caller: &Caller, ctx: &LoginContext) -> bool {
-        caller.is_root()
-            && self
-                .config
-                .ssh_services
-                .iter()
-                .any(|s| WildMatch::new(s).matches(&ctx.service))
+        caller.is_root() && self.ssh_services.iter().any(|s| s.matches(&ctx.service))
     }
 
     /// The fingerprints of the ssh keys that authenticated this login, if sshd says so.
@@ -160,8 +154,9 @@ impl GuardService {
         let proof = crate::otp::random_hex(8).ok()?;
         let now = self.clock.now() as i64;
         let mut attributes = proving.attributes;
-        let answering = Attributes::session_name(&self.host, caller.login_session(uid));
-        attributes.session = attributes.session.filter(|s| answering.as_ref() == Some(s));
+        attributes.session = attributes.session.filter(|s| {
+            Attributes::session_name(&self.host, caller.login_session(uid)).as_ref() == Some(s)
+        });
         let mut grants = Vec::with_capacity(proving.reuse.len());
         for r in &proving.reuse {
             grants.push(Grant {
@@ -199,11 +194,10 @@ pub(super) async fn open_session(
     let (caller, ctx, account) = svc.login_request(req, "session").await?;
     // After pam_loginuid: the session sshd just opened for this account.
     let uid = account.map(|a| a.uid);
-    let session = Attributes::session_name(&svc.host, caller.login_session(uid));
-    let (Some(session), true) = (
-        session,
-        svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty(),
-    ) else {
+    let session = Some(())
+        .filter(|()| svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty())
+        .and_then(|()| Attributes::session_name(&svc.host, caller.login_session(uid)));
+    let Some(session) = session else {
         return Ok(Response::new(OpenSessionReply { bound: 0 }));
     };
     let keys = Some(svc.ssh_keys(&caller, &ctx).join(",")).filter(|k| !k.is_empty());

@@ -521,10 +521,14 @@ impl Store for PgStore {
                     &g.ssh_connection,
                 ],
             )?;
+        }
+        let users: std::collections::BTreeSet<&str> =
+            grants.iter().map(|g| g.user.as_str()).collect();
+        for user in users {
             self.execute(
                 r#"DELETE FROM grants WHERE "user" = $1 AND id NOT IN
                    (SELECT id FROM grants WHERE "user" = $1 ORDER BY created DESC, id LIMIT $2)"#,
-                &[&g.user, &keep],
+                &[&user, &keep],
             )?;
         }
         Ok(())

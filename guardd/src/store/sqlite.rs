@@ -172,12 +172,6 @@ impl SqliteStore {
                 [sealed],
             )?;
         }
-        if let Err(e) = lay_out_wal(&conn) {
-            tracing::warn!(
-                "cannot lay out {}-wal ahead (commits still work, slower): {e}",
-                path.display()
-            );
-        }
         Ok(SqliteStore {
             conn: Mutex::new(conn),
             sealer,
@@ -248,6 +242,17 @@ impl SqliteStore {
         Ok(())
     }
 
+    /// Lays out the write-ahead log ahead of the commits (see `lay_out_wal`): what the daemon
+    /// does once after opening its store. A failure is logged; commits still work, slower.
+    pub fn lay_out_wal(&self) {
+        if let Err(e) = lay_out_wal(&self.conn()) {
+            tracing::warn!(
+                "cannot lay out {}-wal ahead (commits still work, slower): {e}",
+                self.path
+            );
+        }
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
         // half-written: a poisoned lock is safe to reuse.
@@ -256,7 +261,7 @@ impl SqliteStore {
 }
 
 /// Writes zeros up to the write-ahead log's working size (`wal_autocheckpoint` frames and some
-/// slack), once per open. A commit that appends to the log changes its size, so its fsync also
+/// slack), once per start of the daemon. A commit that appends to the log changes its size, so its fsync also
 /// waits for the file system's journal (ext4: about twice the time on the development machine);
 /// a commit that overwrites frames in place does not. SQLite restarts the log from the top after
 /// each checkpoint and never shrinks it while open (no `journal_size_limit`), and a frame of
@@ -661,10 +666,14 @@ impl Store for SqliteStore {
                 a.session,
                 g.ssh_connection
             ])?;
+        }
+        let users: std::collections::BTreeSet<&str> =
+            grants.iter().map(|g| g.user.as_str()).collect();
+        for user in users {
             tx.execute(
                 "DELETE FROM grants WHERE user = ?1 AND id NOT IN \
                  (SELECT id FROM grants WHERE user = ?1 ORDER BY created DESC, id LIMIT ?2)",
-                params![g.user, MAX_PER_USER as i64],
+                params![user, MAX_PER_USER as i64],
             )?;
         }
         tx.commit()?;
@@ -986,6 +995,7 @@ mod tests {
     #[test]
     fn the_log_is_laid_out_at_open_overwritten_in_place_and_a_crash_image_recovers() {
         let (dir, s) = temp_store();
+        s.lay_out_wal();
         let wal = dir.path().join("t.db-wal");
         let laid_out = std::fs::metadata(&wal).unwrap().len();
         assert!(laid_out >= 32 + 1000 * (24 + 4096), "{laid_out}");
