@@ -2,7 +2,8 @@
 
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -22,8 +23,11 @@ use crate::seal::{SealError, Sealer};
 /// before giving up; well under the PAM module's default 5 s timeout, so the login gets a clear
 /// "unavailable" rather than a timeout.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
-/// Frames of slack on top of `wal_autocheckpoint` in the write-ahead log laid out at open: the
-/// commit that crosses the mark still appends before its checkpoint.
+/// Frames of the write-ahead log past which it is copied back into the database (SQLite's own
+/// `wal_autocheckpoint` default).
+const CHECKPOINT_FRAMES: u64 = 1000;
+/// Frames of slack on top of `CHECKPOINT_FRAMES` in the write-ahead log laid out at open: the
+/// commits that cross the mark still append before their checkpoint.
 const WAL_SLACK_FRAMES: u64 = 64;
 
 impl From<rusqlite::Error> for StoreError {
@@ -130,6 +134,9 @@ pub struct SqliteStore {
     conn: Mutex<Connection>,
     sealer: Sealer,
     path: String,
+    /// Set by the commit that fills the log past `CHECKPOINT_FRAMES`, once checkpoints are
+    /// deferred to the store thread (`Batched::defer_checkpoints`).
+    checkpoint_due: Arc<AtomicBool>,
 }
 
 impl SqliteStore {
@@ -176,6 +183,7 @@ impl SqliteStore {
             conn: Mutex::new(conn),
             sealer,
             path: display,
+            checkpoint_due: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -253,6 +261,16 @@ impl SqliteStore {
         }
     }
 
+    /// Rolls back the transaction a batch whose COMMIT and ROLLBACK both failed left open;
+    /// without this, every later batch would fail to begin. Its callers were told it failed.
+    fn roll_back_left_open(&self) -> Result<(), StoreError> {
+        if !self.conn().is_autocommit() {
+            tracing::warn!("rolling back a transaction left open by a failed batch");
+            self.run("ROLLBACK")?;
+        }
+        Ok(())
+    }
+
     fn conn(&self) -> MutexGuard<'_, Connection> {
         // Statements are atomic, so a panic elsewhere while holding the lock leaves nothing
         // half-written: a poisoned lock is safe to reuse.
@@ -260,7 +278,7 @@ impl SqliteStore {
     }
 }
 
-/// Writes zeros up to the write-ahead log's working size (`wal_autocheckpoint` frames and some
+/// Writes zeros up to the write-ahead log's working size (`CHECKPOINT_FRAMES` and some
 /// slack), once per start of the daemon. A commit that appends to the log changes its size, so its fsync also
 /// waits for the file system's journal (ext4: about twice the time on the development machine);
 /// a commit that overwrites frames in place does not. SQLite restarts the log from the top after
@@ -274,13 +292,9 @@ impl SqliteStore {
 /// the zeros written after it.
 fn lay_out_wal(conn: &Connection) -> Result<(), Box<dyn std::error::Error>> {
     let page: i64 = conn.pragma_query_value(None, "page_size", |r| r.get(0))?;
-    let frames: i64 = conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get(0))?;
-    let (page, frames) = (
-        page.clamp(0, 65_536) as u64,
-        frames.clamp(0, 100_000) as u64,
-    );
+    let page = page.clamp(0, 65_536) as u64;
     // The WAL header (32 bytes), then frames of a 24-byte header and a page.
-    let want = 32 + (frames + WAL_SLACK_FRAMES) * (24 + page);
+    let want = 32 + (CHECKPOINT_FRAMES + WAL_SLACK_FRAMES) * (24 + page);
     // The log SQLite itself uses: its database name (symbolic links resolved) and "-wal".
     let Some(db) = conn.path().filter(|p| !p.is_empty()) else {
         return Ok(());
@@ -793,13 +807,24 @@ impl Batched for SqliteStore {
         // Deferred: reads need no lock in WAL mode, so while another process holds the write
         // lock, logins that only read (a permit, a prompt) still go through; the first write
         // waits for the lock (the busy timeout), and only the calls that write get "busy".
-        if !self.conn().is_autocommit() {
-            // A batch whose COMMIT and ROLLBACK both failed left its transaction open; without
-            // this, every later batch would fail to begin. Its callers were told it failed.
-            tracing::warn!("rolling back a transaction left open by a failed batch");
-            self.run("ROLLBACK")?;
-        }
+        self.roll_back_left_open()?;
         self.run("BEGIN")
+    }
+
+    fn try_begin_alone(&self) -> Result<bool, StoreError> {
+        self.roll_back_left_open()?;
+        let conn = self.conn();
+        // Immediate, so that the write lock is taken before the call runs: a call that has
+        // started cannot be handed on. No wait: with the lock held elsewhere, the caller queues
+        // the call for the store thread instead, which waits for it as any batch does.
+        conn.busy_timeout(Duration::ZERO)?;
+        let begun = conn.prepare_cached("BEGIN IMMEDIATE")?.execute([]);
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        match begun.map_err(StoreError::from) {
+            Ok(_) => Ok(true),
+            Err(StoreError::Busy) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
@@ -824,6 +849,39 @@ impl Batched for SqliteStore {
 
     fn describe(&self) -> String {
         self.path.clone()
+    }
+
+    fn defer_checkpoints(&self) -> Result<(), StoreError> {
+        let due = self.checkpoint_due.clone();
+        // Replaces SQLite's own checkpoint at commit, which would run inside the commit of
+        // whichever call crossed the mark, on whichever thread ran it.
+        self.conn()
+            .wal_hook(Some(move |_: &mut rusqlite::hooks::Wal, frames| {
+                if frames as u64 >= CHECKPOINT_FRAMES {
+                    due.store(true, Ordering::Release);
+                }
+                Ok(())
+            }))?;
+        Ok(())
+    }
+
+    fn checkpoint_due(&self) -> bool {
+        self.checkpoint_due.load(Ordering::Acquire)
+    }
+
+    fn checkpoint(&self) {
+        self.checkpoint_due.store(false, Ordering::Release);
+        // Passive: copies what no reader still needs and never waits for a lock. What it leaves
+        // is copied by a later one, as the next commits set the mark again.
+        let done = self
+            .conn()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(e) = done {
+            tracing::warn!(
+                "checkpoint of {}-wal failed (retried later): {e}",
+                self.path
+            );
+        }
     }
 }
 
@@ -1023,6 +1081,32 @@ mod tests {
         assert!(!recovered
             .accept(&t.id, TokenState::Active, 149, 0, 2)
             .unwrap());
+    }
+
+    #[test]
+    fn deferred_checkpoints_wait_for_the_store_thread_and_then_restart_the_log() {
+        let (dir, s) = temp_store();
+        let id = s.add_active_many(&[new_token("ann", &[1; 20])], 0).unwrap()[0].clone();
+        s.lay_out_wal();
+        s.defer_checkpoints().unwrap();
+        let wal = dir.path().join("t.db-wal");
+        let laid_out = std::fs::metadata(&wal).unwrap().len();
+        let mut n = 0;
+        while !s.checkpoint_due() {
+            n += 1;
+            assert!(s.accept(&id, TokenState::Active, n, 0, 1).unwrap());
+            assert!(n < 2 * CHECKPOINT_FRAMES, "the mark is never reached");
+        }
+        // No commit checkpointed by itself: the log grew to the mark.
+        assert!(n > CHECKPOINT_FRAMES / 4, "{n} commits");
+        s.checkpoint();
+        assert!(!s.checkpoint_due());
+        for _ in 0..CHECKPOINT_FRAMES / 2 {
+            n += 1;
+            assert!(s.accept(&id, TokenState::Active, n, 0, 1).unwrap());
+        }
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), laid_out);
+        assert!(!s.checkpoint_due(), "the log restarted from the top");
     }
 
     #[test]

@@ -1,14 +1,21 @@
-//! The store's own thread. Every call to the store runs on it, one after another, so a check and
-//! the write it leads to (a lockout and the failure it counts, a code and its replay guard) are
-//! never interleaved with another login's. The calls that queue up while one batch runs form the
-//! next batch: one transaction and one commit (one fsync) for all of them, each call undone alone
-//! if it fails, and no caller hears back before its writes are on disk
-//! (docs/architecture.md#durability).
+//! The store's own thread, and the one short cut past it. Calls that queue up while a batch runs
+//! form the next batch: one transaction and one commit (one fsync) for all of them, each call
+//! undone alone if it fails, and no caller hears back before its writes are on disk
+//! (docs/architecture.md#durability). A check and the write it leads to (a lockout and the
+//! failure it counts, a code and its replay guard) are never interleaved with another login's:
+//! one batch or one call holds the store at a time.
 //!
-//! Against a pool of blocking threads sharing one connection this saves the hand-offs: a login
-//! storm wakes one thread per batch instead of one per call, and nobody queues on a mutex.
+//! While nothing is queued and the store is free, a call runs at once on the caller's own
+//! thread instead, in a transaction of its own. That saves the two thread hand-offs a queued
+//! call costs (wake the store thread, wake the caller), which on a quiet server are most of a
+//! login's time in guardd. It is taken only when it cannot wait: the write lock is taken
+//! without waiting before the call starts, and a lock held elsewhere (another process), a
+//! batch running, or any call queued sends the call to the queue as before. So under load the
+//! calls group into batches again, and the store thread is never kept from its turn for longer
+//! than the calls already running take.
 
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, TryLockError};
 
 use super::call::{run_guarded, Call, Failure, Queue};
 use super::{Store, StoreError};
@@ -22,10 +29,13 @@ const MAX_QUEUE: usize = 4096;
 
 /// A store whose calls can be grouped into one transaction: what the store thread needs of the
 /// embedded store beyond the domain steps.
-pub trait Batched: Store {
+pub trait Batched: Store + Send + Sync {
     /// Opens the transaction that holds the calls of one batch, so their writes reach the disk
     /// together. Until `end_batch`, only the calling thread may use the store.
     fn begin_batch(&self) -> Result<(), StoreError>;
+    /// Opens a transaction for one call with the write lock already held, without waiting for
+    /// it: false, and nothing begun, when another connection holds it. Ended by `end_batch`.
+    fn try_begin_alone(&self) -> Result<bool, StoreError>;
     /// Commits the batch (`keep`) or undoes all of it.
     fn end_batch(&self, keep: bool) -> Result<(), StoreError>;
     /// Marks where one call inside a batch starts, so that its writes can be undone alone.
@@ -34,33 +44,121 @@ pub trait Batched: Store {
     fn end_call(&self, keep: bool) -> Result<(), StoreError>;
     /// What the store is, for logs.
     fn describe(&self) -> String;
+    /// Leaves checkpoints (copying the log back into the database, several milliseconds) to
+    /// `checkpoint`, instead of running them inside the commit that fills the log.
+    fn defer_checkpoints(&self) -> Result<(), StoreError>;
+    /// Whether the log is full enough for `checkpoint`.
+    fn checkpoint_due(&self) -> bool;
+    /// Copies the log back into the database as far as readers allow; failures are logged.
+    fn checkpoint(&self);
+}
+
+/// What the store thread and the callers that run at once share.
+struct Shared {
+    store: Box<dyn Batched>,
+    /// Held by whoever uses the store: the store thread for a batch, or one caller's call.
+    turn: Mutex<()>,
+    /// Calls queued and not yet taken up by the store thread under its turn. While any are, no
+    /// call runs at once, so that the store thread is next.
+    queued: AtomicUsize,
 }
 
 /// The handle of the store's thread: queue calls with [`Runner::run`](super::Runner::run).
 pub struct StoreThread {
     queue: Queue,
     describe: String,
+    shared: Arc<Shared>,
+    /// Whether calls may run on the caller's thread: only on a runtime with two or more worker
+    /// threads, so that one blocked in a commit leaves another serving.
+    at_once: bool,
 }
 
 impl StoreThread {
-    /// Moves `store` onto a new thread that serves calls until the handle is dropped.
+    /// Moves `store` onto a new thread that serves calls until the handle is dropped. Called on
+    /// a multi-threaded tokio runtime with two or more workers, idle calls run at once on the
+    /// caller's worker.
     pub fn start(store: impl Batched + 'static) -> std::io::Result<StoreThread> {
-        Self::with_queue(store, MAX_QUEUE)
+        let workers = tokio::runtime::Handle::try_current()
+            .map(|h| h.metrics().num_workers())
+            .unwrap_or(0);
+        Self::with_queue(store, MAX_QUEUE, workers >= 2)
     }
 
-    fn with_queue(store: impl Batched + 'static, max_queue: usize) -> std::io::Result<StoreThread> {
+    fn with_queue(
+        store: impl Batched + 'static,
+        max_queue: usize,
+        at_once: bool,
+    ) -> std::io::Result<StoreThread> {
         let (mut queue, calls) = Queue::new(max_queue);
         let describe = store.describe();
-        queue.serve_with("guardd-store".into(), move || serve(&store, &calls))?;
-        Ok(StoreThread { queue, describe })
+        store.defer_checkpoints().map_err(std::io::Error::other)?;
+        let shared = Arc::new(Shared {
+            store: Box::new(store),
+            turn: Mutex::new(()),
+            queued: AtomicUsize::new(0),
+        });
+        let serving = shared.clone();
+        queue.serve_with("guardd-store".into(), move || serve(&serving, &calls))?;
+        Ok(StoreThread {
+            queue,
+            describe,
+            shared,
+            at_once,
+        })
     }
 
-    /// Queues `call` for the next batch; with the queue full it does not run and the error is
-    /// [`StoreError::Overloaded`]. Its result arrives once the batch is committed; if it fails
-    /// (or panics) its writes are undone and the rest of the batch stands; if the commit fails,
-    /// every call in the batch gets that error.
+    /// Runs `call` at once when the store is idle (see the module's note), else queues it for
+    /// the next batch; with the queue full it does not run and the error is
+    /// [`StoreError::Overloaded`]. Its result arrives once committed; if it fails (or panics)
+    /// its writes are undone and the rest of its batch stands; if the commit fails, every call
+    /// in the batch gets that error.
     pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
-        self.queue.submit(call)
+        let call = match self.try_at_once(call) {
+            Ok(()) => return Ok(()),
+            Err(call) => call,
+        };
+        self.shared.queued.fetch_add(1, Ordering::AcqRel);
+        self.queue.submit(call).inspect_err(|_| {
+            self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        })
+    }
+
+    /// Runs `call` on this thread if nothing is queued, nobody holds the store and no other
+    /// connection holds its write lock; else hands it back unrun.
+    fn try_at_once(&self, mut call: Box<dyn Call>) -> Result<(), Box<dyn Call>> {
+        let shared = &*self.shared;
+        if !self.at_once || shared.queued.load(Ordering::Acquire) > 0 {
+            return Err(call);
+        }
+        let turn = match shared.turn.try_lock() {
+            Ok(turn) => turn,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return Err(call),
+        };
+        let store = &*shared.store;
+        match store.try_begin_alone() {
+            Ok(true) => {}
+            Ok(false) => return Err(call),
+            Err(e) => {
+                tracing::warn!("store call queued, cannot begin it at once: {e}");
+                return Err(call);
+            }
+        }
+        let ok = run_guarded(call.as_mut(), store);
+        let failed = store.end_batch(ok).err().map(|e| {
+            tracing::error!("store call not committed: {e}");
+            Failure::of(e)
+        });
+        drop(turn);
+        call.reply(failed.as_ref());
+        if store.checkpoint_due() {
+            // The store thread checkpoints; this only wakes it. A full queue is already awake.
+            shared.queued.fetch_add(1, Ordering::AcqRel);
+            if self.queue.submit(Box::new(Wake)).is_err() {
+                shared.queued.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        Ok(())
     }
 
     pub(super) fn describe(&self) -> String {
@@ -68,21 +166,46 @@ impl StoreThread {
     }
 }
 
-fn serve(store: &dyn Batched, queue: &mpsc::Receiver<Box<dyn Call>>) {
+/// A call that carries no work: it wakes the store thread, which checkpoints when due.
+struct Wake;
+
+impl Call for Wake {
+    fn run(&mut self, _: &dyn Store) -> bool {
+        true
+    }
+    fn reply(self: Box<Self>, _: Option<&Failure>) {}
+    fn abandoned(&self) -> bool {
+        // Dropped unrun: nothing to run.
+        true
+    }
+}
+
+fn serve(shared: &Shared, queue: &mpsc::Receiver<Box<dyn Call>>) {
+    let store = &*shared.store;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        let turn = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+        // Counted off only now: until the store thread has its turn, no call runs at once.
+        shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         // Calls nobody waits for any more are dropped unrun.
         batch.retain(|call| !call.abandoned());
-        if batch.is_empty() {
-            continue;
-        }
-        let failed = run_batch(store, &mut batch).err().map(|e| {
-            tracing::error!(calls = batch.len(), "store batch not committed: {e}");
-            Failure::of(e)
-        });
+        let failed = if batch.is_empty() {
+            None
+        } else {
+            run_batch(store, &mut batch).err().map(|e| {
+                tracing::error!(calls = batch.len(), "store batch not committed: {e}");
+                Failure::of(e)
+            })
+        };
+        drop(turn);
         for call in batch {
             call.reply(failed.as_ref());
+        }
+        if store.checkpoint_due() {
+            // After the replies: nobody waits for it.
+            let _turn = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+            store.checkpoint();
         }
     }
 }
@@ -200,7 +323,7 @@ mod tests {
             .build()
             .unwrap();
         // A full queue refuses at once, and the thread serves again once it drains.
-        let small = Runner::Sqlite(StoreThread::with_queue(open(&dir), 2).unwrap());
+        let small = Runner::Sqlite(StoreThread::with_queue(open(&dir), 2, false).unwrap());
         let (hold, held) = std::sync::mpsc::channel::<()>();
         let (started, has_started) = std::sync::mpsc::channel::<()>();
         let results = runtime.block_on(async {
@@ -237,5 +360,136 @@ mod tests {
             assert!(r.is_err());
             assert!(thread.run(|s| s.has_active("ann")).await.unwrap());
         });
+    }
+
+    /// The name of the thread a call ran on, and whether it saw `user`'s token.
+    fn where_it_ran(thread: &Runner, user: &'static str) -> (String, bool) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime
+            .block_on(thread.run(move |s| {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                Ok::<_, StoreError>((name, s.has_active(user)?))
+            }))
+            .unwrap()
+    }
+
+    #[test]
+    fn an_idle_store_runs_a_call_on_the_callers_thread_and_a_locked_one_queues_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let id = token(&store, "ann");
+        let thread = Runner::Sqlite(StoreThread::with_queue(store, MAX_QUEUE, true).unwrap());
+        std::thread::Builder::new()
+            .name("caller".into())
+            .spawn(move || {
+                assert_eq!(where_it_ran(&thread, "ann"), ("caller".into(), true));
+                // A write made at once is committed before the answer: a second connection
+                // sees it.
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .build()
+                    .unwrap();
+                let accept = id.clone();
+                assert!(runtime
+                    .block_on(thread.run(move |s| s.accept(&accept, TokenState::Active, 7, 0, 3)))
+                    .unwrap());
+                let other = open(&dir);
+                assert_eq!(
+                    other.secrets("ann", TokenState::Active).unwrap()[0]
+                        .counter
+                        .last,
+                    Some(7)
+                );
+                // Another process holds the write lock (an admin's sqlite3, a backup): the call
+                // does not wait on the caller's thread; it is queued, and a read goes through
+                // on the store thread while the lock is held.
+                let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+                conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+                let started = std::time::Instant::now();
+                assert_eq!(where_it_ran(&thread, "ann"), ("guardd-store".into(), true));
+                assert!(started.elapsed() < BUSY_WAIT_SEEN);
+                conn.execute_batch("ROLLBACK").unwrap();
+                assert_eq!(where_it_ran(&thread, "ann"), ("caller".into(), true));
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    /// Well under SQLite's busy timeout (2 s): a call that waited for the lock would take that.
+    const BUSY_WAIT_SEEN: std::time::Duration = std::time::Duration::from_millis(1500);
+
+    #[test]
+    fn while_a_batch_runs_or_calls_are_queued_no_call_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        token(&store, "ann");
+        let thread = Runner::Sqlite(StoreThread::with_queue(store, MAX_QUEUE, true).unwrap());
+        let Runner::Sqlite(inner) = &thread else {
+            unreachable!()
+        };
+        // A queued call holds the store thread (and its turn) until told.
+        let (hold, held) = std::sync::mpsc::channel::<()>();
+        let (started, has_started) = std::sync::mpsc::channel::<()>();
+        let (call, answer) = call(move |_| {
+            let _ = started.send(());
+            let _ = held.recv();
+            Ok::<_, StoreError>(())
+        });
+        inner.shared.queued.fetch_add(1, Ordering::AcqRel);
+        inner.queue.submit(call).unwrap();
+        has_started.recv().unwrap();
+        // The store's turn is taken: the next call is queued behind the batch, not run here.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut second = Box::pin(thread.run(|s| {
+            let name = std::thread::current().name().unwrap_or("").to_owned();
+            Ok::<_, StoreError>((name, s.has_active("ann")?))
+        }));
+        runtime.block_on(poll_once(second.as_mut()));
+        assert_eq!(inner.shared.queued.load(Ordering::Acquire), 1);
+        hold.send(()).unwrap();
+        answer.blocking_recv().unwrap().unwrap();
+        assert_eq!(
+            runtime.block_on(second).unwrap(),
+            ("guardd-store".into(), true)
+        );
+        assert_eq!(inner.shared.queued.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn checkpoints_run_on_the_store_thread_and_keep_the_laid_out_log_from_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let id = token(&store, "ann");
+        store.lay_out_wal();
+        let wal = dir.path().join("t.db-wal");
+        let laid_out = std::fs::metadata(&wal).unwrap().len();
+        let thread = Runner::Sqlite(StoreThread::with_queue(store, MAX_QUEUE, true).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        // Well past one log's worth of frames, every commit made at once.
+        for n in 0..1500u64 {
+            let id = id.clone();
+            let at_once = runtime
+                .block_on(thread.run(move |s| {
+                    s.accept(&id, TokenState::Active, n + 1, 0, 3)?;
+                    Ok::<_, StoreError>(std::thread::current().name() != Some("guardd-store"))
+                }))
+                .unwrap();
+            assert!(at_once || n > 0, "the first call runs at once");
+        }
+        assert_eq!(std::fs::metadata(&wal).unwrap().len(), laid_out);
+        drop(thread);
+        let store = open(&dir);
+        assert_eq!(
+            store.secrets("ann", TokenState::Active).unwrap()[0]
+                .counter
+                .last,
+            Some(1500)
+        );
     }
 }
