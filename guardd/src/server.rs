@@ -117,12 +117,13 @@ async fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 /// Creates the state directories, the key file and the database (migrated) if missing, never
 /// overwriting: what the package's postinst runs.
 pub fn init(config: &Config) -> Result<(), ServerError> {
-    open_store(config).map(drop)
+    open_store(config, 0).map(drop)
 }
 
 /// The store the configuration names: the SQLite file (its private directory made if missing)
-/// on its own thread, or a pool of connections to the shared PostgreSQL.
-fn open_store(config: &Config) -> Result<Runner, ServerError> {
+/// on its own thread, or a pool of connections to the shared PostgreSQL. `workers`: the threads of
+/// the runtime that serves the calls (see [`StoreThread::start`]).
+fn open_store(config: &Config, workers: usize) -> Result<Runner, ServerError> {
     if let Some(dir) = config.key_file.parent() {
         ensure_dir(dir, 0o700)?;
     }
@@ -134,8 +135,8 @@ fn open_store(config: &Config) -> Result<Runner, ServerError> {
             let store = SqliteStore::open(path, &config.key_file)?;
             // The daemon's commits overwrite the log in place (docs/architecture.md#durability).
             store.lay_out_wal();
-            let thread =
-                StoreThread::start(store).map_err(io_err(Path::new("the store thread")))?;
+            let thread = StoreThread::start(store, workers)
+                .map_err(io_err(Path::new("the store thread")))?;
             Ok(Runner::Sqlite(thread))
         }
         Database::Postgres(_) => {
@@ -190,8 +191,9 @@ pub async fn run_with_clock(
     );
     crate::metrics::policy_loaded(true, Ok(()));
     // Opening may block on the database (connect, migrate); off the async workers.
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let store = std::thread::scope(|s| {
-        s.spawn(|| open_store(&config))
+        s.spawn(|| open_store(&config, workers))
             .join()
             .unwrap_or_else(|_| Err(StoreError::Stopped.into()))
     })?;

@@ -105,7 +105,7 @@ fn fixture_with(rules: &str) -> Fixture {
     let store = SqliteStore::open(&dir.path().join("t.db"), &config.key_file).unwrap();
     let directory = Arc::new(Directory::default());
     let svc = GuardService::new(
-        Runner::Sqlite(StoreThread::start(store).unwrap()),
+        Runner::Sqlite(StoreThread::start(store, 2).unwrap()),
         Hasher::start().unwrap(),
         &config,
         Policy::parse("rules.toml", rules).unwrap(),

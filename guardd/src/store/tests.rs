@@ -50,8 +50,11 @@ impl Fixture {
         match &self.url {
             Some(url) => Runner::Postgres(PgPool::open(&settings(url), &key, connections).unwrap()),
             None => Runner::Sqlite(
-                StoreThread::start(SqliteStore::open(&self.dir.path().join("t.db"), &key).unwrap())
-                    .unwrap(),
+                StoreThread::start(
+                    SqliteStore::open(&self.dir.path().join("t.db"), &key).unwrap(),
+                    2,
+                )
+                .unwrap(),
             ),
         }
     }
@@ -372,7 +375,8 @@ fn a_burst_of_guesses_spread_over_connections_gets_only_the_free_failures(
 /// login queued behind them is served at once. Each stands for a call that costs the database
 /// 10 ms (a few round trips to a remote PostgreSQL): a thousand of them, run for nobody, held
 /// root's login for 1.3 s on eight connections (10 s on SQLite's one thread), and a few more
-/// filled the queue, refusing it.
+/// filled the queue, refusing it. The store is kept busy meanwhile by a call that waits, so that
+/// they queue (on an idle SQLite store a call runs at once, while its caller waits).
 fn calls_whose_callers_have_gone_do_not_hold_up_the_next_caller(fixture: &Fixture, _: &dyn Store) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
@@ -380,6 +384,22 @@ fn calls_whose_callers_have_gone_do_not_hold_up_the_next_caller(fixture: &Fixtur
     let (waited, result) = with_runner(fixture, |runner| {
         let ran = ran.clone();
         async move {
+            let runner = Arc::new(runner);
+            let (release, held) = std::sync::mpsc::channel::<()>();
+            let (started, has_started) = std::sync::mpsc::channel::<()>();
+            let holder = tokio::spawn({
+                let runner = runner.clone();
+                async move {
+                    runner
+                        .run(move |_| {
+                            let _ = started.send(());
+                            let _ = held.recv_timeout(Duration::from_secs(10));
+                            Ok::<_, StoreError>(())
+                        })
+                        .await
+                }
+            });
+            has_started.recv().unwrap();
             for _ in 0..1000 {
                 let ran = ran.clone();
                 let call = runner.run(move |s| {
@@ -391,6 +411,8 @@ fn calls_whose_callers_have_gone_do_not_hold_up_the_next_caller(fixture: &Fixtur
                 let mut call = Box::pin(call);
                 let _ = futures_poll_once(call.as_mut()).await;
             }
+            release.send(()).unwrap();
+            holder.await.unwrap().unwrap();
             let started = Instant::now();
             let result = runner.run(|s| s.has_active("root")).await;
             (started.elapsed(), result)

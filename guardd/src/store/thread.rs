@@ -74,13 +74,10 @@ pub struct StoreThread {
 }
 
 impl StoreThread {
-    /// Moves `store` onto a new thread that serves calls until the handle is dropped. Called on
-    /// a multi-threaded tokio runtime with two or more workers, idle calls run at once on the
-    /// caller's worker.
-    pub fn start(store: impl Batched + 'static) -> std::io::Result<StoreThread> {
-        let workers = tokio::runtime::Handle::try_current()
-            .map(|h| h.metrics().num_workers())
-            .unwrap_or(0);
+    /// Moves `store` onto a new thread that serves calls until the handle is dropped. `workers`
+    /// is how many threads the callers' runtime has: with two or more, calls made while the store
+    /// is idle run at once on the caller's thread; with fewer, every call is queued.
+    pub fn start(store: impl Batched + 'static, workers: usize) -> std::io::Result<StoreThread> {
         Self::with_queue(store, MAX_QUEUE, workers >= 2)
     }
 
@@ -317,7 +314,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(&dir);
         token(&store, "ann");
-        let thread = Runner::Sqlite(StoreThread::start(store).unwrap());
+        let thread = Runner::Sqlite(StoreThread::start(store, 0).unwrap());
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .build()

@@ -122,7 +122,7 @@ impl Backend {
     fn open(&self, key: &Path) -> anyhow::Result<Runner> {
         Ok(match self {
             Backend::Sqlite(path) => {
-                Runner::Sqlite(StoreThread::start(SqliteStore::open(path, key)?)?)
+                Runner::Sqlite(StoreThread::start(SqliteStore::open(path, key)?, 0)?)
             }
             Backend::Postgres { url, .. } => {
                 let settings = PgSettings {
