@@ -68,6 +68,8 @@ pub enum ServerError {
     Signal(std::io::Error),
     #[error("the gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("the gRPC server stopped unexpectedly: {0}")]
+    Panicked(#[from] tokio::task::JoinError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
@@ -230,11 +232,8 @@ pub async fn run_with_clock(
         database = %store_name,
         "guardd listening"
     );
-    let (signalled, on_signal) = tokio::sync::oneshot::channel::<()>();
-    let shutdown = async move {
-        shutdown.await;
-        let _ = signalled.send(());
-    };
+    // Stops the server's accepting when `shutdown` resolves (below).
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let connections = Budget::new("connections", connection_limits());
     let (accepted, incoming) = mpsc::channel(64);
     let acceptor = tokio::spawn(accept(listener, connections, accepted));
@@ -245,26 +244,40 @@ pub async fn run_with_clock(
             audit::flush_refusals();
         }
     });
-    let serve = tonic::transport::Server::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .max_concurrent_streams(MAX_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_max_header_list_size(MAX_HEADER_LIST)
-        .max_frame_size(16 * 1024)
-        .max_connection_age(MAX_CONNECTION_AGE)
-        .max_connection_age_grace(CONNECTION_AGE_GRACE)
-        .add_service(GuardServer::from_arc(service).max_decoding_message_size(MAX_REQUEST))
-        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown);
-    tokio::pin!(serve);
+    // A task of its own, on the worker threads: polled here instead, on the thread that runs
+    // this future (the daemon's main thread, outside the workers), every accepted connection
+    // would cross to that thread and back before its first call.
+    let mut serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .max_concurrent_streams(MAX_STREAMS)
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .http2_max_header_list_size(MAX_HEADER_LIST)
+            .max_frame_size(16 * 1024)
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .max_connection_age_grace(CONNECTION_AGE_GRACE)
+            .add_service(GuardServer::from_arc(service).max_decoding_message_size(MAX_REQUEST))
+            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async {
+                let _ = stopped.await;
+            }),
+    );
+    let joined = |served: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| {
+        served
+            .map_err(ServerError::from)?
+            .map_err(ServerError::from)
+    };
+    tokio::pin!(shutdown);
     let served = tokio::select! {
-        served = &mut serve => served,
-        Ok(()) = on_signal => {
+        served = &mut serve => joined(served),
+        () = &mut shutdown => {
             // New connections stop at once; calls in flight get a moment to finish.
+            let _ = stop.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut serve).await {
-                Ok(served) => served,
+                Ok(served) => joined(served),
                 Err(_) => {
                     tracing::warn!("connections still open after {SHUTDOWN_GRACE:?}; closing them");
+                    serve.abort();
                     Ok(())
                 }
             }
@@ -281,7 +294,7 @@ pub async fn run_with_clock(
     audit::flush_refusals();
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
-    Ok(served?)
+    served
 }
 
 /// Rewrites the metrics file every `interval` until aborted; a write that fails is logged (at
