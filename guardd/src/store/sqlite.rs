@@ -160,6 +160,17 @@ impl SqliteStore {
         conn.busy_timeout(BUSY_TIMEOUT)
             .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
             .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
+            // One plan per statement, whatever its values: else SQLite parses a cached
+            // statement again whenever a value it could plan by changes (a user's name, a
+            // counter), which was several parses per login. Without statistics (no ANALYZE)
+            // the plan is the same anyway.
+            .and_then(|()| {
+                conn.set_db_config(
+                    rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+                    true,
+                )
+                .map(drop)
+            })
             .map_err(|e| open_err(e.into()))?;
         migrate(&mut conn, &display).map_err(|e| match e {
             StoreError::Sqlite(e) => open_err(e.into()),
@@ -1081,6 +1092,25 @@ mod tests {
         assert!(!recovered
             .accept(&t.id, TokenState::Active, 149, 0, 2)
             .unwrap());
+    }
+
+    #[test]
+    fn cached_statements_are_not_parsed_again_for_new_values() {
+        let (_dir, s) = temp_store();
+        s.add_active_many(&[new_token("ann", &[1; 20]), new_token("bob", &[2; 20])], 0)
+            .unwrap();
+        for user in ["ann", "bob", "cy", "ann"] {
+            s.secrets(user, TokenState::Active).unwrap();
+        }
+        let conn = s.conn();
+        let stmt = conn
+            .prepare_cached(
+                "SELECT id, kind, secret, algorithm, digits, period, last, drift FROM tokens
+             WHERE user = ?1 AND state = ?2 ORDER BY created DESC, id",
+            )
+            .unwrap();
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::Run), 4);
+        assert_eq!(stmt.get_status(rusqlite::StatementStatus::RePrepare), 0);
     }
 
     #[test]
