@@ -21,6 +21,9 @@ use crate::config::Database;
 use crate::service::{Clock, GuardService};
 use crate::store::{PgPool, Runner, SqliteStore, StoreError, StoreThread};
 
+mod opening;
+use opening::Opening;
+
 /// Longest time one RPC may take inside the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Every connection is closed (HTTP/2 GOAWAY, calls in flight finish) this long after it was
@@ -381,7 +384,7 @@ async fn accept(
             }
         };
         let conn = Conn {
-            stream,
+            stream: Opening::new(stream),
             caller,
             _holding: permit,
         };
@@ -402,7 +405,7 @@ mod libc_errno {
 /// An admitted connection: the stream, who is on the other end, and its place in the budget,
 /// given back when the connection closes.
 struct Conn {
-    stream: UnixStream,
+    stream: Opening<UnixStream>,
     caller: Caller,
     _holding: Holding,
 }

@@ -293,6 +293,31 @@ fn main() {
     let _ = stop.send(());
     let _ = server.join();
 
+    // Paired by round before the medians sort the samples: each round ran every variant once,
+    // back to back, so a difference within a round is free of the machine's drift over the run.
+    let paired = |a: &str, b: &str| {
+        let find = |name: &str| variants.iter().find(|v| !v.system && v.name == name);
+        let (a, b) = (find(a)?, find(b)?);
+        let mut diffs: Vec<f64> = a
+            .times
+            .iter()
+            .zip(&b.times)
+            .map(|(x, y)| ms(*x) - ms(*y))
+            .collect();
+        let below = diffs.iter().filter(|d| **d < 0.0).count() * 100 / diffs.len().max(1);
+        diffs.sort_by(f64::total_cmp);
+        Some((diffs[diffs.len() / 2], below))
+    };
+    let pairs: Vec<_> = [
+        ("module, OTP login", "pam_oath"),
+        ("module, OTP login", "pam_google_authenticator"),
+        ("module, OTP login", "floor: canned, OTP"),
+        ("pam_oath", "floor: canned, OTP"),
+    ]
+    .into_iter()
+    .filter_map(|(a, b)| Some((a, b, paired(a, b)?)))
+    .collect();
+
     println!("pam_authenticate, {runs} interleaved runs of each (a whole pamtester process each):");
     for (system, title) in [(false, "pam_wrapper"), (true, "/etc/pam.d, system libpam")] {
         let mut mine: Vec<&mut Variant> =
@@ -313,6 +338,14 @@ fn main() {
                 ms(m) / ms(base)
             );
         }
+    }
+    println!("  paired by round (pam_wrapper), median of the differences:");
+    for (a, b, (median, below)) in pairs {
+        println!(
+            "    {:<42} {:>+7.3} ms   ({below}% of rounds below)",
+            format!("{a} - {b}"),
+            median
+        );
     }
 }
 

@@ -237,3 +237,102 @@ async fn helper_begin_as_caller() {
     assert!(is_deny(&own));
     println!("helper: checked");
 }
+
+/// One HTTP/2 frame: its 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[test]
+fn a_client_that_waits_for_guardds_settings_gets_them() {
+    // HTTP/2 lets a client wait for the server's SETTINGS before its first request; guardd holds
+    // them back for the first answer only briefly.
+    use std::io::{Read, Write};
+    let d = Daemon::start();
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    s.write_all(&[H2_PREFACE, &h2_frame(0x4, 0, 0, &[])].concat())
+        .unwrap();
+    let mut header = [0u8; 9];
+    s.read_exact(&mut header).expect("guardd's SETTINGS");
+    assert_eq!((header[3], header[4] & 1), (0x4, 0), "{header:?}");
+}
+
+#[test]
+fn the_first_answer_on_a_connection_arrives_in_one_piece_with_the_opening_frames() {
+    // The PAM module waits to read as soon as it has sent its first call: guardd's SETTINGS, its
+    // acknowledgement of the module's and the answer leave in one write, so the first read
+    // returns all of them (a read returns at least what one write put in). Guardd holds its
+    // opening frames back for 20 ms at most: three tries, for a debug build on a loaded machine.
+    let d = Daemon::start();
+    let tries: Vec<_> = (0..3).map(|_| first_read(&d.socket)).collect();
+    assert!(
+        tries
+            .iter()
+            .any(|(kinds, ended)| *ended && kinds[0] == (0x4, 0)),
+        "no first read held guardd's SETTINGS and the whole answer: {tries:?}"
+    );
+}
+
+/// The frames (type, stream) of the first read after sending a Begin on a new connection, and
+/// whether they end stream 1.
+fn first_read(socket: &std::path::Path) -> (Vec<(u8, u32)>, bool) {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .unwrap();
+    // HPACK literals without indexing, as the module sends them.
+    let mut headers = Vec::new();
+    for (name, value) in [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/soffid.otp.v1.Guard/Begin"),
+        (":authority", "guardd"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ] {
+        headers.push(0);
+        headers.push(name.len() as u8);
+        headers.extend(name.as_bytes());
+        headers.push(value.len() as u8);
+        headers.extend(value.as_bytes());
+    }
+    let message = prost::Message::encode_to_vec(&BeginRequest {
+        context: Some(LoginContext {
+            user: "no-such-user-soffid".into(),
+            service: "sshd".into(),
+            ..LoginContext::default()
+        }),
+    });
+    let mut body = vec![0];
+    body.extend((message.len() as u32).to_be_bytes());
+    body.extend(message);
+    s.write_all(
+        &[
+            H2_PREFACE,
+            &h2_frame(0x4, 0, 0, &[]),
+            &h2_frame(0x1, 0x4, 1, &headers),
+            &h2_frame(0x0, 0x1, 1, &body),
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let mut got = vec![0u8; 65536];
+    let n = s.read(&mut got).unwrap();
+    let (mut at, mut kinds, mut ended) = (0, Vec::new(), false);
+    while at + 9 <= n {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        let stream = u32::from_be_bytes([got[at + 5], got[at + 6], got[at + 7], got[at + 8]]);
+        kinds.push((got[at + 3], stream));
+        ended |= stream == 1 && got[at + 4] & 1 != 0;
+        at += 9 + len;
+    }
+    (kinds, ended)
+}
