@@ -503,7 +503,8 @@ impl Store for SqliteStore {
     }
 
     fn lock_attempts(&self, user: &str) -> Result<Lockout, StoreError> {
-        // One thread serves every call of this store: checks of a user never interleave.
+        // One call or batch holds this store at a time (the store thread's turn): checks of a
+        // user never interleave.
         self.lockout(user)
     }
 
@@ -829,10 +830,16 @@ impl Batched for SqliteStore {
         // started cannot be handed on. No wait: with the lock held elsewhere, the caller queues
         // the call for the store thread instead, which waits for it as any batch does.
         conn.busy_timeout(Duration::ZERO)?;
-        let begun = conn.prepare_cached("BEGIN IMMEDIATE")?.execute([]);
-        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let begun = conn.execute_batch("BEGIN IMMEDIATE");
+        // Whatever became of the BEGIN: every later batch waits for the lock again.
+        if let Err(e) = conn.busy_timeout(BUSY_TIMEOUT) {
+            if begun.is_ok() {
+                let _ = conn.execute_batch("ROLLBACK");
+            }
+            return Err(e.into());
+        }
         match begun.map_err(StoreError::from) {
-            Ok(_) => Ok(true),
+            Ok(()) => Ok(true),
             Err(StoreError::Busy) => Ok(false),
             Err(e) => Err(e),
         }

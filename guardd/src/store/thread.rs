@@ -14,7 +14,7 @@
 //! calls group into batches again, and the store thread is never kept from its turn for longer
 //! than the calls already running take.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, TryLockError};
 
 use super::call::{run_guarded, Call, Failure, Queue};
@@ -61,6 +61,19 @@ struct Shared {
     /// Calls queued and not yet taken up by the store thread under its turn. While any are, no
     /// call runs at once, so that the store thread is next.
     queued: AtomicUsize,
+    /// Set when the store thread has ended (a bug outside a call): then no call runs at once
+    /// either, and every call fails as the queue's do, instead of the store going on without
+    /// its checkpoints.
+    stopped: AtomicBool,
+}
+
+/// Marks the store thread's end, however it ends.
+struct Stopping<'a>(&'a AtomicBool);
+
+impl Drop for Stopping<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
 }
 
 /// The handle of the store's thread: queue calls with [`Runner::run`](super::Runner::run).
@@ -93,6 +106,7 @@ impl StoreThread {
             store: Box::new(store),
             turn: Mutex::new(()),
             queued: AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
         });
         let serving = shared.clone();
         queue.serve_with("guardd-store".into(), move || serve(&serving, &calls))?;
@@ -124,7 +138,10 @@ impl StoreThread {
     /// connection holds its write lock; else hands it back unrun.
     fn try_at_once(&self, mut call: Box<dyn Call>) -> Result<(), Box<dyn Call>> {
         let shared = &*self.shared;
-        if !self.at_once || shared.queued.load(Ordering::Acquire) > 0 {
+        if !self.at_once
+            || shared.queued.load(Ordering::Acquire) > 0
+            || shared.stopped.load(Ordering::Acquire)
+        {
             return Err(call);
         }
         let turn = match shared.turn.try_lock() {
@@ -178,6 +195,7 @@ impl Call for Wake {
 }
 
 fn serve(shared: &Shared, queue: &mpsc::Receiver<Box<dyn Call>>) {
+    let _stopping = Stopping(&shared.stopped);
     let store = &*shared.store;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
@@ -488,5 +506,39 @@ mod tests {
                 .last,
             Some(1500)
         );
+    }
+
+    #[test]
+    fn once_the_store_thread_has_ended_no_call_runs_at_once() {
+        /// A call whose reply panics: a bug outside the call, which ends the store thread.
+        struct BadReply;
+        impl Call for BadReply {
+            fn run(&mut self, _: &dyn Store) -> bool {
+                true
+            }
+            fn reply(self: Box<Self>, _: Option<&Failure>) {
+                panic!("a bug after the batch");
+            }
+            fn abandoned(&self) -> bool {
+                false
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        token(&store, "ann");
+        let thread = Runner::Sqlite(StoreThread::with_queue(store, MAX_QUEUE, true).unwrap());
+        let Runner::Sqlite(inner) = &thread else {
+            unreachable!()
+        };
+        inner.shared.queued.fetch_add(1, Ordering::AcqRel);
+        inner.queue.submit(Box::new(BadReply)).unwrap();
+        while !inner.shared.stopped.load(Ordering::Acquire) {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let result = runtime.block_on(thread.run(|s| s.has_active("ann")));
+        assert!(matches!(result, Err(StoreError::Stopped)), "{result:?}");
     }
 }
