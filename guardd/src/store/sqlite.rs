@@ -137,6 +137,9 @@ pub struct SqliteStore {
     /// Set by the commit that fills the log past `CHECKPOINT_FRAMES`, once checkpoints are
     /// deferred to the store thread (`Batched::defer_checkpoints`).
     checkpoint_due: Arc<AtomicBool>,
+    /// When the running batch began, and whether its calls still wait for a lock held
+    /// elsewhere (see `begin_call`).
+    batch: Mutex<(Option<std::time::Instant>, bool)>,
 }
 
 impl SqliteStore {
@@ -195,6 +198,7 @@ impl SqliteStore {
             sealer,
             path: display,
             checkpoint_due: Arc::new(AtomicBool::new(false)),
+            batch: Mutex::new((None, true)),
         })
     }
 
@@ -270,6 +274,10 @@ impl SqliteStore {
                 self.path
             );
         }
+    }
+
+    fn batch_state(&self) -> MutexGuard<'_, (Option<std::time::Instant>, bool)> {
+        self.batch.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Rolls back the transaction a batch whose COMMIT and ROLLBACK both failed left open;
@@ -820,7 +828,9 @@ impl Batched for SqliteStore {
         // lock, logins that only read (a permit, a prompt) still go through; the first write
         // waits for the lock (the busy timeout), and only the calls that write get "busy".
         self.roll_back_left_open()?;
-        self.run("BEGIN")
+        self.run("BEGIN")?;
+        self.batch_state().0 = Some(std::time::Instant::now());
+        Ok(())
     }
 
     fn try_begin_alone(&self) -> Result<bool, StoreError> {
@@ -846,15 +856,34 @@ impl Batched for SqliteStore {
     }
 
     fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
-        if !keep {
-            return self.run("ROLLBACK");
+        let ended = if keep {
+            self.run("COMMIT").inspect_err(|_| {
+                let _ = self.run("ROLLBACK");
+            })
+        } else {
+            self.run("ROLLBACK")
+        };
+        let patient = std::mem::replace(&mut *self.batch_state(), (None, true)).1;
+        if !patient {
+            self.conn().busy_timeout(BUSY_TIMEOUT)?;
         }
-        self.run("COMMIT").inspect_err(|_| {
-            let _ = self.run("ROLLBACK");
-        })
+        ended
     }
 
     fn begin_call(&self) -> Result<(), StoreError> {
+        // A batch waits for a lock held by another process (an admin's sqlite3, a backup) for
+        // the busy timeout in all, not each of its calls in turn: past it, the calls left fail
+        // "busy" at once if they write, and those that only read still go through. Else a
+        // batch of writes queued ahead of root's login (any user can queue failed attempts)
+        // would hold that login for the busy timeout once per write.
+        let mut batch = self.batch_state();
+        if let (Some(started), true) = *batch {
+            if started.elapsed() >= BUSY_TIMEOUT {
+                self.conn().busy_timeout(Duration::ZERO)?;
+                batch.1 = false;
+            }
+        }
+        drop(batch);
         self.run("SAVEPOINT call")
     }
 

@@ -541,4 +541,55 @@ mod tests {
         let result = runtime.block_on(thread.run(|s| s.has_active("ann")));
         assert!(matches!(result, Err(StoreError::Stopped)), "{result:?}");
     }
+
+    #[test]
+    fn a_batch_waits_for_a_lock_held_elsewhere_once_not_once_per_write() {
+        // Root's sqlite3 holds the write lock; three writes (any user can queue failed
+        // attempts) are ahead of root's login, which only reads.
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir);
+        let ids: Vec<String> = ["ann", "bob", "cy"]
+            .iter()
+            .map(|u| token(&store, u))
+            .collect();
+        let admin = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+        admin.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let mut batch = Vec::new();
+        let mut writes = Vec::new();
+        for id in ids {
+            let (c, answer) = call(move |s: &dyn Store| s.accept(&id, TokenState::Active, 9, 0, 2));
+            batch.push(c);
+            writes.push(answer);
+        }
+        let (root, mut root_answer) = call(|s: &dyn Store| s.has_active("ann"));
+        batch.push(root);
+        let started = std::time::Instant::now();
+        run_batch(&store, &mut batch).unwrap();
+        let took = started.elapsed();
+        for c in batch {
+            c.reply(None);
+        }
+        // One busy timeout (2 s), not three.
+        assert!(took < std::time::Duration::from_millis(3500), "{took:?}");
+        assert!(root_answer.try_recv().unwrap().unwrap());
+        for mut w in writes {
+            assert!(matches!(w.try_recv().unwrap(), Err(StoreError::Busy)));
+        }
+        // The next batch waits again: a lock held for a moment is waited for.
+        admin.execute_batch("ROLLBACK").unwrap();
+        admin.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            admin.execute_batch("ROLLBACK").unwrap();
+        });
+        let (again, mut answer) = call(|s: &dyn Store| {
+            s.record_failure("ann", None, &crate::lockout::Backoff::default(), 5)?;
+            Ok::<_, StoreError>(())
+        });
+        let mut batch = vec![again];
+        run_batch(&store, &mut batch).unwrap();
+        batch.pop().unwrap().reply(None);
+        answer.try_recv().unwrap().unwrap();
+        release.join().unwrap();
+    }
 }
