@@ -5,7 +5,9 @@
 //! sudo), only for it to find no answer yet and wait again. Held, the client wakes once.
 //!
 //! HTTP/2 lets a client send its requests without waiting for the server's SETTINGS, and every
-//! client of guardd does. One that waits anyway gets them after `HOLD_FOR` at most. Nothing else
+//! client of guardd does. One that waits anyway gets them after `HOLD_FOR` at most. The server
+//! enforces its own limits (stream window, frame and header sizes) from the start, whatever the
+//! client has seen of them, so holding them back weakens none. Nothing else
 //! is held: the first frame of a stream, or any other kind of frame, sends everything at once
 //! and ends the holding for good; so does `HOLD_MAX` bytes held, so a client that makes the
 //! server answer many PINGs before its first call cannot grow guardd's memory.
