@@ -9,8 +9,6 @@ use std::time::Duration;
 use proto::v1::guard_server::GuardServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
 use crate::audit;
@@ -238,8 +236,11 @@ pub async fn run_with_clock(
     // Stops the server's accepting when `shutdown` resolves (below).
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let connections = Budget::new("connections", connection_limits());
-    let (accepted, incoming) = mpsc::channel(64);
-    let acceptor = tokio::spawn(accept(listener, connections, accepted));
+    let incoming = Incoming {
+        listener,
+        budget: connections,
+        pause: None,
+    };
     let flusher = tokio::spawn(async {
         let mut tick = tokio::time::interval(audit::REFUSAL_INTERVAL);
         loop {
@@ -261,7 +262,7 @@ pub async fn run_with_clock(
             .max_connection_age(MAX_CONNECTION_AGE)
             .max_connection_age_grace(CONNECTION_AGE_GRACE)
             .add_service(GuardServer::from_arc(service).max_decoding_message_size(MAX_REQUEST))
-            .serve_with_incoming_shutdown(ReceiverStream::new(incoming), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             }),
     );
@@ -287,7 +288,6 @@ pub async fn run_with_clock(
         }
     };
     hup.abort();
-    acceptor.abort();
     flusher.abort();
     if let (Some(writer), Some(path)) = (metrics, &config.metrics_file) {
         // A stopped guardd leaves no figures that look current (docs/operating.md#metrics).
@@ -341,55 +341,66 @@ fn connection_limits() -> Limits {
     }
 }
 
-/// Accepts connections for as long as the server takes them. Each is admitted only within the
-/// caller's connection budget (a refusal closes it at once and is audited, rate-limited), and
-/// carries its caller for every request on it. When descriptors or memory run out, accepting
-/// pauses briefly instead of spinning.
-async fn accept(
+/// The server's incoming connections, accepted as the server asks for the next one (no task of
+/// their own: a hand-off less per connection). Each is admitted only within the caller's
+/// connection budget (a refusal closes it at once and is audited, rate-limited), and carries its
+/// caller for every request on it. When descriptors or memory run out, accepting pauses briefly
+/// instead of spinning.
+struct Incoming {
     listener: UnixListener,
     budget: Arc<Budget>,
-    accepted: mpsc::Sender<Result<Conn, std::io::Error>>,
-) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                if matches!(
-                    e.raw_os_error(),
-                    Some(
-                        libc_errno::EMFILE
-                            | libc_errno::ENFILE
-                            | libc_errno::ENOBUFS
-                            | libc_errno::ENOMEM
-                    )
-                ) {
-                    audit::warn_limited(
-                        "accept",
-                        &format!("cannot accept connections: {e}; pausing"),
-                    );
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio_stream::Stream for Incoming {
+    type Item = Result<Conn, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pause) = &mut self.pause {
+                std::task::ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            let stream = match std::task::ready!(self.listener.poll_accept(cx)) {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(
+                            libc_errno::EMFILE
+                                | libc_errno::ENFILE
+                                | libc_errno::ENOBUFS
+                                | libc_errno::ENOMEM
+                        )
+                    ) {
+                        audit::warn_limited(
+                            "accept",
+                            &format!("cannot accept connections: {e}; pausing"),
+                        );
+                        self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                    }
+                    continue;
                 }
+            };
+            let Ok(cred) = stream.peer_cred() else {
                 continue;
-            }
-        };
-        let Ok(cred) = stream.peer_cred() else {
-            continue;
-        };
-        let caller = Caller::from_cred(cred.uid(), cred.gid(), cred.pid());
-        let permit = match budget.acquire(caller.budget_keys(None), caller.is_root()) {
-            Ok(permit) => permit,
-            Err(e) => {
-                audit::refused(&caller, "connect", "*", &e.to_string());
-                continue;
-            }
-        };
-        let conn = Conn {
-            stream: Opening::new(stream),
-            caller,
-            _holding: permit,
-        };
-        if accepted.send(Ok(conn)).await.is_err() {
-            return;
+            };
+            let caller = Caller::from_cred(cred.uid(), cred.gid(), cred.pid());
+            let permit = match self
+                .budget
+                .acquire(caller.budget_keys(None), caller.is_root())
+            {
+                Ok(permit) => permit,
+                Err(e) => {
+                    audit::refused(&caller, "connect", "*", &e.to_string());
+                    continue;
+                }
+            };
+            return Poll::Ready(Some(Ok(Conn {
+                stream: Opening::new(stream),
+                caller,
+                _holding: permit,
+            })));
         }
     }
 }
