@@ -137,8 +137,8 @@ pub struct SqliteStore {
     /// Set by the commit that fills the log past `CHECKPOINT_FRAMES`, once checkpoints are
     /// deferred to the store thread (`Batched::defer_checkpoints`).
     checkpoint_due: Arc<AtomicBool>,
-    /// When the running batch began, and whether its calls still wait for a lock held
-    /// elsewhere (see `begin_call`).
+    /// When the running batch began, and whether its calls still wait the whole busy timeout
+    /// for a lock held elsewhere (false once `begin_call` has shortened it).
     batch: Mutex<(Option<std::time::Instant>, bool)>,
 }
 
@@ -856,30 +856,34 @@ impl Batched for SqliteStore {
     }
 
     fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
-        let ended = if keep {
-            self.run("COMMIT").inspect_err(|_| {
-                let _ = self.run("ROLLBACK");
-            })
-        } else {
-            self.run("ROLLBACK")
-        };
-        let patient = std::mem::replace(&mut *self.batch_state(), (None, true)).1;
-        if !patient {
-            self.conn().busy_timeout(BUSY_TIMEOUT)?;
+        // The next batch waits its whole time again; restored first, so that the COMMIT never
+        // runs without waiting.
+        let shortened = std::mem::replace(&mut *self.batch_state(), (None, true)).1;
+        if !shortened {
+            if let Err(e) = self.conn().busy_timeout(BUSY_TIMEOUT) {
+                tracing::error!("cannot restore the store's busy timeout: {e}");
+            }
         }
-        ended
+        if !keep {
+            return self.run("ROLLBACK");
+        }
+        self.run("COMMIT").inspect_err(|_| {
+            let _ = self.run("ROLLBACK");
+        })
     }
 
     fn begin_call(&self) -> Result<(), StoreError> {
         // A batch waits for a lock held by another process (an admin's sqlite3, a backup) for
-        // the busy timeout in all, not each of its calls in turn: past it, the calls left fail
-        // "busy" at once if they write, and those that only read still go through. Else a
-        // batch of writes queued ahead of root's login (any user can queue failed attempts)
-        // would hold that login for the busy timeout once per write.
+        // the busy timeout in all, not each of its calls in turn: each call waits only what is
+        // left of it, and past it the calls left fail "busy" at once if they write, while those
+        // that only read still go through. Else a batch of writes queued ahead of root's login
+        // (any user can queue failed attempts) would hold that login for the busy timeout once
+        // per write.
         let mut batch = self.batch_state();
-        if let (Some(started), true) = *batch {
-            if started.elapsed() >= BUSY_TIMEOUT {
-                self.conn().busy_timeout(Duration::ZERO)?;
+        if let Some(started) = batch.0 {
+            let left = BUSY_TIMEOUT.saturating_sub(started.elapsed());
+            if left < BUSY_TIMEOUT {
+                self.conn().busy_timeout(left)?;
                 batch.1 = false;
             }
         }
