@@ -235,10 +235,9 @@ pub async fn run_with_clock(
     );
     // Stops the server's accepting when `shutdown` resolves (below).
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let connections = Budget::new("connections", connection_limits());
     let incoming = Incoming {
         listener,
-        budget: connections,
+        budget: Budget::new("connections", connection_limits()),
         pause: None,
     };
     let flusher = tokio::spawn(async {

@@ -194,9 +194,11 @@ pub(super) async fn open_session(
     let (caller, ctx, account) = svc.login_request(req, "session").await?;
     // After pam_loginuid: the session sshd just opened for this account.
     let uid = account.map(|a| a.uid);
-    let session = Some(())
-        .filter(|()| svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty())
-        .and_then(|()| Attributes::session_name(&svc.host, caller.login_session(uid)));
+    let session = if svc.is_sshd(&caller, &ctx) && !ctx.ssh_connection.is_empty() {
+        Attributes::session_name(&svc.host, caller.login_session(uid))
+    } else {
+        None
+    };
     let Some(session) = session else {
         return Ok(Response::new(OpenSessionReply { bound: 0 }));
     };

@@ -137,9 +137,8 @@ pub struct SqliteStore {
     /// Set by the commit that fills the log past `CHECKPOINT_FRAMES`, once checkpoints are
     /// deferred to the store thread (`Batched::defer_checkpoints`).
     checkpoint_due: Arc<AtomicBool>,
-    /// When the running batch began, and whether its calls still wait the whole busy timeout
-    /// for a lock held elsewhere (false once `begin_call` has shortened it).
-    batch: Mutex<(Option<std::time::Instant>, bool)>,
+    /// When the running batch began: its calls share one busy timeout (see `begin_call`).
+    batch_started: Mutex<Option<std::time::Instant>>,
 }
 
 impl SqliteStore {
@@ -198,7 +197,7 @@ impl SqliteStore {
             sealer,
             path: display,
             checkpoint_due: Arc::new(AtomicBool::new(false)),
-            batch: Mutex::new((None, true)),
+            batch_started: Mutex::new(None),
         })
     }
 
@@ -276,8 +275,8 @@ impl SqliteStore {
         }
     }
 
-    fn batch_state(&self) -> MutexGuard<'_, (Option<std::time::Instant>, bool)> {
-        self.batch.lock().unwrap_or_else(|p| p.into_inner())
+    fn batch_started(&self) -> MutexGuard<'_, Option<std::time::Instant>> {
+        self.batch_started.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Rolls back the transaction a batch whose COMMIT and ROLLBACK both failed left open;
@@ -829,7 +828,7 @@ impl Batched for SqliteStore {
         // waits for the lock (the busy timeout), and only the calls that write get "busy".
         self.roll_back_left_open()?;
         self.run("BEGIN")?;
-        self.batch_state().0 = Some(std::time::Instant::now());
+        *self.batch_started() = Some(std::time::Instant::now());
         Ok(())
     }
 
@@ -858,8 +857,8 @@ impl Batched for SqliteStore {
     fn end_batch(&self, keep: bool) -> Result<(), StoreError> {
         // The next batch waits its whole time again; restored first, so that the COMMIT never
         // runs without waiting.
-        let shortened = std::mem::replace(&mut *self.batch_state(), (None, true)).1;
-        if !shortened {
+        let batch = self.batch_started().take();
+        if batch.is_some() {
             if let Err(e) = self.conn().busy_timeout(BUSY_TIMEOUT) {
                 tracing::error!("cannot restore the store's busy timeout: {e}");
             }
@@ -879,15 +878,11 @@ impl Batched for SqliteStore {
         // that only read still go through. Else a batch of writes queued ahead of root's login
         // (any user can queue failed attempts) would hold that login for the busy timeout once
         // per write.
-        let mut batch = self.batch_state();
-        if let Some(started) = batch.0 {
-            let left = BUSY_TIMEOUT.saturating_sub(started.elapsed());
-            if left < BUSY_TIMEOUT {
-                self.conn().busy_timeout(left)?;
-                batch.1 = false;
-            }
+        let started = *self.batch_started();
+        if let Some(started) = started {
+            self.conn()
+                .busy_timeout(BUSY_TIMEOUT.saturating_sub(started.elapsed()))?;
         }
-        drop(batch);
         self.run("SAVEPOINT call")
     }
 

@@ -61,7 +61,7 @@ impl Fixture {
 }
 
 /// A runtime on the test's own thread, for driving a runner.
-fn current_thread() -> tokio::runtime::Runtime {
+pub(crate) fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

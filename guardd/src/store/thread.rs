@@ -67,6 +67,13 @@ struct Shared {
     stopped: AtomicBool,
 }
 
+impl Shared {
+    /// Waits for the store's turn (the store thread's, for a batch or a checkpoint).
+    fn take_turn(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.turn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// Marks the store thread's end, however it ends.
 struct Stopping<'a>(&'a AtomicBool);
 
@@ -124,10 +131,14 @@ impl StoreThread {
     /// its writes are undone and the rest of its batch stands; if the commit fails, every call
     /// in the batch gets that error.
     pub(super) fn submit(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
-        let call = match self.try_at_once(call) {
-            Ok(()) => return Ok(()),
-            Err(call) => call,
-        };
+        match self.try_at_once(call) {
+            Ok(()) => Ok(()),
+            Err(call) => self.enqueue(call),
+        }
+    }
+
+    /// Queues `call` for the store thread, counted in `queued` until the thread takes it up.
+    fn enqueue(&self, call: Box<dyn Call>) -> Result<(), StoreError> {
         self.shared.queued.fetch_add(1, Ordering::AcqRel);
         self.queue.submit(call).inspect_err(|_| {
             self.shared.queued.fetch_sub(1, Ordering::AcqRel);
@@ -167,10 +178,7 @@ impl StoreThread {
         call.reply(failed.as_ref());
         if store.checkpoint_due() {
             // The store thread checkpoints; this only wakes it. A full queue is already awake.
-            shared.queued.fetch_add(1, Ordering::AcqRel);
-            if self.queue.submit(Box::new(Wake)).is_err() {
-                shared.queued.fetch_sub(1, Ordering::AcqRel);
-            }
+            let _ = self.enqueue(Box::new(Wake));
         }
         Ok(())
     }
@@ -200,7 +208,7 @@ fn serve(shared: &Shared, queue: &mpsc::Receiver<Box<dyn Call>>) {
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
-        let turn = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+        let turn = shared.take_turn();
         // Counted off only now: until the store thread has its turn, no call runs at once.
         shared.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         // Calls nobody waits for any more are dropped unrun.
@@ -219,7 +227,7 @@ fn serve(shared: &Shared, queue: &mpsc::Receiver<Box<dyn Call>>) {
         }
         if store.checkpoint_due() {
             // After the replies: nobody waits for it.
-            let _turn = shared.turn.lock().unwrap_or_else(|p| p.into_inner());
+            let _turn = shared.take_turn();
             store.checkpoint();
         }
     }
@@ -379,9 +387,7 @@ mod tests {
 
     /// The name of the thread a call ran on, and whether it saw `user`'s token.
     fn where_it_ran(thread: &Runner, user: &'static str) -> (String, bool) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = crate::store::tests::current_thread();
         runtime
             .block_on(thread.run(move |s| {
                 let name = std::thread::current().name().unwrap_or("").to_owned();
@@ -402,9 +408,7 @@ mod tests {
                 assert_eq!(where_it_ran(&thread, "ann"), ("caller".into(), true));
                 // A write made at once is committed before the answer: a second connection
                 // sees it.
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .build()
-                    .unwrap();
+                let runtime = crate::store::tests::current_thread();
                 let accept = id.clone();
                 assert!(runtime
                     .block_on(thread.run(move |s| s.accept(&accept, TokenState::Active, 7, 0, 3)))
@@ -452,13 +456,10 @@ mod tests {
             let _ = held.recv();
             Ok::<_, StoreError>(())
         });
-        inner.shared.queued.fetch_add(1, Ordering::AcqRel);
-        inner.queue.submit(call).unwrap();
+        inner.enqueue(call).unwrap();
         has_started.recv().unwrap();
         // The store's turn is taken: the next call is queued behind the batch, not run here.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = crate::store::tests::current_thread();
         let mut second = Box::pin(thread.run(|s| {
             let name = std::thread::current().name().unwrap_or("").to_owned();
             Ok::<_, StoreError>((name, s.has_active("ann")?))
@@ -483,9 +484,7 @@ mod tests {
         let wal = dir.path().join("t.db-wal");
         let laid_out = std::fs::metadata(&wal).unwrap().len();
         let thread = Runner::Sqlite(StoreThread::with_queue(store, MAX_QUEUE, true).unwrap());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = crate::store::tests::current_thread();
         // Well past one log's worth of frames, every commit made at once.
         for n in 0..1500u64 {
             let id = id.clone();
@@ -530,14 +529,11 @@ mod tests {
         let Runner::Sqlite(inner) = &thread else {
             unreachable!()
         };
-        inner.shared.queued.fetch_add(1, Ordering::AcqRel);
-        inner.queue.submit(Box::new(BadReply)).unwrap();
+        inner.enqueue(Box::new(BadReply)).unwrap();
         while !inner.shared.stopped.load(Ordering::Acquire) {
             std::thread::sleep(std::time::Duration::from_millis(1));
         }
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let runtime = crate::store::tests::current_thread();
         let result = runtime.block_on(thread.run(|s| s.has_active("ann")));
         assert!(matches!(result, Err(StoreError::Stopped)), "{result:?}");
     }
