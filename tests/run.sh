@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 
 bash scripts/deps.sh test
 
+# A run from a clean clone builds everything once: incremental caches would only double the
+# output's size on disk. Say how much room there is, so that a full disk is plain in the log.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+df -h . | sed 's/^/disk: /'
+
 cargo fmt --all -- --check
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings
