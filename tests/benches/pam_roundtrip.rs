@@ -19,6 +19,9 @@
 //!   thread in this process that answers each call at once from memory (a prompt, then a
 //!   permit), with no HTTP/2 stack, no rules, no store: what crossing to another process costs
 //!   the module, below which no daemon design can go.
+//! - `floor: canned, OTP, synced`: the same, but before the permit it writes a page into a
+//!   log file laid out ahead in the same folder and `fdatasync`s it, as guardd's SQLite commits
+//!   an accepted code: the floor of any daemon that makes a used code durable before it answers.
 //!
 //! and, as root, the same baseline and OTP login through service files in /etc/pam.d and the
 //! system's libpam without pam_wrapper.
@@ -120,8 +123,13 @@ fn main() {
         .unwrap();
     let secret = client.block_on(harness::Guard::new(socket.clone()).enroll_active(USER));
 
-    let canned_permit = canned::serve(dir.path().join("canned-permit.sock"), false);
-    let canned_otp = canned::serve(dir.path().join("canned-otp.sock"), true);
+    let canned_permit = canned::serve(dir.path().join("canned-permit.sock"), false, None);
+    let canned_otp = canned::serve(dir.path().join("canned-otp.sock"), true, None);
+    let canned_committed = canned::serve(
+        dir.path().join("canned-committed.sock"),
+        true,
+        Some(canned::Log::lay_out(&dir.path().join("canned.log"))),
+    );
 
     let module = artefact("libpam_soffid_otp.so");
     let line = |args: &str| format!("auth required {} {args}\n", module.display());
@@ -138,6 +146,10 @@ fn main() {
         (
             "bench-canned-otp",
             line(&format!("socket={} timeout=5", canned_otp.display())),
+        ),
+        (
+            "bench-canned-committed",
+            line(&format!("socket={} timeout=5", canned_committed.display())),
         ),
         (
             "bench-absent",
@@ -223,6 +235,12 @@ fn main() {
         Variant::new(
             "floor: canned, OTP",
             "bench-canned-otp",
+            Input::Canned,
+            false,
+        ),
+        Variant::new(
+            "floor: canned, OTP, synced",
+            "bench-canned-committed",
             Input::Canned,
             false,
         ),
@@ -313,6 +331,8 @@ fn main() {
         ("module, OTP login", "pam_google_authenticator"),
         ("module, OTP login", "floor: canned, OTP"),
         ("pam_oath", "floor: canned, OTP"),
+        ("module, OTP login", "floor: canned, OTP, synced"),
+        ("pam_oath", "floor: canned, OTP, synced"),
     ]
     .into_iter()
     .filter_map(|(a, b)| Some((a, b, paired(a, b)?)))
@@ -374,21 +394,57 @@ fn ms(d: Duration) -> f64 {
 /// memory: for each request (the frames up to a DATA that ends its stream), a reply on that
 /// stream. With `prompt`, a connection's first call gets a prompt and every later one a permit;
 /// without, every call gets a permit. One thread per connection, as cheap as a server can be.
+/// With a `Log`, each permit that follows a prompt is first made durable in it.
 mod canned {
+    use std::fs::File;
     use std::io::{Read, Write};
+    use std::os::unix::fs::FileExt;
     use std::os::unix::net::UnixListener;
-    use std::path::PathBuf;
+    use std::path::{Path, PathBuf};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
 
     use prost::Message;
     use proto::v1::{step, Permit, Prompt, Step};
 
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-    pub fn serve(path: PathBuf, prompt: bool) -> PathBuf {
+    /// A file written ahead to its full size and synced, so that a commit's page overwrites
+    /// blocks already allocated (as guardd's laid-out SQLite log): `fdatasync` then writes the
+    /// data and no size or times.
+    pub struct Log {
+        file: File,
+        next: AtomicU64,
+    }
+
+    /// Pages in the log before writing wraps to its start.
+    const LOG_PAGES: u64 = 1000;
+
+    impl Log {
+        pub fn lay_out(path: &Path) -> Arc<Log> {
+            let file = File::create(path).unwrap();
+            file.write_all_at(&vec![0; 4096 * LOG_PAGES as usize], 0)
+                .unwrap();
+            file.sync_all().unwrap();
+            Arc::new(Log {
+                file,
+                next: AtomicU64::new(0),
+            })
+        }
+
+        fn commit(&self) {
+            let page = self.next.fetch_add(1, Ordering::Relaxed) % LOG_PAGES;
+            self.file.write_all_at(&[1; 4096], page * 4096).unwrap();
+            self.file.sync_data().unwrap();
+        }
+    }
+
+    pub fn serve(path: PathBuf, prompt: bool, log: Option<Arc<Log>>) -> PathBuf {
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { continue };
+                let log = log.clone();
                 std::thread::spawn(move || {
                     let mut input = Vec::new();
                     let mut at = 0;
@@ -430,6 +486,9 @@ mod canned {
                                     ..Prompt::default()
                                 })
                             } else {
+                                if let (true, Some(log)) = (prompt, &log) {
+                                    log.commit();
+                                }
                                 step::Kind::Permit(Permit::default())
                             };
                             calls += 1;
