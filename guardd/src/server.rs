@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use proto::v1::guard_server::GuardServer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tonic::transport::server::Connected;
+use tokio::sync::{oneshot, watch};
+use tokio_stream::StreamExt;
 
 use crate::audit;
 use crate::budget::{Budget, Holding, Limits};
@@ -19,6 +19,7 @@ use crate::config::Database;
 use crate::service::{Clock, GuardService};
 use crate::store::{PgPool, Runner, SqliteStore, StoreError, StoreThread};
 
+mod calls;
 mod opening;
 use opening::Opening;
 
@@ -67,8 +68,6 @@ pub enum ServerError {
     Policy(#[from] crate::policy::PolicyError),
     #[error("cannot watch SIGHUP (rules reload): {0}")]
     Signal(std::io::Error),
-    #[error("the gRPC server failed: {0}")]
-    Transport(#[from] tonic::transport::Error),
     #[error("the gRPC server stopped unexpectedly: {0}")]
     Panicked(#[from] tokio::task::JoinError),
 }
@@ -234,7 +233,7 @@ pub async fn run_with_clock(
         "guardd listening"
     );
     // Stops the server's accepting when `shutdown` resolves (below).
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (stop, stopped) = oneshot::channel::<()>();
     let incoming = Incoming {
         listener,
         budget: Budget::new("connections", connection_limits()),
@@ -250,26 +249,18 @@ pub async fn run_with_clock(
     // A task of its own, on the worker threads: polled here instead, on the thread that runs
     // this future (the daemon's main thread, outside the workers), every accepted connection
     // would cross to that thread and back before its first call.
-    let mut serve = tokio::spawn(
-        tonic::transport::Server::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .max_concurrent_streams(MAX_STREAMS)
-            .initial_stream_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONNECTION_WINDOW)
-            .http2_max_header_list_size(MAX_HEADER_LIST)
-            .max_frame_size(16 * 1024)
-            .max_connection_age(MAX_CONNECTION_AGE)
-            .max_connection_age_grace(CONNECTION_AGE_GRACE)
-            .add_service(GuardServer::from_arc(service).max_decoding_message_size(MAX_REQUEST))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            }),
-    );
-    let joined = |served: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>| {
-        served
-            .map_err(ServerError::from)?
-            .map_err(ServerError::from)
+    let limits = calls::Limits {
+        request_timeout: REQUEST_TIMEOUT,
+        max_request: MAX_REQUEST,
+        max_streams: MAX_STREAMS,
+        stream_window: STREAM_WINDOW,
+        connection_window: CONNECTION_WINDOW,
+        max_header_list: MAX_HEADER_LIST,
+        max_age: MAX_CONNECTION_AGE,
+        age_grace: CONNECTION_AGE_GRACE,
     };
+    let mut serve = tokio::spawn(accept(incoming, service, limits, stopped));
+    let joined = |served: Result<(), tokio::task::JoinError>| served.map_err(ServerError::from);
     tokio::pin!(shutdown);
     let served = tokio::select! {
         served = &mut serve => joined(served),
@@ -297,6 +288,33 @@ pub async fn run_with_clock(
     let _ = std::fs::remove_file(&config.socket);
     tracing::info!("guardd stopped");
     served
+}
+
+/// Serves each admitted connection on a task of its own until `stopped`; then accepts no more,
+/// tells the open ones to finish (GOAWAY: calls in flight complete) and waits for them.
+async fn accept(
+    mut incoming: Incoming,
+    service: Arc<GuardService>,
+    limits: calls::Limits,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let (closing, closed) = watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            admitted = incoming.next() => {
+                let Some(Ok(conn)) = admitted else { break };
+                let caller = conn.caller;
+                connections.spawn(calls::serve(conn, caller, service.clone(), limits, closed.clone()));
+            }
+            // Ended connections are reaped as they go, so the set holds only open ones.
+            Some(_) = connections.join_next() => {}
+            _ = &mut stopped => break,
+        }
+    }
+    drop(incoming);
+    let _ = closing.send(true);
+    while connections.join_next().await.is_some() {}
 }
 
 /// Rewrites the metrics file every `interval` until aborted; a write that fails is logged (at
@@ -418,14 +436,6 @@ struct Conn {
     stream: Opening<UnixStream>,
     caller: Caller,
     _holding: Holding,
-}
-
-impl Connected for Conn {
-    type ConnectInfo = Caller;
-
-    fn connect_info(&self) -> Caller {
-        self.caller
-    }
 }
 
 impl AsyncRead for Conn {
