@@ -336,3 +336,108 @@ fn first_read(socket: &std::path::Path) -> (Vec<(u8, u32)>, bool) {
     }
     (kinds, ended)
 }
+
+/// One call by hand on a raw HTTP/2 connection: `chunks` as the request's DATA frames. Returns
+/// the gRPC status (from the trailers, or from the headers of a trailers-only answer) and the
+/// reply's bytes.
+async fn raw_call(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    method: &str,
+    path: &str,
+    chunks: &[&[u8]],
+) -> (String, Vec<u8>) {
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("http://guardd{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let (response, mut stream) = send.send_request(request, chunks.is_empty()).unwrap();
+    for (i, chunk) in chunks.iter().enumerate() {
+        stream
+            .send_data(bytes::Bytes::copy_from_slice(chunk), i + 1 == chunks.len())
+            .unwrap();
+    }
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), response)
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    let status_of =
+        |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_owned());
+    if let Some(status) = status_of(response.headers()) {
+        return (status, Vec::new());
+    }
+    let mut body = response.into_body();
+    let mut reply = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        reply.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    (status_of(&trailers).expect("grpc-status"), reply)
+}
+
+/// A gRPC message: the prefix (not compressed, the length) and the bytes.
+fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_calls_get_a_status_and_the_connection_serves_on() {
+    use prost::Message;
+    let d = Daemon::start();
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    let begin = BeginRequest {
+        context: Some(LoginContext {
+            user: "daemon".into(),
+            service: "sshd".into(),
+            ..LoginContext::default()
+        }),
+    }
+    .encode_to_vec();
+    let framed = grpc_message(&begin);
+    let path = "/soffid.otp.v1.Guard/Begin";
+    // UNIMPLEMENTED (12): no such method, not a POST, a compressed message.
+    let (status, _) = raw_call(&mut send, "POST", "/soffid.otp.v1.Guard/Nope", &[&framed]).await;
+    assert_eq!(status, "12");
+    let (status, _) = raw_call(&mut send, "GET", path, &[]).await;
+    assert_eq!(status, "12");
+    let mut compressed = framed.clone();
+    compressed[0] = 1;
+    let (status, _) = raw_call(&mut send, "POST", path, &[&compressed]).await;
+    assert_eq!(status, "12");
+    // INVALID_ARGUMENT (3): two messages in a unary call; a body that ends inside its message.
+    let two = [framed.clone(), framed.clone()].concat();
+    let (status, _) = raw_call(&mut send, "POST", path, &[&two]).await;
+    assert_eq!(status, "3");
+    let (status, _) = raw_call(&mut send, "POST", path, &[&framed[..framed.len() - 1]]).await;
+    assert_eq!(status, "3");
+    // OUT_OF_RANGE (11): a prefix that declares more than guardd reads, refused at the prefix.
+    let (status, _) = raw_call(&mut send, "POST", path, &[&[0, 0, 16, 0, 0]]).await;
+    assert_eq!(status, "11");
+    // The same connection still serves: a call whose prefix and message come in pieces.
+    let (status, reply) = raw_call(
+        &mut send,
+        "POST",
+        path,
+        &[&framed[..2], &framed[2..7], &framed[7..]],
+    )
+    .await;
+    assert_eq!(status, "0", "{}", d.log());
+    assert_eq!(reply[0], 0, "a reply is never compressed");
+    let len = u32::from_be_bytes([reply[1], reply[2], reply[3], reply[4]]) as usize;
+    assert_eq!(
+        len,
+        reply.len() - 5,
+        "one message, its length in its prefix"
+    );
+    let step = proto::v1::Step::decode(&reply[5..]).unwrap();
+    assert!(step.kind.is_some(), "{step:?}");
+}
