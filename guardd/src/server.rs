@@ -36,10 +36,13 @@ const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
 /// client that declares more is refused before anything is buffered.
 const MAX_REQUEST: usize = 16 * 1024;
 /// HTTP/2 limits sized to this protocol, so a half-sent request holds little memory: a few
-/// streams per connection (a login uses one at a time), small flow-control windows and headers.
-const MAX_STREAMS: u32 = 8;
+/// streams per connection (a login uses one at a time, and a connection's calls are served one
+/// after another: the requests of all three fit the connection window whole, so those waiting
+/// can never starve the one being served of window), small flow-control windows and headers.
+const MAX_STREAMS: u32 = 3;
 const STREAM_WINDOW: u32 = 32 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024;
+const _: () = assert!(MAX_STREAMS as usize * (MAX_REQUEST + 5) <= CONNECTION_WINDOW as usize);
 const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// Open connections per unprivileged uid at most.
 const CONNECTIONS_PER_UID: usize = 16;
@@ -308,13 +311,25 @@ async fn accept(
                 connections.spawn(calls::serve(conn, caller, service.clone(), limits, closed.clone()));
             }
             // Ended connections are reaped as they go, so the set holds only open ones.
-            Some(_) = connections.join_next() => {}
+            Some(ended) = connections.join_next() => reaped(ended),
             _ = &mut stopped => break,
         }
     }
     drop(incoming);
     let _ = closing.send(true);
-    while connections.join_next().await.is_some() {}
+    while let Some(ended) = connections.join_next().await {
+        reaped(ended);
+    }
+}
+
+/// A connection's task has ended; one that panicked (a bug: its calls are lost, the rest of
+/// guardd serves on) is logged.
+fn reaped(ended: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = ended {
+        if e.is_panic() {
+            tracing::error!("a connection's task panicked; its calls were lost: {e}");
+        }
+    }
 }
 
 /// Rewrites the metrics file every `interval` until aborted; a write that fails is logged (at

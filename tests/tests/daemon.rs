@@ -441,3 +441,40 @@ async fn malformed_calls_get_a_status_and_the_connection_serves_on() {
     let step = proto::v1::Step::decode(&reply[5..]).unwrap();
     assert!(step.kind.is_some(), "{step:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_ends_at_its_clients_deadline_and_the_next_is_served() {
+    let d = Daemon::start();
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (mut send, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    // A request that never ends, sent with a 200 ms deadline (the PAM module sends its
+    // `timeout=` so): guardd gives up when the client does, not after its own 15 s.
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://guardd/soffid.otp.v1.Guard/Status")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "200m")
+        .body(())
+        .unwrap();
+    let started = std::time::Instant::now();
+    let (response, mut stream) = send.send_request(request, false).unwrap();
+    stream
+        .send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 10, 1]), false)
+        .unwrap();
+    let response = tokio::time::timeout(std::time::Duration::from_secs(5), response)
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    assert_eq!(response.headers()["grpc-status"], "1", "CANCELLED");
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    // The connection serves the next call.
+    let (status, _) = raw_call(
+        &mut send,
+        "POST",
+        "/soffid.otp.v1.Guard/Status",
+        &[&grpc_message(&[])],
+    )
+    .await;
+    assert_eq!(status, "0", "{}", d.log());
+}

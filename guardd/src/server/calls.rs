@@ -42,8 +42,14 @@ pub(super) struct Limits {
     pub age_grace: Duration,
 }
 
-/// Serves the calls of one admitted connection until the client closes it, its age is up (then
-/// GOAWAY; calls in flight get `age_grace`), or guardd stops (`closing` turns true: GOAWAY).
+/// How long the replies already written may take to leave once a connection is closed by
+/// guardd (its age and grace are up): a client that stopped reading cannot hold it longer.
+const LAST_FLUSH: Duration = Duration::from_millis(100);
+
+/// Serves the calls of one admitted connection until the client closes it, or guardd does:
+/// at `max_age` (GOAWAY; calls already sent get `age_grace`, then the connection closes after
+/// the call being served, which its own timeout bounds), or when guardd stops (`closing` turns
+/// true: GOAWAY at once, even during a call).
 pub(super) async fn serve<T>(
     io: T,
     caller: Caller,
@@ -63,31 +69,31 @@ pub(super) async fn serve<T>(
         .max_frame_size(16 * 1024)
         .handshake::<T, Bytes>(io);
     let mut connection = tokio::select! {
+        biased;
+        () = &mut age => return,
+        _ = stopping(&mut closing) => return,
         handshaken = handshake => match handshaken {
             Ok(connection) => connection,
             Err(_) => return,
         },
-        () = &mut age => return,
-        _ = closing.wait_for(|closing| *closing) => return,
     };
-    let mut going_away = false;
+    let mut ending = Ending::Open;
     loop {
+        // Timers first: a client that always has a stream waiting cannot keep them from firing.
         let next = tokio::select! {
-            next = connection.accept() => next,
+            biased;
             () = &mut age => {
-                if going_away {
-                    return;
+                ending.age_up(&mut connection, age.as_mut(), limits.age_grace);
+                if ending == Ending::Closing {
+                    return last_flush(&mut connection).await;
                 }
-                connection.graceful_shutdown();
-                going_away = true;
-                age.as_mut().reset(tokio::time::Instant::now() + limits.age_grace);
                 continue;
             }
-            _ = closing.wait_for(|closing| *closing), if !going_away => {
-                connection.graceful_shutdown();
-                going_away = true;
+            _ = stopping(&mut closing), if ending == Ending::Open => {
+                ending.go_away(&mut connection);
                 continue;
             }
+            next = connection.accept() => next,
         };
         // None: the client closed the connection; an error: it broke the protocol, which h2
         // has answered (GOAWAY) already.
@@ -95,26 +101,94 @@ pub(super) async fn serve<T>(
             return;
         };
         let call = call(&service, caller, &limits, request, respond);
-        if !drive(&mut connection, call).await {
+        tokio::pin!(call);
+        // The call runs here while the connection is driven (its request arrives and its reply
+        // leaves through it). It runs to its end even if the connection closes meanwhile: its
+        // timeout bounds it, and what it holds (its place in the budgets) stays held while its
+        // work goes on.
+        let mut driven = true;
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut call => break,
+                () = &mut age, if ending != Ending::Closing => {
+                    ending.age_up(&mut connection, age.as_mut(), limits.age_grace);
+                }
+                _ = stopping(&mut closing), if ending == Ending::Open => {
+                    ending.go_away(&mut connection);
+                }
+                _ = std::future::poll_fn(|cx| connection.poll_closed(cx)), if driven => {
+                    driven = false;
+                }
+            }
+        }
+        if !driven {
             return;
+        }
+        if ending == Ending::Closing {
+            return last_flush(&mut connection).await;
         }
     }
 }
 
-/// Runs `call` while driving the connection (the request's body arrives and the reply leaves
-/// through it); false if the connection ended meanwhile.
-async fn drive<T>(
-    connection: &mut Connection<T, Bytes>,
-    call: impl std::future::Future<Output = ()>,
-) -> bool
+/// Drives a connection guardd is closing for `LAST_FLUSH` at most, so that the replies already
+/// written go out before it is dropped.
+async fn last_flush<T, B>(connection: &mut Connection<T, B>)
 where
     T: AsyncRead + AsyncWrite + Unpin,
+    B: bytes::Buf,
 {
-    tokio::pin!(call);
-    tokio::select! {
-        biased;
-        () = &mut call => true,
-        _ = std::future::poll_fn(|cx| connection.poll_closed(cx)) => false,
+    let flush = std::future::poll_fn(|cx| connection.poll_closed(cx));
+    let _ = tokio::time::timeout(LAST_FLUSH, flush).await;
+}
+
+/// Resolves once guardd stops (or its accept loop is gone).
+async fn stopping(closing: &mut watch::Receiver<bool>) {
+    // The value's guard is not kept: a connection's future must stay `Send`.
+    let _ = closing.wait_for(|closing| *closing).await;
+}
+
+/// Where a connection is in being closed by guardd.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Open,
+    /// GOAWAY sent: the calls already sent are served, no new one is taken.
+    GoingAway,
+    /// The grace after the connection's age is up too: it closes after the call being served.
+    Closing,
+}
+
+impl Ending {
+    fn go_away<T, B>(&mut self, connection: &mut Connection<T, B>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin,
+        B: bytes::Buf,
+    {
+        connection.graceful_shutdown();
+        *self = Ending::GoingAway;
+    }
+
+    /// The connection's age (then its grace) is up.
+    fn age_up<T, B>(
+        &mut self,
+        connection: &mut Connection<T, B>,
+        age: std::pin::Pin<&mut tokio::time::Sleep>,
+        grace: Duration,
+    ) where
+        T: AsyncRead + AsyncWrite + Unpin,
+        B: bytes::Buf,
+    {
+        match self {
+            Ending::Open => {
+                self.go_away(connection);
+                age.reset(tokio::time::Instant::now() + grace);
+            }
+            Ending::GoingAway => {
+                // No GOAWAY ever reached a client that answers no PING: the ending needs none.
+                *self = Ending::Closing;
+            }
+            Ending::Closing => {}
+        }
     }
 }
 
@@ -137,14 +211,16 @@ async fn call(
             "no such method: {}",
             head.uri.path()
         ))),
-        Some(method) => match tokio::time::timeout(limits.request_timeout, async {
+        Some(method) => match tokio::time::timeout(timeout(&head.headers, limits), async {
             let message = read_message(&mut body, limits.max_request).await?;
             dispatch(service, &method, &message, caller).await
         })
         .await
         {
             Ok(answered) => answered,
-            Err(_) => Err(Status::cancelled("the call took too long inside guardd")),
+            Err(_) => Err(Status::cancelled(
+                "the call ran out of time (its client's deadline, or guardd's own limit)",
+            )),
         },
     };
     // What the client may still send is not read: h2 resets the stream once the answer is out.
@@ -153,6 +229,38 @@ async fn call(
         Ok(reply) => send_reply(&mut respond, reply),
         Err(status) => send_status(&mut respond, &status),
     };
+}
+
+/// How long a call may take: guardd's limit, or less if the client set a deadline
+/// (`grpc-timeout`, which the PAM module sends with its `timeout=`): work a client has given up
+/// on stops when it does. A malformed deadline is ignored.
+fn timeout(headers: &http::HeaderMap, limits: &Limits) -> Duration {
+    let client = headers
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(grpc_timeout);
+    client.map_or(limits.request_timeout, |c| c.min(limits.request_timeout))
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    if !value.is_ascii() {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The one message of a unary request: refused before it is buffered when its prefix declares
@@ -223,13 +331,25 @@ async fn dispatch(
         request.extensions_mut().insert(caller);
         Ok(request)
     }
-    fn reply<M: Message>(response: tonic::Response<M>) -> Vec<u8> {
-        response.into_inner().encode_to_vec()
+    /// The reply message with its prefix, encoded straight into one buffer (it may hold a
+    /// secret: an enrolment's, backup codes), which goes to h2 as it is.
+    fn reply<M: Message>(response: tonic::Response<M>) -> Result<Vec<u8>, Status> {
+        let message = response.into_inner();
+        let len = message.encoded_len();
+        let prefix =
+            u32::try_from(len).map_err(|_| Status::internal("a reply too large to send"))?;
+        let mut framed = Vec::with_capacity(PREFIX + len);
+        framed.push(0);
+        framed.extend_from_slice(&prefix.to_be_bytes());
+        message
+            .encode(&mut framed)
+            .map_err(|e| Status::internal(format!("a reply guardd cannot encode: {e}")))?;
+        Ok(framed)
     }
     macro_rules! methods {
         ($($name:literal => $call:ident,)*) => {
             match method {
-                $($name => Ok(reply(Guard::$call(service, request(message, caller)?).await?)),)*
+                $($name => reply(Guard::$call(service, request(message, caller)?).await?),)*
                 _ => Err(Status::unimplemented(format!("no such method: {method}"))),
             }
         };
@@ -255,15 +375,9 @@ async fn dispatch(
     }
 }
 
-/// The reply: headers, the message with its prefix, and `grpc-status: 0` in the trailers.
-fn send_reply(respond: &mut SendResponse<Bytes>, reply: Vec<u8>) -> Result<(), h2::Error> {
-    let Ok(len) = u32::try_from(reply.len()) else {
-        return send_status(respond, &Status::internal("a reply too large to send"));
-    };
-    let mut framed = Vec::with_capacity(PREFIX + reply.len());
-    framed.push(0);
-    framed.extend_from_slice(&len.to_be_bytes());
-    framed.extend_from_slice(&reply);
+/// The reply: headers, the message (already with its prefix), and `grpc-status: 0` in the
+/// trailers.
+fn send_reply(respond: &mut SendResponse<Bytes>, framed: Vec<u8>) -> Result<(), h2::Error> {
     let mut stream = respond.send_response(head(), false)?;
     stream.send_data(Bytes::from(framed), false)?;
     let mut trailers = http::HeaderMap::new();
@@ -289,4 +403,39 @@ fn head() -> http::Response<()> {
         http::HeaderValue::from_static("application/grpc"),
     );
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_with_their_unit_and_malformed_ones_ignored() {
+        assert_eq!(grpc_timeout("5000m"), Some(Duration::from_secs(5)));
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "m", "123456789m", "5x", "-5m", "5 m", "５m", "5é"] {
+            assert_eq!(grpc_timeout(bad), None, "{bad:?}");
+        }
+        let limits = Limits {
+            request_timeout: Duration::from_secs(15),
+            max_request: 16,
+            max_streams: 1,
+            stream_window: 1,
+            connection_window: 1,
+            max_header_list: 1,
+            max_age: Duration::from_secs(1),
+            age_grace: Duration::from_secs(1),
+        };
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(timeout(&headers, &limits), Duration::from_secs(15));
+        headers.insert("grpc-timeout", http::HeaderValue::from_static("200m"));
+        assert_eq!(timeout(&headers, &limits), Duration::from_millis(200));
+        headers.insert("grpc-timeout", http::HeaderValue::from_static("1M"));
+        assert_eq!(timeout(&headers, &limits), Duration::from_secs(15));
+    }
 }
