@@ -37,12 +37,15 @@ const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
 const MAX_REQUEST: usize = 16 * 1024;
 /// HTTP/2 limits sized to this protocol, so a half-sent request holds little memory: a few
 /// streams per connection (a login uses one at a time, and a connection's calls are served one
-/// after another: the requests of all three fit the connection window whole, so those waiting
-/// can never starve the one being served of window), small flow-control windows and headers.
+/// after another: the windows of all three fit the connection's, so those waiting can never
+/// starve the one being served of window), small flow-control windows and headers.
 const MAX_STREAMS: u32 = 3;
-const STREAM_WINDOW: u32 = 32 * 1024;
+const STREAM_WINDOW: u32 = 20 * 1024;
 const CONNECTION_WINDOW: u32 = 64 * 1024;
-const _: () = assert!(MAX_STREAMS as usize * (MAX_REQUEST + 5) <= CONNECTION_WINDOW as usize);
+// A request and its prefix fit one stream's window, and every stream's window fits the
+// connection's: streams waiting to be served cannot take the window the one served needs.
+const _: () = assert!(MAX_REQUEST + 5 <= STREAM_WINDOW as usize);
+const _: () = assert!(MAX_STREAMS * STREAM_WINDOW <= CONNECTION_WINDOW);
 const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// Open connections per unprivileged uid at most.
 const CONNECTIONS_PER_UID: usize = 16;

@@ -90,7 +90,14 @@ pub(super) async fn serve<T>(
                 continue;
             }
             _ = stopping(&mut closing), if ending == Ending::Open => {
-                ending.go_away(&mut connection);
+                if connection.has_streams() {
+                    ending.go_away(&mut connection);
+                } else {
+                    // Idle: closed now. A graceful GOAWAY would wait for the acknowledgement of
+                    // a PING, which an idle PAM module, not reading, never sends.
+                    connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+                    ending = Ending::Closing;
+                }
                 continue;
             }
             next = connection.accept() => next,
@@ -184,7 +191,8 @@ impl Ending {
                 age.reset(tokio::time::Instant::now() + grace);
             }
             Ending::GoingAway => {
-                // No GOAWAY ever reached a client that answers no PING: the ending needs none.
+                // A client that answers no PING never gets the final GOAWAY (the one naming its
+                // last stream): the ending waits for none.
                 *self = Ending::Closing;
             }
             Ending::Closing => {}
@@ -211,17 +219,29 @@ async fn call(
             "no such method: {}",
             head.uri.path()
         ))),
-        Some(method) => match tokio::time::timeout(timeout(&head.headers, limits), async {
-            let message = read_message(&mut body, limits.max_request).await?;
-            dispatch(service, &method, &message, caller).await
-        })
-        .await
-        {
-            Ok(answered) => answered,
-            Err(_) => Err(Status::cancelled(
-                "the call ran out of time (its client's deadline, or guardd's own limit)",
-            )),
-        },
+        Some(method) => {
+            let reading = read_message(&mut body, limits.max_request);
+            match tokio::time::timeout(read_timeout(&head.headers, limits), reading).await {
+                Err(_) => Err(Status::deadline_exceeded(
+                    "the request did not arrive within its deadline",
+                )),
+                Ok(Err(status)) => Err(status),
+                // Once read, a call runs within guardd's own limit, whatever the client's
+                // deadline: a client must not choose where its call is cut. Work a call has
+                // started goes on where it runs (a blocking thread, the hasher, the store);
+                // cut short, the call would give back its places in the budgets and lose its
+                // audit record while that work went on.
+                Ok(Ok(message)) => match tokio::time::timeout(
+                    limits.request_timeout,
+                    dispatch(service, &method, &message, caller),
+                )
+                .await
+                {
+                    Ok(answered) => answered,
+                    Err(_) => Err(Status::cancelled("the call took too long inside guardd")),
+                },
+            }
+        }
     };
     // What the client may still send is not read: h2 resets the stream once the answer is out.
     drop(body);
@@ -231,10 +251,10 @@ async fn call(
     };
 }
 
-/// How long a call may take: guardd's limit, or less if the client set a deadline
-/// (`grpc-timeout`, which the PAM module sends with its `timeout=`): work a client has given up
-/// on stops when it does. A malformed deadline is ignored.
-fn timeout(headers: &http::HeaderMap, limits: &Limits) -> Duration {
+/// How long reading a call's request may take: guardd's limit, or less if the client set a
+/// deadline (`grpc-timeout`, which the PAM module sends with its `timeout=`), so that a stalled
+/// upload holds nothing past it. A malformed deadline is ignored.
+fn read_timeout(headers: &http::HeaderMap, limits: &Limits) -> Duration {
     let client = headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -432,10 +452,10 @@ mod tests {
             age_grace: Duration::from_secs(1),
         };
         let mut headers = http::HeaderMap::new();
-        assert_eq!(timeout(&headers, &limits), Duration::from_secs(15));
+        assert_eq!(read_timeout(&headers, &limits), Duration::from_secs(15));
         headers.insert("grpc-timeout", http::HeaderValue::from_static("200m"));
-        assert_eq!(timeout(&headers, &limits), Duration::from_millis(200));
+        assert_eq!(read_timeout(&headers, &limits), Duration::from_millis(200));
         headers.insert("grpc-timeout", http::HeaderValue::from_static("1M"));
-        assert_eq!(timeout(&headers, &limits), Duration::from_secs(15));
+        assert_eq!(read_timeout(&headers, &limits), Duration::from_secs(15));
     }
 }
