@@ -50,6 +50,9 @@ enum Job {
         code: Zeroizing<String>,
         hashes: Vec<(i64, String)>,
         reply: oneshot::Sender<Option<i64>>,
+        /// What the job holds while it waits and runs (the caller's place in a budget):
+        /// given back when the job is done, not when the caller stops waiting.
+        held: Box<dyn Send>,
     },
 }
 
@@ -75,6 +78,7 @@ impl Hasher {
                             code,
                             hashes,
                             reply,
+                            held: _held,
                         } => {
                             let found = hashes
                                 .iter()
@@ -98,17 +102,20 @@ impl Hasher {
         answer.await.map_err(|_| BackupError::Stopped)?
     }
 
-    /// The id of the hash among `hashes` that `code` (normalised) matches, if any.
+    /// The id of the hash among `hashes` that `code` (normalised) matches, if any. `held` is
+    /// kept by the job until it is done (see `Job::Find`).
     pub async fn find(
         &self,
         code: Zeroizing<String>,
         hashes: Vec<(i64, String)>,
+        held: Box<dyn Send>,
     ) -> Result<Option<i64>, BackupError> {
         let (reply, answer) = oneshot::channel();
         self.queue(Job::Find {
             code,
             hashes,
             reply,
+            held,
         })?;
         answer.await.map_err(|_| BackupError::Stopped)
     }
@@ -292,7 +299,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_hasher_refuses_at_once_when_its_queue_is_full() {
+    async fn a_job_keeps_what_it_holds_until_done_and_a_full_queue_refuses_at_once() {
         let hasher = Hasher::start().unwrap();
         let (codes, hashes) = hasher.generate().await.unwrap();
         let code = normalize(codes[3].as_bytes()).unwrap();
@@ -301,7 +308,33 @@ mod tests {
             .enumerate()
             .map(|(i, h)| (i as i64, h))
             .collect();
-        assert_eq!(hasher.find(code, ids.clone()).await.unwrap(), Some(3));
+        assert_eq!(
+            hasher.find(code, ids.clone(), Box::new(())).await.unwrap(),
+            Some(3)
+        );
+        // A caller that stops waiting does not end the job: what it holds stays held until the
+        // job is done.
+        let held = std::sync::Arc::new(());
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(1),
+            hasher.find(
+                Zeroizing::new("zzzzzzzzzz".into()),
+                ids.clone(),
+                Box::new(held.clone()),
+            ),
+        )
+        .await;
+        assert!(cut.is_err(), "ten Argon2 hashes took under 1 ms");
+        assert_eq!(
+            std::sync::Arc::strong_count(&held),
+            2,
+            "given back at the cut"
+        );
+        let done = std::time::Instant::now();
+        while std::sync::Arc::strong_count(&held) > 1 {
+            assert!(done.elapsed() < std::time::Duration::from_secs(30));
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         // Many at once: some wait in the queue, the rest are refused at once, none is lost.
         let (mut waiting, mut busy) = (Vec::new(), 0);
         for _ in 0..20 {
@@ -310,6 +343,7 @@ mod tests {
                 code: Zeroizing::new("zzzzzzzzzz".into()),
                 hashes: ids[..1].to_vec(),
                 reply,
+                held: Box::new(()),
             };
             match hasher.queue(job) {
                 Ok(()) => waiting.push(answer),

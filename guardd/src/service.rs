@@ -345,18 +345,23 @@ impl GuardService {
     /// Runs blocking system work (NSS look-ups, chpasswd, the password check) on tokio's
     /// blocking threads, within `caller`'s share of them. The work is short and bounded, so it
     /// is counted by who runs it (a uid, the user behind a root caller), not by target user.
+    /// The place is held by the work itself: a call cut short (guardd's time limit) cannot end
+    /// a blocking thread, so its place stays taken until the thread is done.
     async fn blocking<T: Send + 'static>(
         &self,
         caller: &Caller,
         f: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
     ) -> Result<T, ServiceError> {
-        let _holding = self
+        let holding = self
             .blocking_budget
             .acquire(caller.budget_keys(None), caller.is_root())
             .map_err(ServiceError::from)?;
-        tokio::task::spawn_blocking(f)
-            .await
-            .map_err(|_| Status::internal("internal error; see the guardd log"))?
+        tokio::task::spawn_blocking(move || {
+            let _holding = holding;
+            f()
+        })
+        .await
+        .map_err(|_| Status::internal("internal error; see the guardd log"))?
     }
 
     /// Compares a backup code with `hashes` on the hasher thread, within `caller`'s share.
@@ -367,12 +372,13 @@ impl GuardService {
         code: Zeroizing<String>,
         hashes: Vec<(i64, String)>,
     ) -> Result<Option<i64>, ServiceError> {
-        let _holding = self
+        let holding = self
             .hashing_budget
             .acquire(caller.budget_keys(Some(user)), caller.is_root())
             .map_err(ServiceError::from)?;
+        // Held by the hasher's job until it is done, even if this call is cut short first.
         self.hasher
-            .find(code, hashes)
+            .find(code, hashes, Box::new(holding))
             .await
             .map_err(ServiceError::from)
     }

@@ -303,7 +303,7 @@ async fn own_proof(
             "enrolling your own token needs your current password (guardctl asks for it), or an invitation from your administrator",
         ));
     }
-    let _one_at_a_time = svc
+    let one_at_a_time = svc
         .password_budget
         .acquire(caller.budget_keys(None), caller.is_root())
         .map_err(ServiceError::from)?;
@@ -325,6 +325,8 @@ async fn own_proof(
     let (accounts, u) = (svc.accounts.clone(), user.clone());
     let right = svc
         .blocking(caller, move || {
+            // Held by the check itself: a call cut short does not end it.
+            let _one_at_a_time = one_at_a_time;
             accounts
                 .check_password(&u, &password)
                 .map_err(|e| {

@@ -986,3 +986,52 @@ async fn a_waiting_conversation_holds_no_ssh_auth_info() {
         .values()
         .all(|s| s.context.ssh_auth_info.is_empty()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocking_work_keeps_its_place_in_the_budget_when_its_call_is_cut_short() {
+    let f = fixture();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    // A call cut short while its blocking work runs (the work cannot be ended).
+    let cut = tokio::time::timeout(
+        std::time::Duration::from_millis(50),
+        f.svc.blocking(&user(1000), move || {
+            let _ = rx.recv();
+            Ok(())
+        }),
+    )
+    .await;
+    assert!(cut.is_err());
+    // Its place stays taken: the uid has 7 of its 8 left while the work runs.
+    let mut held: Vec<_> = (0..7)
+        .map(|_| {
+            f.svc
+                .blocking_budget
+                .acquire(user(1000).budget_keys(None), false)
+                .unwrap()
+        })
+        .collect();
+    assert!(f
+        .svc
+        .blocking_budget
+        .acquire(user(1000).budget_keys(None), false)
+        .is_err());
+    // Once the work ends, the place comes back.
+    tx.send(()).unwrap();
+    let started = std::time::Instant::now();
+    loop {
+        match f
+            .svc
+            .blocking_budget
+            .acquire(user(1000).budget_keys(None), false)
+        {
+            Ok(h) => {
+                held.push(h);
+                break;
+            }
+            Err(_) => {
+                assert!(started.elapsed() < std::time::Duration::from_secs(5));
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
