@@ -23,30 +23,6 @@ mod calls;
 mod opening;
 use opening::Opening;
 
-/// Longest time one RPC may take inside the daemon.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-/// Every connection is closed (HTTP/2 GOAWAY, calls in flight finish) this long after it was
-/// opened, so idle connections cost nothing for long; clients reconnect for their next call
-/// (the conversation lives here, under its challenge id, not in the connection).
-const MAX_CONNECTION_AGE: Duration = proto::MAX_CONNECTION_AGE;
-/// How long calls in flight may finish once a connection is past its age.
-const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
-/// The largest request guardd reads. The protocol's biggest real request is a login context
-/// (seven fields of at most 256 bytes and a 4 KiB sudo command): 16 KiB leaves room, and a
-/// client that declares more is refused before anything is buffered.
-const MAX_REQUEST: usize = 16 * 1024;
-/// HTTP/2 limits sized to this protocol, so a half-sent request holds little memory: a few
-/// streams per connection (a login uses one at a time, and a connection's calls are served one
-/// after another: the windows of all three fit the connection's, so those waiting can never
-/// starve the one being served of window), small flow-control windows and headers.
-const MAX_STREAMS: u32 = 3;
-const STREAM_WINDOW: u32 = 20 * 1024;
-const CONNECTION_WINDOW: u32 = 64 * 1024;
-// A request and its prefix fit one stream's window, and every stream's window fits the
-// connection's: streams waiting to be served cannot take the window the one served needs.
-const _: () = assert!(MAX_REQUEST + 5 <= STREAM_WINDOW as usize);
-const _: () = assert!(MAX_STREAMS * STREAM_WINDOW <= CONNECTION_WINDOW);
-const MAX_HEADER_LIST: u32 = 8 * 1024;
 /// Open connections per unprivileged uid at most.
 const CONNECTIONS_PER_UID: usize = 16;
 /// After accept(2) fails for lack of descriptors or memory, wait this long before the next try,
@@ -255,17 +231,7 @@ pub async fn run_with_clock(
     // A task of its own, on the worker threads: polled here instead, on the thread that runs
     // this future (the daemon's main thread, outside the workers), every accepted connection
     // would cross to that thread and back before its first call.
-    let limits = calls::Limits {
-        request_timeout: REQUEST_TIMEOUT,
-        max_request: MAX_REQUEST,
-        max_streams: MAX_STREAMS,
-        stream_window: STREAM_WINDOW,
-        connection_window: CONNECTION_WINDOW,
-        max_header_list: MAX_HEADER_LIST,
-        max_age: MAX_CONNECTION_AGE,
-        age_grace: CONNECTION_AGE_GRACE,
-    };
-    let mut serve = tokio::spawn(accept(incoming, service, limits, stopped));
+    let mut serve = tokio::spawn(accept(incoming, service, stopped));
     let joined = |served: Result<(), tokio::task::JoinError>| served.map_err(ServerError::from);
     tokio::pin!(shutdown);
     let served = tokio::select! {
@@ -301,7 +267,6 @@ pub async fn run_with_clock(
 async fn accept(
     mut incoming: Incoming,
     service: Arc<GuardService>,
-    limits: calls::Limits,
     mut stopped: oneshot::Receiver<()>,
 ) {
     let (closing, closed) = watch::channel(false);
@@ -311,7 +276,7 @@ async fn accept(
             admitted = incoming.next() => {
                 let Some(Ok(conn)) = admitted else { break };
                 let caller = conn.caller;
-                connections.spawn(calls::serve(conn, caller, service.clone(), limits, closed.clone()));
+                connections.spawn(calls::serve(conn, caller, service.clone(), closed.clone()));
             }
             // Ended connections are reaped as they go, so the set holds only open ones.
             Some(ended) = connections.join_next() => reaped(ended),

@@ -404,10 +404,9 @@ mod canned {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
 
+    use harness::{grpc_message, h2_frame, H2_PREFACE};
     use prost::Message;
     use proto::v1::{step, Permit, Prompt, Step};
-
-    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
     /// A file written ahead to its full size and synced, so that a commit's page overwrites
     /// blocks already allocated (as guardd's laid-out SQLite log): `fdatasync` then writes the
@@ -454,9 +453,11 @@ mod canned {
                         // Whole frames so far: a DATA frame with END_STREAM ends a request.
                         let mut ended = None;
                         loop {
-                            if at == 0 && input.len() >= PREFACE.len() && input.starts_with(PREFACE)
+                            if at == 0
+                                && input.len() >= H2_PREFACE.len()
+                                && input.starts_with(H2_PREFACE)
                             {
-                                at = PREFACE.len();
+                                at = H2_PREFACE.len();
                             }
                             if at == 0 || input.len() < at + 9 {
                                 break;
@@ -511,21 +512,11 @@ mod canned {
 
     /// Response headers (`:status: 200`), the message, and the trailers (`grpc-status: 0`).
     fn reply(stream: u32, message: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        frame(&mut out, 0x1, 0x4, stream, &[0x88]);
-        let mut body = vec![0];
-        body.extend_from_slice(&(message.len() as u32).to_be_bytes());
-        body.extend_from_slice(message);
-        frame(&mut out, 0x0, 0, stream, &body);
-        frame(&mut out, 0x1, 0x5, stream, b"\x00\x0bgrpc-status\x010");
-        out
-    }
-
-    fn frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
-        out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
-        out.push(kind);
-        out.push(flags);
-        out.extend_from_slice(&stream.to_be_bytes());
-        out.extend_from_slice(payload);
+        [
+            h2_frame(0x1, 0x4, stream, &[0x88]),
+            h2_frame(0x0, 0, stream, &grpc_message(message)),
+            h2_frame(0x1, 0x5, stream, b"\x00\x0bgrpc-status\x010"),
+        ]
+        .concat()
     }
 }

@@ -1059,6 +1059,26 @@ impl proto::v1::guard_server::Guard for Failing {
     }
 }
 
+/// The HTTP/2 client connection preface (RFC 9113 §3.4), for tests that speak HTTP/2 by hand.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One HTTP/2 frame: its 9-byte header and payload.
+pub fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend(payload);
+    out
+}
+
+/// A gRPC message: the prefix (not compressed, the length) and the bytes.
+pub fn grpc_message(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
 #[cfg(test)]
 mod tests {
     use super::Guard;

@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use harness::{artefact, is_deny, is_permit, Daemon};
+use harness::{artefact, grpc_message, h2_frame, is_deny, is_permit, Daemon, H2_PREFACE};
 use proto::v1::{BeginRequest, ListRequest, LoginContext};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -238,17 +238,6 @@ async fn helper_begin_as_caller() {
     println!("helper: checked");
 }
 
-/// One HTTP/2 frame: its 9-byte header and payload.
-fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
-    out.extend([kind, flags]);
-    out.extend(stream.to_be_bytes());
-    out.extend(payload);
-    out
-}
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 #[test]
 fn a_client_that_waits_for_guardds_settings_gets_them() {
     // HTTP/2 lets a client wait for the server's SETTINGS before its first request; guardd holds
@@ -337,6 +326,14 @@ fn first_read(socket: &std::path::Path) -> (Vec<(u8, u32)>, bool) {
     (kinds, ended)
 }
 
+/// A raw HTTP/2 connection to `d`, driven in the background.
+async fn raw_connection(d: &Daemon) -> h2::client::SendRequest<bytes::Bytes> {
+    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
+    let (send, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(connection);
+    send
+}
+
 /// One call by hand on a raw HTTP/2 connection: `chunks` as the request's DATA frames. Returns
 /// the gRPC status (from the trailers, or from the headers of a trailers-only answer) and the
 /// reply's bytes.
@@ -379,21 +376,11 @@ async fn raw_call(
     (status_of(&trailers).expect("grpc-status"), reply)
 }
 
-/// A gRPC message: the prefix (not compressed, the length) and the bytes.
-fn grpc_message(message: &[u8]) -> Vec<u8> {
-    let mut framed = vec![0];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
-    framed
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_calls_get_a_status_and_the_connection_serves_on() {
     use prost::Message;
     let d = Daemon::start();
-    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (mut send, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(connection);
+    let mut send = raw_connection(&d).await;
     let begin = BeginRequest {
         context: Some(LoginContext {
             user: "daemon".into(),
@@ -445,9 +432,7 @@ async fn malformed_calls_get_a_status_and_the_connection_serves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_ends_at_its_clients_deadline_and_the_next_is_served() {
     let d = Daemon::start();
-    let io = tokio::net::UnixStream::connect(&d.socket).await.unwrap();
-    let (mut send, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(connection);
+    let mut send = raw_connection(&d).await;
     // A request that never ends, sent with a 200 ms deadline (the PAM module sends its
     // `timeout=` so): guardd gives up when the client does, not after its own 15 s.
     let request = http::Request::builder()

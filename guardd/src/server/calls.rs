@@ -29,18 +29,30 @@ const SERVICE_PATH: &str = "/soffid.otp.v1.Guard/";
 /// A gRPC message's prefix: a compression flag and the length (big-endian u32).
 const PREFIX: usize = 5;
 
-/// How calls on a connection are bounded (`server.rs` holds the values and why).
-#[derive(Clone, Copy)]
-pub(super) struct Limits {
-    pub request_timeout: Duration,
-    pub max_request: usize,
-    pub max_streams: u32,
-    pub stream_window: u32,
-    pub connection_window: u32,
-    pub max_header_list: u32,
-    pub max_age: Duration,
-    pub age_grace: Duration,
-}
+/// Longest time one RPC may take inside the daemon (reading its request, and running it).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Every connection is closed (HTTP/2 GOAWAY, calls in flight finish) this long after it was
+/// opened, so idle connections cost nothing for long; clients reconnect for their next call
+/// (the conversation lives here, under its challenge id, not in the connection).
+const MAX_CONNECTION_AGE: Duration = proto::MAX_CONNECTION_AGE;
+/// How long calls in flight may finish once a connection is past its age.
+const CONNECTION_AGE_GRACE: Duration = Duration::from_secs(15);
+/// The largest request guardd reads. The protocol's biggest real request is a login context
+/// (seven fields of at most 256 bytes and a 4 KiB sudo command): 16 KiB leaves room, and a
+/// client that declares more is refused before anything is buffered.
+const MAX_REQUEST: usize = 16 * 1024;
+/// HTTP/2 limits sized to this protocol, so a half-sent request holds little memory: a few
+/// streams per connection (a login uses one at a time, and a connection's calls are served one
+/// after another: the windows of all three fit the connection's, so those waiting can never
+/// starve the one being served of window), small flow-control windows and headers.
+const MAX_STREAMS: u32 = 3;
+const STREAM_WINDOW: u32 = 20 * 1024;
+const CONNECTION_WINDOW: u32 = 64 * 1024;
+// A request and its prefix fit one stream's window, and every stream's window fits the
+// connection's: streams waiting to be served cannot take the window the one served needs.
+const _: () = assert!(MAX_REQUEST + PREFIX <= STREAM_WINDOW as usize);
+const _: () = assert!(MAX_STREAMS * STREAM_WINDOW <= CONNECTION_WINDOW);
+const MAX_HEADER_LIST: u32 = 8 * 1024;
 
 /// How long the replies already written may take to leave once a connection is closed by
 /// guardd (its age and grace are up): a client that stopped reading cannot hold it longer.
@@ -54,18 +66,17 @@ pub(super) async fn serve<T>(
     io: T,
     caller: Caller,
     service: Arc<GuardService>,
-    limits: Limits,
     mut closing: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let age = tokio::time::sleep(limits.max_age);
+    let age = tokio::time::sleep(MAX_CONNECTION_AGE);
     tokio::pin!(age);
     let handshake = h2::server::Builder::new()
-        .max_concurrent_streams(limits.max_streams)
-        .initial_window_size(limits.stream_window)
-        .initial_connection_window_size(limits.connection_window)
-        .max_header_list_size(limits.max_header_list)
+        .max_concurrent_streams(MAX_STREAMS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_frame_size(16 * 1024)
         .handshake::<T, Bytes>(io);
     let mut connection = tokio::select! {
@@ -83,7 +94,7 @@ pub(super) async fn serve<T>(
         let next = tokio::select! {
             biased;
             () = &mut age => {
-                ending.age_up(&mut connection, age.as_mut(), limits.age_grace);
+                ending.age_up(&mut connection, age.as_mut(), CONNECTION_AGE_GRACE);
                 if ending == Ending::Closing {
                     return last_flush(&mut connection).await;
                 }
@@ -107,7 +118,7 @@ pub(super) async fn serve<T>(
         let Some(Ok((request, respond))) = next else {
             return;
         };
-        let call = call(&service, caller, &limits, request, respond);
+        let call = call(&service, caller, request, respond);
         tokio::pin!(call);
         // The call runs here while the connection is driven (its request arrives and its reply
         // leaves through it). It runs to its end even if the connection closes meanwhile: its
@@ -119,7 +130,7 @@ pub(super) async fn serve<T>(
                 biased;
                 () = &mut call => break,
                 () = &mut age, if ending != Ending::Closing => {
-                    ending.age_up(&mut connection, age.as_mut(), limits.age_grace);
+                    ending.age_up(&mut connection, age.as_mut(), CONNECTION_AGE_GRACE);
                 }
                 _ = stopping(&mut closing), if ending == Ending::Open => {
                     ending.go_away(&mut connection);
@@ -205,7 +216,6 @@ impl Ending {
 async fn call(
     service: &GuardService,
     caller: Caller,
-    limits: &Limits,
     request: http::Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
 ) {
@@ -220,8 +230,8 @@ async fn call(
             head.uri.path()
         ))),
         Some(method) => {
-            let reading = read_message(&mut body, limits.max_request);
-            match tokio::time::timeout(read_timeout(&head.headers, limits), reading).await {
+            let reading = read_message(&mut body);
+            match tokio::time::timeout(read_timeout(&head.headers), reading).await {
                 Err(_) => Err(Status::deadline_exceeded(
                     "the request did not arrive within its deadline",
                 )),
@@ -232,7 +242,7 @@ async fn call(
                 // cut short, the call would give back its places in the budgets and lose its
                 // audit record while that work went on.
                 Ok(Ok(message)) => match tokio::time::timeout(
-                    limits.request_timeout,
+                    REQUEST_TIMEOUT,
                     dispatch(service, &method, &message, caller),
                 )
                 .await
@@ -254,12 +264,12 @@ async fn call(
 /// How long reading a call's request may take: guardd's limit, or less if the client set a
 /// deadline (`grpc-timeout`, which the PAM module sends with its `timeout=`), so that a stalled
 /// upload holds nothing past it. A malformed deadline is ignored.
-fn read_timeout(headers: &http::HeaderMap, limits: &Limits) -> Duration {
+fn read_timeout(headers: &http::HeaderMap) -> Duration {
     let client = headers
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(grpc_timeout);
-    client.map_or(limits.request_timeout, |c| c.min(limits.request_timeout))
+    client.map_or(REQUEST_TIMEOUT, |c| c.min(REQUEST_TIMEOUT))
 }
 
 /// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
@@ -284,9 +294,9 @@ fn grpc_timeout(value: &str) -> Option<Duration> {
 }
 
 /// The one message of a unary request: refused before it is buffered when its prefix declares
-/// more than `max` bytes (OUT_OF_RANGE, as tonic), or compressed (which this protocol never
+/// more than `MAX_REQUEST` bytes (OUT_OF_RANGE, as tonic), or compressed (which this protocol never
 /// negotiates). Zeroized when dropped: an Answer's message holds a code.
-async fn read_message(body: &mut RecvStream, max: usize) -> Result<Zeroizing<Vec<u8>>, Status> {
+async fn read_message(body: &mut RecvStream) -> Result<Zeroizing<Vec<u8>>, Status> {
     let mut message = Zeroizing::new(Vec::new());
     let mut prefix = [0u8; PREFIX];
     let mut have_prefix = 0;
@@ -309,9 +319,9 @@ async fn read_message(body: &mut RecvStream, max: usize) -> Result<Zeroizing<Vec
                 ));
             }
             let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
-            if len > max {
+            if len > MAX_REQUEST {
                 return Err(Status::out_of_range(format!(
-                    "the request is {len} bytes, more than the {max} guardd reads"
+                    "the request is {len} bytes, more than the {MAX_REQUEST} guardd reads"
                 )));
             }
             // All at once, so that no copy of the message is left behind by a reallocation.
@@ -441,21 +451,11 @@ mod tests {
         for bad in ["", "m", "123456789m", "5x", "-5m", "5 m", "５m", "5é"] {
             assert_eq!(grpc_timeout(bad), None, "{bad:?}");
         }
-        let limits = Limits {
-            request_timeout: Duration::from_secs(15),
-            max_request: 16,
-            max_streams: 1,
-            stream_window: 1,
-            connection_window: 1,
-            max_header_list: 1,
-            max_age: Duration::from_secs(1),
-            age_grace: Duration::from_secs(1),
-        };
         let mut headers = http::HeaderMap::new();
-        assert_eq!(read_timeout(&headers, &limits), Duration::from_secs(15));
+        assert_eq!(read_timeout(&headers), Duration::from_secs(15));
         headers.insert("grpc-timeout", http::HeaderValue::from_static("200m"));
-        assert_eq!(read_timeout(&headers, &limits), Duration::from_millis(200));
+        assert_eq!(read_timeout(&headers), Duration::from_millis(200));
         headers.insert("grpc-timeout", http::HeaderValue::from_static("1M"));
-        assert_eq!(read_timeout(&headers, &limits), Duration::from_secs(15));
+        assert_eq!(read_timeout(&headers), Duration::from_secs(15));
     }
 }

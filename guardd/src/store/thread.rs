@@ -260,6 +260,14 @@ mod tests {
         SqliteStore::open(&dir.path().join("t.db"), &dir.path().join("k")).unwrap()
     }
 
+    /// The last counter accepted for `user`'s token, read through a connection of its own:
+    /// what reached the disk.
+    fn last_counter(dir: &tempfile::TempDir, user: &str) -> Option<u64> {
+        open(dir).secrets(user, TokenState::Active).unwrap()[0]
+            .counter
+            .last
+    }
+
     fn token(store: &SqliteStore, user: &str) -> String {
         let new = NewToken {
             uid: None,
@@ -322,12 +330,7 @@ mod tests {
         assert!(rc.try_recv().unwrap().is_err());
         // Read back through a second connection: only ann's write reached the disk.
         drop(store);
-        let store = open(&dir);
-        let last = |user: &str| {
-            store.secrets(user, TokenState::Active).unwrap()[0]
-                .counter
-                .last
-        };
+        let last = |user: &str| last_counter(&dir, user);
         assert_eq!(
             (last("ann"), last("bob"), last("cy")),
             (Some(5), None, None)
@@ -413,13 +416,7 @@ mod tests {
                 assert!(runtime
                     .block_on(thread.run(move |s| s.accept(&accept, TokenState::Active, 7, 0, 3)))
                     .unwrap());
-                let other = open(&dir);
-                assert_eq!(
-                    other.secrets("ann", TokenState::Active).unwrap()[0]
-                        .counter
-                        .last,
-                    Some(7)
-                );
+                assert_eq!(last_counter(&dir, "ann"), Some(7));
                 // Another process holds the write lock (an admin's sqlite3, a backup): the call
                 // does not wait on the caller's thread; it is queued, and a read goes through
                 // on the store thread while the lock is held.
@@ -498,13 +495,7 @@ mod tests {
         }
         assert_eq!(std::fs::metadata(&wal).unwrap().len(), laid_out);
         drop(thread);
-        let store = open(&dir);
-        assert_eq!(
-            store.secrets("ann", TokenState::Active).unwrap()[0]
-                .counter
-                .last,
-            Some(1500)
-        );
+        assert_eq!(last_counter(&dir, "ann"), Some(1500));
     }
 
     #[test]
