@@ -34,6 +34,12 @@ fn setup(args: &[&CStr], flags: PamFlag) -> (Options, String, bool) {
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
+    // A fault point for the test that a panic is caught at the FFI edge by the module's own
+    // unwinder (see build.rs); debug builds only, so a packaged module has no such argument.
+    #[cfg(debug_assertions)]
+    if args.iter().any(|a| a == "debug_panic") {
+        panic!("debug_panic: a test asked the module to panic");
+    }
     let (options, warnings) = Options::parse(&args);
     for w in warnings {
         crate::log::error(&w);

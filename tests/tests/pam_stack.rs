@@ -147,6 +147,53 @@ fn only_the_six_pam_entry_points_are_exported() {
     );
 }
 
+/// A panic inside the module is caught at its FFI edge (PAM_ABORT) and the host lives on. The
+/// module carries its own unwinder (libgcc's, linked statically; see its build.rs) instead of
+/// loading libgcc_s, which pamtester, sshd and sudo do not load themselves: this is the test
+/// that the unwinder it carries works in a host that has no other. The fault point exists in
+/// debug builds only.
+#[test]
+fn a_panic_in_the_module_is_caught_by_its_own_unwinder_and_the_host_lives_on() {
+    use std::os::unix::process::ExitStatusExt;
+    let module = artefact("libpam_soffid_otp.so");
+    let dynamic = Command::new("readelf")
+        .arg("-d")
+        .arg(&module)
+        .output()
+        .expect("readelf (binutils)");
+    let dynamic = String::from_utf8_lossy(&dynamic.stdout);
+    assert!(dynamic.contains("(NEEDED)"), "{dynamic}");
+    assert!(!dynamic.contains("libgcc_s"), "{dynamic}");
+    let host = Command::new("ldd")
+        .arg(which("pamtester"))
+        .output()
+        .expect("ldd");
+    assert!(!String::from_utf8_lossy(&host.stdout).contains("libgcc_s"));
+
+    let pam = PamServices::new(
+        "otp-test",
+        &PamServices::module_line("socket=/nonexistent debug_panic"),
+    );
+    for _ in 0..2 {
+        let out = pam.pamtester("otp-test", "daemon", "");
+        assert_eq!(out.status.signal(), None, "the host was killed: {out:?}");
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(
+            text(&out).contains("Critical error - immediate abort"),
+            "{}",
+            text(&out)
+        );
+    }
+}
+
+/// The path of `program` on PATH.
+fn which(program: &str) -> std::path::PathBuf {
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| panic!("{program} is not on PATH"))
+}
+
 /// A daemon (or an impostor) that hangs up in the middle of the HTTP/2 handshake: the module's
 /// next write meets a closed socket. That must be an error, never a SIGPIPE that kills the host
 /// process (pamtester, like many hosts, keeps SIGPIPE's default action).
