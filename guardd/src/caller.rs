@@ -56,9 +56,21 @@ impl Caller {
             .ok_or_else(|| Status::permission_denied("caller credentials are unavailable"))
     }
 
-    /// The caller of a freshly accepted connection: its SO_PEERCRED credentials and the real uid
-    /// of the process behind them.
+    /// The caller of a connection, from its SO_PEERCRED credentials alone (tests, `explain`):
+    /// see `accepted`, with no pidfd.
     pub fn from_cred(uid: u32, gid: u32, pid: Option<i32>) -> Caller {
+        Caller::accepted(uid, gid, pid, || None)
+    }
+
+    /// The caller of a freshly accepted connection: its SO_PEERCRED credentials and the real uid
+    /// of the process behind them. `pidfd` gives that process's pidfd (SO_PEERPIDFD); it is
+    /// asked only of callers with root's rights.
+    pub fn accepted(
+        uid: u32,
+        gid: u32,
+        pid: Option<i32>,
+        pidfd: impl FnOnce() -> Option<std::os::fd::OwnedFd>,
+    ) -> Caller {
         let owner = uid != 0 && uid == nix::unistd::geteuid().as_raw();
         // What /proc says is used only for callers with root's rights (their budget keys, their
         // reuse grants): an unprivileged connection costs the accept loop no /proc read. Each
@@ -70,7 +82,7 @@ impl Caller {
             uid,
             gid,
             pid,
-            real_uid: privileged.and_then(real_uid_of),
+            real_uid: privileged.and_then(|p| real_uid_of(p, pidfd)),
             owner,
             process: privileged
                 .map(|p| Process {
@@ -138,8 +150,14 @@ impl Caller {
     }
 }
 
-/// The real uid of process `pid`, from the `Uid:` line of its status file.
-fn real_uid_of(pid: u32) -> Option<u32> {
+/// The real uid of process `pid`: through its pidfd where the kernel describes one (Linux 6.13),
+/// else from the `Uid:` line of its status file.
+fn real_uid_of(pid: u32, pidfd: impl FnOnce() -> Option<std::os::fd::OwnedFd>) -> Option<u32> {
+    if let Some((p, uid)) = pidfd().and_then(|fd| crate::pidfd::real_uid(&fd)) {
+        if p == pid {
+            return Some(uid);
+        }
+    }
     let uid = crate::procfs::status_number(pid, "Uid:")?;
     u32::try_from(uid).ok()
 }
@@ -252,6 +270,55 @@ mod tests {
         let user = Caller::from_cred(other, 0, Some(std::process::id() as i32));
         assert_eq!(user.real_uid, None);
         assert_eq!(user.process, Process::default());
+    }
+
+    /// A setuid-root program (sudo, su) connects with euid 0 and its user's real uid. Both ways
+    /// of reading that uid name the user: the pidfd where the kernel describes one (6.13 and
+    /// later: checked to be the way taken there), and /proc/PID/status otherwise. Once the
+    /// process is gone, the pidfd describes nothing.
+    #[test]
+    #[ignore = "needs root"]
+    fn as_root_a_setuid_caller_is_seen_with_its_real_uid_by_pidfd_or_by_proc() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import os, socket, sys\n\
+                 os.setresuid(1000, 0, 0)\n\
+                 s = socket.socket(socket.AF_UNIX)\n\
+                 s.connect(sys.argv[1])\n\
+                 s.recv(1)",
+            ])
+            .arg(&path)
+            .spawn()
+            .expect("python3");
+        let (conn, _) = listener.accept().unwrap();
+        let cred = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .unwrap();
+        assert_eq!(cred.uid(), 0);
+        let pid = Some(cred.pid());
+        let by_pidfd = Caller::accepted(0, 0, pid, || crate::pidfd::of_peer(&conn));
+        let by_proc = Caller::accepted(0, 0, pid, || None);
+        assert_eq!(by_pidfd.real_uid, Some(1000));
+        assert_eq!(by_proc.real_uid, Some(1000));
+        assert_eq!(by_pidfd.budget_keys(None), vec![Key::Uid(1000)]);
+
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+        let mut version = release.split(|c: char| !c.is_ascii_digit());
+        let major: u32 = version.next().unwrap().parse().unwrap();
+        let minor: u32 = version.next().unwrap().parse().unwrap();
+        let pidfd = crate::pidfd::of_peer(&conn);
+        if (major, minor) >= (6, 13) {
+            let fd = pidfd.as_ref().expect("SO_PEERPIDFD on this kernel");
+            assert_eq!(crate::pidfd::real_uid(fd), Some((cred.pid() as u32, 1000)));
+        }
+        drop(conn);
+        assert!(child.wait().unwrap().success());
+        if let Some(fd) = &pidfd {
+            assert_eq!(crate::pidfd::real_uid(fd), None, "a process that is gone");
+        }
     }
 
     #[test]

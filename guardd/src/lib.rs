@@ -28,6 +28,8 @@ pub mod logging;
 pub mod metrics;
 /// One-time passwords: TOTP (RFC 6238) and HOTP (RFC 4226), secrets, otpauth:// URIs.
 pub mod otp;
+/// The calling process as a pidfd: its real uid from the kernel, without /proc.
+pub mod pidfd;
 /// The rules: XACML-style permit / otp / deny decisions with explanations.
 pub mod policy;
 /// What /proc says about a process: real uid, peak memory, CPU time.

@@ -385,7 +385,9 @@ impl tokio_stream::Stream for Incoming {
             let Ok(cred) = stream.peer_cred() else {
                 continue;
             };
-            let caller = Caller::from_cred(cred.uid(), cred.gid(), cred.pid());
+            let caller = Caller::accepted(cred.uid(), cred.gid(), cred.pid(), || {
+                crate::pidfd::of_peer(&stream)
+            });
             let permit = match self
                 .budget
                 .acquire(caller.budget_keys(None), caller.is_root())
