@@ -226,10 +226,7 @@ mod tests {
             pid: None,
             real_uid: None,
             owner: false,
-            process: crate::caller::Process {
-                session: None,
-                start: None,
-            },
+            process: crate::caller::Process::Unknown,
         };
         for _ in 0..100 {
             refused(&caller, "list", "*", "permission denied");

@@ -1,3 +1,6 @@
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
 use tonic::{Request, Status};
 
 use crate::budget::Key;
@@ -5,32 +8,61 @@ use crate::budget::Key;
 /// The process on the other end of the socket, as the kernel reports it (SO_PEERCRED) when the
 /// connection is accepted. Never what the request claims: a client cannot lie about these.
 /// A caller inside a user namespace is seen with its uid in guardd's namespace (its real one).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// The effective uid that connected (0 for sshd, and for sudo, which is setuid root).
     pub uid: u32,
     pub gid: u32,
     pub pid: Option<i32>,
-    /// The real uid of the connecting process (`/proc/<pid>/status`), when it could be read:
-    /// the user behind a setuid-root sudo or su. Read only for callers with root's rights, the
-    /// one use of it (`budget_keys`).
+    /// The real uid of the connecting process, when it could be read: the user behind a
+    /// setuid-root sudo or su. Read only for callers with root's rights, the one use of it
+    /// (`budget_keys`).
     pub real_uid: Option<u32>,
     /// The caller is the unprivileged uid guardd itself runs as. In production guardd runs as
     /// root and this is never set; a guardd that a user runs (development, the test suite) is
     /// that user's to administer, since they own its database and key file anyway.
     pub owner: bool,
-    /// The calling process's login session and start time, read when it connected.
+    /// How the calling process is known, to read its login session when a login needs it.
     pub process: Process,
 }
 
-/// What /proc said about the calling process when its connection was accepted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Process {
-    /// Its audit login session (pam_loginuid); None when unset.
-    pub session: Option<u32>,
-    /// Its start time: with the pid, it names one process for good.
-    pub start: Option<u64>,
+/// How guardd knows the calling process, for its login session (`Caller::login_session`).
+#[derive(Debug, Clone, Default)]
+pub enum Process {
+    /// Not at all: a caller without root's rights (whose logins never use a session), or one
+    /// already gone when it was accepted.
+    #[default]
+    Unknown,
+    /// Held by a pidfd (SO_PEERPIDFD, Linux 6.5): that process and no other, even once its pid
+    /// is reused. Its session is read only when a login needs it, which most never do.
+    Pinned(Arc<OwnedFd>),
+    /// Read when it connected (older kernels): its audit login session (pam_loginuid; None when
+    /// unset) and its start time, which with the pid names one process for good.
+    Read {
+        session: Option<u32>,
+        start: Option<u64>,
+    },
 }
+
+/// Two `Pinned` are the same only if they share the one pidfd.
+impl PartialEq for Process {
+    fn eq(&self, other: &Process) -> bool {
+        match (self, other) {
+            (Process::Unknown, Process::Unknown) => true,
+            (Process::Pinned(a), Process::Pinned(b)) => Arc::ptr_eq(a, b),
+            (
+                Process::Read { session, start },
+                Process::Read {
+                    session: s,
+                    start: t,
+                },
+            ) => (session, start) == (s, t),
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Process {}
 
 /// What a caller asks to do, for the access table (docs/architecture.md#callers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +84,7 @@ impl Caller {
     pub fn of<T>(req: &Request<T>) -> Result<Caller, Status> {
         req.extensions()
             .get::<Caller>()
-            .copied()
+            .cloned()
             .ok_or_else(|| Status::permission_denied("caller credentials are unavailable"))
     }
 
@@ -69,7 +101,7 @@ impl Caller {
         uid: u32,
         gid: u32,
         pid: Option<i32>,
-        pidfd: impl FnOnce() -> Option<std::os::fd::OwnedFd>,
+        pidfd: impl FnOnce() -> Option<OwnedFd>,
     ) -> Caller {
         let owner = uid != 0 && uid == nix::unistd::geteuid().as_raw();
         // What /proc says is used only for callers with root's rights (their budget keys, their
@@ -78,34 +110,45 @@ impl Caller {
         let privileged = pid
             .filter(|_| uid == 0 || owner)
             .and_then(|p| u32::try_from(p).ok());
+        let pidfd = privileged.and_then(|_| pidfd());
         Caller {
             uid,
             gid,
             pid,
-            real_uid: privileged.and_then(|p| real_uid_of(p, pidfd)),
+            real_uid: privileged.and_then(|p| real_uid_of(p, pidfd.as_ref())),
             owner,
-            process: privileged
-                .map(|p| Process {
+            process: match (privileged, pidfd) {
+                (None, _) => Process::Unknown,
+                (Some(_), Some(pidfd)) => Process::Pinned(Arc::new(pidfd)),
+                (Some(p), None) => Process::Read {
                     session: crate::procfs::session_id(p),
                     start: crate::procfs::start_time(p),
-                })
-                .unwrap_or_default(),
+                },
+            },
         }
     }
 
-    /// The caller's login session, if the process that connected still runs in the session it
-    /// had then (read again with its start time, so that a pid recycled since borrows nothing),
-    /// and that session is `uid`'s: its login uid is the account being authenticated. A
-    /// session inherited by a daemon someone started from their own login (sshd, xrdp run by
-    /// hand) is that person's, never a user's it authenticates.
+    /// The caller's login session, if the process that connected still runs, now in a session
+    /// that is `uid`'s: its login uid is the account being authenticated. A pinned process's
+    /// session is read now and believed only if the process still runs after the read (so its
+    /// pid was no one else's); one read at connect must be unchanged, with the same start time
+    /// (so a pid recycled since borrows nothing). A session inherited by a daemon someone
+    /// started from their own login (sshd, xrdp run by hand) is that person's, never a user's
+    /// it authenticates.
     pub fn login_session(&self, uid: Option<u32>) -> Option<u32> {
         let pid = u32::try_from(self.pid?).ok()?;
-        let (session, start) = (self.process.session?, self.process.start?);
-        (uid.is_some()
-            && crate::procfs::start_time(pid) == Some(start)
-            && crate::procfs::session_id(pid) == Some(session)
-            && crate::procfs::loginuid(pid) == uid)
-            .then_some(session)
+        uid?;
+        match &self.process {
+            Process::Unknown => None,
+            Process::Pinned(pidfd) => crate::procfs::session_id(pid)
+                .filter(|_| crate::procfs::loginuid(pid) == uid && crate::pidfd::runs(pidfd)),
+            Process::Read { session, start } => session.filter(|&s| {
+                start.is_some()
+                    && crate::procfs::start_time(pid) == *start
+                    && crate::procfs::session_id(pid) == Some(s)
+                    && crate::procfs::loginuid(pid) == uid
+            }),
+        }
     }
 
     /// Whom an open login counts against: as `budget_keys`, with a root caller's remote logins
@@ -152,8 +195,8 @@ impl Caller {
 
 /// The real uid of process `pid`: through its pidfd where the kernel describes one (Linux 6.13),
 /// else from the `Uid:` line of its status file.
-fn real_uid_of(pid: u32, pidfd: impl FnOnce() -> Option<std::os::fd::OwnedFd>) -> Option<u32> {
-    if let Some((p, uid)) = pidfd().and_then(|fd| crate::pidfd::real_uid(&fd)) {
+fn real_uid_of(pid: u32, pidfd: Option<&OwnedFd>) -> Option<u32> {
+    if let Some((p, uid)) = pidfd.and_then(crate::pidfd::real_uid) {
         if p == pid {
             return Some(uid);
         }
@@ -201,10 +244,7 @@ mod tests {
         pid: None,
         real_uid: None,
         owner: false,
-        process: Process {
-            session: None,
-            start: None,
-        },
+        process: Process::Unknown,
     };
 
     #[test]

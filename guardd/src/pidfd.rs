@@ -11,7 +11,7 @@
 //! denies `unsafe` everywhere else in the daemon.
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 /// `struct pidfd_info` as Linux 6.13 first published it (`PIDFD_INFO_SIZE_VER0`, 64 bytes):
 /// the kernel fills what it knows of the size we pass and nothing beyond.
@@ -62,4 +62,12 @@ pub fn real_uid(pidfd: &OwnedFd) -> Option<(u32, u32)> {
     let done = unsafe { pidfd_get_info(pidfd.as_raw_fd(), &mut info) };
     (done.is_ok() && info.mask & PIDFD_INFO_CREDS != 0 && info.pid != 0)
         .then_some((info.pid, info.ruid))
+}
+
+/// Whether the process behind `pidfd` still runs: a pidfd turns readable when its process
+/// exits (Linux 5.3), so a poll that does not wait tells.
+pub fn runs(pidfd: &OwnedFd) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(pidfd.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut fds, PollTimeout::ZERO), Ok(0))
 }

@@ -275,7 +275,7 @@ async fn accept(
         tokio::select! {
             admitted = incoming.next() => {
                 let Some(Ok(conn)) = admitted else { break };
-                let caller = conn.caller;
+                let caller = conn.caller.clone();
                 connections.spawn(calls::serve(conn, caller, service.clone(), closed.clone()));
             }
             // Ended connections are reaped as they go, so the set holds only open ones.

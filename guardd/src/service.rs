@@ -298,7 +298,7 @@ impl GuardService {
     /// audited.
     async fn authorize(
         &self,
-        caller: Caller,
+        caller: &Caller,
         action: Action,
         user: Option<String>,
         name: &'static str,
@@ -322,22 +322,17 @@ impl GuardService {
             };
             let is_self = match u.as_deref() {
                 Some(name) => self
-                    .account(&caller, name)
+                    .account(caller, name)
                     .await?
                     .is_some_and(|a| a.uid == caller.uid),
                 None => false,
             };
-            let admin = action != Action::Login && self.is_admin(&caller).await?;
-            authorize(&caller, action, is_self, admin, own).map_err(ServiceError::from)
+            let admin = action != Action::Login && self.is_admin(caller).await?;
+            authorize(caller, action, is_self, admin, own).map_err(ServiceError::from)
         }
         .await;
         if let Err(e) = &result {
-            audit::refused(
-                &caller,
-                name,
-                user.as_deref().unwrap_or("*"),
-                &e.to_string(),
-            );
+            audit::refused(caller, name, user.as_deref().unwrap_or("*"), &e.to_string());
         }
         result
     }
@@ -602,7 +597,7 @@ impl Guard for GuardService {
     async fn reload(&self, req: Request<ReloadRequest>) -> Result<Response<ReloadReply>, Status> {
         edge(async move {
             let caller = Caller::of(&req)?;
-            self.authorize(caller, Action::Admin, None, "reload", |_, _| Ok(false))
+            self.authorize(&caller, Action::Admin, None, "reload", |_, _| Ok(false))
                 .await?;
             let result = self.reload();
             admin_audit(&caller, "reload", "*", result.is_ok(), "");
@@ -876,7 +871,7 @@ impl GuardService {
             .ok_or_else(|| Status::invalid_argument("the login context is missing"))?;
         validate_context(&ctx)?;
         self.authorize(
-            caller,
+            &caller,
             Action::Login,
             Some(ctx.user.clone()),
             action,

@@ -118,7 +118,7 @@ pub(super) async fn serve<T>(
         let Some(Ok((request, respond))) = next else {
             return;
         };
-        let call = call(&service, caller, request, respond);
+        let call = call(&service, caller.clone(), request, respond);
         tokio::pin!(call);
         // The call runs here while the connection is driven (its request arrives and its reply
         // leaves through it). It runs to its end even if the connection closes meanwhile: its

@@ -29,7 +29,7 @@ const RESYNC_WINDOW: u64 = 1000;
 /// self-service): the preamble of disable/enable, resync, unlock and backup codes.
 pub(super) async fn admin_only(
     svc: &GuardService,
-    caller: Caller,
+    caller: &Caller,
     user: &str,
     action: &'static str,
 ) -> Result<(), ServiceError> {
@@ -399,7 +399,7 @@ pub(super) async fn confirm(
     let code = Zeroizing::new(code);
     validate_name("user", &user)?;
     svc.authorize(
-        caller,
+        &caller,
         Action::Enroll,
         Some(user.clone()),
         "confirm",
@@ -465,7 +465,7 @@ pub(super) async fn list(
     if let Some(u) = &user {
         validate_name("user", u)?;
     }
-    svc.authorize(caller, Action::List, user.clone(), "list", |_, _| Ok(true))
+    svc.authorize(&caller, Action::List, user.clone(), "list", |_, _| Ok(true))
         .await?;
     let who = user.clone().unwrap_or_else(|| "*".into());
     let tokens = svc
@@ -488,7 +488,7 @@ pub(super) async fn delete(
     // Users may withdraw their own unconfirmed enrolment, not an active token.
     let id = token_id.clone();
     svc.authorize(
-        caller,
+        &caller,
         Action::Delete,
         Some(user.clone()),
         "delete",
@@ -547,7 +547,7 @@ pub(super) async fn set_enabled(
     } = req.into_inner();
     validate_name("token id", &token_id)?;
     let action = if enabled { "enable" } else { "disable" };
-    admin_only(svc, caller, &user, action).await?;
+    admin_only(svc, &caller, &user, action).await?;
     let (from, to) = if enabled {
         (TokenState::Disabled, TokenState::Active)
     } else {
@@ -592,7 +592,7 @@ pub(super) async fn resync(
     } = req.into_inner();
     let (first, second) = (Zeroizing::new(first), Zeroizing::new(second));
     validate_name("token id", &token_id)?;
-    admin_only(svc, caller, &user, "resync").await?;
+    admin_only(svc, &caller, &user, "resync").await?;
     let (u, id, now) = (user.clone(), token_id.clone(), svc.clock.now());
     let result = svc
         .store(move |store| {
@@ -632,7 +632,7 @@ pub(super) async fn unlock(
 ) -> Result<Response<UnlockReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
-    admin_only(svc, caller, &user, "unlock").await?;
+    admin_only(svc, &caller, &user, "unlock").await?;
     let u = user.clone();
     let was_locked = svc
         .store(move |store| Ok(store.clear_failures(&u)?))
@@ -647,7 +647,7 @@ pub(super) async fn issue_backup_codes(
 ) -> Result<Response<BackupCodesReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
-    admin_only(svc, caller, &user, "backup-codes").await?;
+    admin_only(svc, &caller, &user, "backup-codes").await?;
     let now = svc.clock.now();
     let account = require_account(svc, &caller, &user).await?;
     // Stored under the account's own name, which logins look up (not the name as typed).

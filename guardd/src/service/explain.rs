@@ -17,7 +17,7 @@ pub(super) async fn explain(
     validate_context(&ctx)?;
     // Admins only: an explanation maps which logins skip the OTP.
     svc.authorize(
-        caller,
+        &caller,
         Action::Admin,
         Some(ctx.user.clone()),
         "explain",

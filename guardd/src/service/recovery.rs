@@ -40,7 +40,7 @@ pub(super) async fn begin(
     validate_name("user", &user)?;
     // Root (help desk, console) may recover anyone; everyone else only themselves.
     svc.authorize(
-        caller,
+        &caller,
         Action::Login,
         Some(user.clone()),
         "recover",

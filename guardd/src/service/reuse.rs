@@ -237,7 +237,7 @@ pub(super) async fn forget(
 ) -> Result<Response<ForgetReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     let user = req.into_inner().user;
-    admin_only(svc, caller, &user, "forget").await?;
+    admin_only(svc, &caller, &user, "forget").await?;
     let u = user.clone();
     let forgotten = svc.store(move |store| Ok(store.forget(&u)?)).await?;
     admin_audit(&caller, "forget", &user, true, "");

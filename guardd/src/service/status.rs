@@ -59,7 +59,7 @@ pub(super) async fn status(
 ) -> Result<Response<StatusReply>, ServiceError> {
     let caller = Caller::of(&req)?;
     // Admins only: it names the users locked out or short of backup codes.
-    svc.authorize(caller, Action::Admin, None, "status", |_, _| Ok(false))
+    svc.authorize(&caller, Action::Admin, None, "status", |_, _| Ok(false))
         .await?;
     let below = match req.into_inner().backup_codes_below {
         0 => BACKUP_CODES_BELOW,

@@ -126,10 +126,7 @@ const ROOT: Caller = Caller {
     pid: None,
     real_uid: Some(0),
     owner: false,
-    process: crate::caller::Process {
-        session: None,
-        start: None,
-    },
+    process: crate::caller::Process::Unknown,
 };
 
 fn user(uid: u32) -> Caller {
@@ -139,10 +136,7 @@ fn user(uid: u32) -> Caller {
         pid: None,
         real_uid: Some(uid),
         owner: false,
-        process: crate::caller::Process {
-            session: None,
-            start: None,
-        },
+        process: crate::caller::Process::Unknown,
     }
 }
 
@@ -255,9 +249,12 @@ async fn one_uid_cannot_hold_more_open_logins_than_its_share_and_root_is_served(
     f.enroll_active("root").await;
     let mallory = user(1000);
     for _ in 0..SESSIONS.per_key {
-        assert_eq!(kind(&f.begin(mallory, "mallory").await.unwrap()), "prompt");
+        assert_eq!(
+            kind(&f.begin(mallory.clone(), "mallory").await.unwrap()),
+            "prompt"
+        );
     }
-    let refused = f.begin(mallory, "mallory").await.unwrap_err();
+    let refused = f.begin(mallory.clone(), "mallory").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
     assert_eq!(kind(&f.begin(ROOT, "root").await.unwrap()), "prompt");
     // sudo started by mallory is root, but counts against mallory's uid.
@@ -265,7 +262,7 @@ async fn one_uid_cannot_hold_more_open_logins_than_its_share_and_root_is_served(
         real_uid: Some(1000),
         ..ROOT
     };
-    let refused = f.begin(sudo, "root").await.unwrap_err();
+    let refused = f.begin(sudo.clone(), "root").await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
 }
 
@@ -506,7 +503,7 @@ impl Fixture {
         self.now.store(at, std::sync::atomic::Ordering::SeqCst);
         let step = self
             .svc
-            .begin(request(caller, req))
+            .begin(request(caller.clone(), req))
             .await
             .unwrap()
             .into_inner();
@@ -611,11 +608,13 @@ async fn a_non_root_caller_neither_makes_nor_uses_grants() {
     let ann = user(1000);
     // ann's own screen locker proves a code: no grant, and none for her own next call.
     assert_eq!(
-        f.login(ann, ssh_login("ann", "a"), &secret, NOW).await,
+        f.login(ann.clone(), ssh_login("ann", "a"), &secret, NOW)
+            .await,
         "permit"
     );
     assert_eq!(
-        f.login(ann, ssh_login("ann", "a"), &secret, NOW + 30).await,
+        f.login(ann.clone(), ssh_login("ann", "a"), &secret, NOW + 30)
+            .await,
         "permit"
     );
     assert_eq!(
@@ -625,7 +624,8 @@ async fn a_non_root_caller_neither_makes_nor_uses_grants() {
     );
     // sshd's grant exists now; her own uid still gets no shortcut from it.
     assert_eq!(
-        f.login(ann, ssh_login("ann", "a"), &secret, NOW + 90).await,
+        f.login(ann.clone(), ssh_login("ann", "a"), &secret, NOW + 90)
+            .await,
         "permit"
     );
     // A root caller whose PAM service is not sshd's: its ssh keys are not believed.
@@ -739,11 +739,21 @@ impl InSession {
         let guard = InSession(child);
         for _ in 0..200 {
             if crate::procfs::session_id(pid).is_some() {
-                let caller = Caller::from_cred(0, 0, Some(pid as i32));
-                assert!(caller.login_session(Some(uid)).is_some());
-                assert!(caller.login_session(Some(uid + 1)).is_none());
-                assert!(caller.login_session(None).is_none());
-                return (guard, caller);
+                // Known both ways guardd knows a caller: read at connect, and pinned by a pidfd
+                // (what a kernel with SO_PEERPIDFD gives); the pinned one is what the test uses.
+                let read = Caller::from_cred(0, 0, Some(pid as i32));
+                let pinned = Caller::accepted(0, 0, Some(pid as i32), || {
+                    let pid = rustix::process::Pid::from_raw(pid as i32)?;
+                    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
+                });
+                assert!(matches!(read.process, crate::caller::Process::Read { .. }));
+                assert!(matches!(pinned.process, crate::caller::Process::Pinned(_)));
+                for caller in [&read, &pinned] {
+                    assert!(caller.login_session(Some(uid)).is_some());
+                    assert!(caller.login_session(Some(uid + 1)).is_none());
+                    assert!(caller.login_session(None).is_none());
+                }
+                return (guard, pinned);
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
@@ -771,6 +781,35 @@ reuse_scope = ["session"]
 match = { service = ["sshd", "sudo"] }
 "#;
 
+/// A caller's session counts only while the process that connected runs: once it is gone its
+/// pid may name another process. A pinned caller has none from the moment it exits, even while
+/// it is a zombie whose /proc files still read; one read at connect has none once it is reaped.
+#[test]
+#[ignore = "needs root"]
+fn a_gone_caller_has_no_session_as_root() {
+    let (mut process, pinned) = InSession::start(1000);
+    let read = Caller::from_cred(0, 0, pinned.pid);
+    let crate::caller::Process::Pinned(pidfd) = &pinned.process else {
+        unreachable!()
+    };
+    assert!(crate::pidfd::runs(pidfd));
+    process.0.kill().unwrap();
+    let exited = std::time::Instant::now();
+    while crate::pidfd::runs(pidfd) {
+        assert!(exited.elapsed().as_secs() < 5, "the child did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let pid = pinned.pid.unwrap() as u32;
+    assert_eq!(
+        crate::procfs::loginuid(pid),
+        Some(1000),
+        "a zombie still reads"
+    );
+    assert_eq!(pinned.login_session(Some(1000)), None);
+    process.0.wait().unwrap();
+    assert_eq!(read.login_session(Some(1000)), None);
+}
+
 /// sshd started from an admin's shell (an init script run by hand, a container started from a
 /// login) runs in that login session, and so does every connection's authentication process.
 /// That session is sshd's own, not the ssh login's: a grant bound to it would let every later
@@ -784,14 +823,15 @@ async fn sshd_s_own_session_is_not_the_login_s_as_root() {
     // Started by root from root's shell: root's session, whatever sshd then authenticates.
     let (_sshd_process, sshd) = InSession::start(0);
     assert_eq!(
-        f.login(sshd, ssh_login("ann", "a"), &secret, NOW).await,
+        f.login(sshd.clone(), ssh_login("ann", "a"), &secret, NOW)
+            .await,
         "permit"
     );
     let mut elsewhere = ssh_login("ann", "b");
     elsewhere.context.as_mut().unwrap().rhost = "198.51.100.9".into();
     elsewhere.context.as_mut().unwrap().ssh_connection = "198.51.100.9 4444 192.0.2.1 22".into();
     assert_eq!(
-        f.login(sshd, elsewhere, &secret, NOW + 60).await,
+        f.login(sshd.clone(), elsewhere, &secret, NOW + 60).await,
         "permit",
         "another ssh login, from another address with another key, must be asked for a code"
     );
@@ -800,11 +840,12 @@ async fn sshd_s_own_session_is_not_the_login_s_as_root() {
     let mut sudo_login = begin("ann");
     sudo_login.context.as_mut().unwrap().service = "sudo".into();
     assert_eq!(
-        f.login(sudo, sudo_login.clone(), &secret, NOW + 120).await,
+        f.login(sudo.clone(), sudo_login.clone(), &secret, NOW + 120)
+            .await,
         "permit"
     );
     assert_eq!(
-        f.login(sudo, sudo_login, &secret, NOW + 150).await,
+        f.login(sudo.clone(), sudo_login, &secret, NOW + 150).await,
         "permit without code"
     );
 }
@@ -822,7 +863,8 @@ async fn a_session_counts_only_for_the_user_logged_in_to_it_as_root() {
     let mut sudo_login = begin("ann");
     sudo_login.context.as_mut().unwrap().service = "sudo".into();
     assert_eq!(
-        f.login(daemon, sudo_login.clone(), &secret, NOW).await,
+        f.login(daemon.clone(), sudo_login.clone(), &secret, NOW)
+            .await,
         "permit"
     );
     assert_eq!(
