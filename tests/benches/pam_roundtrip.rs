@@ -1,6 +1,7 @@
 //! One whole `pam_authenticate` through pam_soffid_otp (pamtester → libpam → module → guardd →
-//! SQLite → verify) against a stack of `pam_permit.so` alone, interleaved run by run, each run a
-//! whole pamtester process. Reports medians, and each variant's cost over the baseline.
+//! SQLite → verify) against a stack of `pam_permit.so` alone, interleaved run by run (each round
+//! in an order of its own), each run a whole pamtester process. Reports medians, and each
+//! variant's cost over the baseline.
 //!
 //!     cargo build --release --workspace
 //!     cargo bench -p soffid-otp-tests --bench pam_roundtrip          # BENCH_RUNS=200 by default
@@ -283,8 +284,15 @@ fn main() {
         ]
     });
 
+    // Each round runs the variants in an order of its own (a fixed seed, so runs repeat): in a
+    // fixed order each would always follow the same neighbour, and what that neighbour leaves
+    // behind (a device cache it filled with a sync, pages it touched) would bias it.
+    let mut order: Vec<usize> = (0..variants.len()).collect();
+    let mut seed = 0x5eed_u64;
     for _ in 0..runs {
-        for v in &mut variants {
+        shuffle(&mut order, &mut seed);
+        for &i in &order {
+            let v = &mut variants[i];
             let input = match v.input {
                 Input::Nothing => String::new(),
                 Input::Guardd => {
@@ -518,5 +526,18 @@ mod canned {
             h2_frame(0x1, 0x5, stream, b"\x00\x0bgrpc-status\x010"),
         ]
         .concat()
+    }
+}
+
+/// A Fisher-Yates shuffle of `items` driven by splitmix64 from `state`: no dependency, and the
+/// same sequence of orders on every run.
+fn shuffle(items: &mut [usize], state: &mut u64) {
+    for i in (1..items.len()).rev() {
+        *state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = *state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        items.swap(i, (z % (i as u64 + 1)) as usize);
     }
 }
