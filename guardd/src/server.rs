@@ -332,8 +332,10 @@ fn connection_limits() -> Limits {
             open_files = hard;
         }
     }
-    // Room for the store, the logs, NSS and the child processes' pipes.
-    let total = (open_files.saturating_sub(64) as usize).clamp(16, 4096);
+    // Room for the store, the logs, NSS and the child processes' pipes; then two descriptors
+    // per connection: its socket and, for a caller with root's rights, its process's pidfd
+    // (`caller::Process::Pinned`).
+    let total = ((open_files.saturating_sub(64) / 2) as usize).clamp(16, 4096);
     Limits {
         per_key: CONNECTIONS_PER_UID,
         shared: total / 2,
