@@ -30,9 +30,12 @@ pub struct Caller {
 #[derive(Debug, Clone, Default)]
 pub enum Process {
     /// Not at all: a caller without root's rights (whose logins never use a session), or one
-    /// already gone when it was accepted.
+    /// whose pid guardd cannot see (another pid namespace).
     #[default]
     Unknown,
+    /// Gone before it was accepted (its pidfd says it exited): its pid may be another
+    /// process's by now, so nothing is read of it, and the server refuses the connection.
+    Gone,
     /// Held by a pidfd (SO_PEERPIDFD, Linux 6.5): that process and no other, even once its pid
     /// is reused. Its session is read only when a login needs it, which most never do.
     Pinned(Arc<OwnedFd>),
@@ -48,7 +51,7 @@ pub enum Process {
 impl PartialEq for Process {
     fn eq(&self, other: &Process) -> bool {
         match (self, other) {
-            (Process::Unknown, Process::Unknown) => true,
+            (Process::Unknown, Process::Unknown) | (Process::Gone, Process::Gone) => true,
             (Process::Pinned(a), Process::Pinned(b)) => Arc::ptr_eq(a, b),
             (
                 Process::Read { session, start },
@@ -111,21 +114,35 @@ impl Caller {
             .filter(|_| uid == 0 || owner)
             .and_then(|p| u32::try_from(p).ok());
         let pidfd = privileged.and_then(|_| pidfd());
+        let (real_uid, process) = match privileged {
+            None => (None, Process::Unknown),
+            Some(p) => match real_uid_of(p, pidfd.as_ref()) {
+                None => (None, Process::Gone),
+                Some(real_uid) => (
+                    real_uid,
+                    match pidfd {
+                        Some(pidfd) => Process::Pinned(Arc::new(pidfd)),
+                        None => Process::Read {
+                            session: crate::procfs::session_id(p),
+                            start: crate::procfs::start_time(p),
+                        },
+                    },
+                ),
+            },
+        };
         Caller {
             uid,
             gid,
             pid,
-            real_uid: privileged.and_then(|p| real_uid_of(p, pidfd.as_ref())),
+            real_uid,
             owner,
-            process: match (privileged, pidfd) {
-                (None, _) => Process::Unknown,
-                (Some(_), Some(pidfd)) => Process::Pinned(Arc::new(pidfd)),
-                (Some(p), None) => Process::Read {
-                    session: crate::procfs::session_id(p),
-                    start: crate::procfs::start_time(p),
-                },
-            },
+            process,
         }
+    }
+
+    /// Whether the process that connected was gone before its connection was accepted.
+    pub fn is_gone(&self) -> bool {
+        self.process == Process::Gone
     }
 
     /// The caller's login session, if the process that connected still runs, now in a session
@@ -139,7 +156,7 @@ impl Caller {
         let pid = u32::try_from(self.pid?).ok()?;
         uid?;
         match &self.process {
-            Process::Unknown => None,
+            Process::Unknown | Process::Gone => None,
             Process::Pinned(pidfd) => crate::procfs::session_id(pid)
                 .filter(|_| crate::procfs::loginuid(pid) == uid && crate::pidfd::runs(pidfd)),
             Process::Read { session, start } => session.filter(|&s| {
@@ -194,15 +211,22 @@ impl Caller {
 }
 
 /// The real uid of process `pid`: through its pidfd where the kernel describes one (Linux 6.13),
-/// else from the `Uid:` line of its status file.
-fn real_uid_of(pid: u32, pidfd: Option<&OwnedFd>) -> Option<u32> {
-    if let Some((p, uid)) = pidfd.and_then(crate::pidfd::real_uid) {
-        if p == pid {
-            return Some(uid);
+/// else from the `Uid:` line of its status file. None when the pidfd says the process is gone
+/// (before or just after that read by pid, which then may have been another process's).
+fn real_uid_of(pid: u32, pidfd: Option<&OwnedFd>) -> Option<Option<u32>> {
+    use crate::pidfd::Described;
+    if let Some(pidfd) = pidfd {
+        match crate::pidfd::describe(pidfd) {
+            Described::As { pid: p, real_uid } if p == pid => return Some(Some(real_uid)),
+            Described::Gone => return None,
+            _ => {}
         }
     }
-    let uid = crate::procfs::status_number(pid, "Uid:")?;
-    u32::try_from(uid).ok()
+    let uid = crate::procfs::status_number(pid, "Uid:").and_then(|u| u32::try_from(u).ok());
+    match pidfd {
+        Some(pidfd) if !crate::pidfd::runs(pidfd) => None,
+        _ => Some(uid),
+    }
 }
 
 /// Decides whether `caller` may do `action` for a user: `is_self` when the caller's uid is that
@@ -352,12 +376,53 @@ mod tests {
         let pidfd = crate::pidfd::of_peer(&conn);
         if (major, minor) >= (6, 13) {
             let fd = pidfd.as_ref().expect("SO_PEERPIDFD on this kernel");
-            assert_eq!(crate::pidfd::real_uid(fd), Some((cred.pid() as u32, 1000)));
+            assert_eq!(
+                crate::pidfd::describe(fd),
+                crate::pidfd::Described::As {
+                    pid: cred.pid() as u32,
+                    real_uid: 1000
+                }
+            );
         }
         drop(conn);
         assert!(child.wait().unwrap().success());
         if let Some(fd) = &pidfd {
-            assert_eq!(crate::pidfd::real_uid(fd), None, "a process that is gone");
+            assert_eq!(crate::pidfd::describe(fd), crate::pidfd::Described::Gone);
+        }
+    }
+
+    /// A caller whose process exited, and was reaped, before its connection was accepted: where
+    /// the kernel still hands out a pidfd for it (6.16 and later) it is known as gone, since its
+    /// pid may be another process's by then; nothing is read by pid, and the server refuses it.
+    /// Runs as anyone: a process of guardd's own uid is the owner, with root's rights here.
+    #[test]
+    fn a_caller_gone_before_accept_is_not_read_by_its_pid() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let connected = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])",
+            ])
+            .arg(&path)
+            .status()
+            .expect("python3");
+        assert!(connected.success());
+        let (conn, _) = listener.accept().unwrap();
+        let cred = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .unwrap();
+        let caller = Caller::accepted(cred.uid(), cred.gid(), Some(cred.pid()), || {
+            crate::pidfd::of_peer(&conn)
+        });
+        assert!(
+            caller.is_root(),
+            "the test's own uid has root's rights here"
+        );
+        assert_eq!(caller.real_uid, None);
+        assert_eq!(caller.login_session(Some(cred.uid())), None);
+        if crate::pidfd::of_peer(&conn).is_some() {
+            assert!(caller.is_gone(), "{caller:?}");
         }
     }
 

@@ -31,7 +31,8 @@ struct PidfdInfo {
     sgid: u32,
     fsuid: u32,
     fsgid: u32,
-    exit_code: i32,
+    /// Spare in 6.13; the exit code (PIDFD_INFO_EXIT) since 6.15. Never asked for here.
+    spare0: u32,
 }
 
 const _: () = assert!(std::mem::size_of::<PidfdInfo>() == 64);
@@ -42,16 +43,27 @@ const PIDFD_INFO_CREDS: u64 = 1 << 1;
 // PIDFD_GET_INFO = _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info).
 nix::ioctl_readwrite!(pidfd_get_info, 0xFF, 11, PidfdInfo);
 
-/// The pidfd of the process at the other end of `stream`, as it was when it connected; None on
-/// kernels before 6.5 (ENOPROTOOPT) or when the peer is already gone.
+/// The pidfd of the process at the other end of `stream`, the one that connected; None on
+/// kernels before 6.5 (ENOPROTOOPT). Since 6.16 a peer already reaped still gets one, which
+/// `describe` reports as gone.
 pub fn of_peer(stream: &impl std::os::fd::AsFd) -> Option<OwnedFd> {
     nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok()
 }
 
-/// What the kernel says of the process behind `pidfd` now: its pid (in guardd's pid namespace)
-/// and real uid (in guardd's user namespace). None on kernels before 6.13 (ENOTTY), or when
-/// the process has exited (ESRCH): a process that is gone is never described.
-pub fn real_uid(pidfd: &OwnedFd) -> Option<(u32, u32)> {
+/// What the kernel says of the process behind a pidfd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Described {
+    /// Its pid (in guardd's pid namespace) and real uid (in guardd's user namespace).
+    As { pid: u32, real_uid: u32 },
+    /// It has exited (ESRCH): whatever holds its pid now is another process.
+    Gone,
+    /// The kernel cannot say: before 6.13 (ENOTTY), or a process outside guardd's pid
+    /// namespace.
+    Unknown,
+}
+
+/// What the kernel says of the process behind `pidfd` now.
+pub fn describe(pidfd: &OwnedFd) -> Described {
     let mut info = PidfdInfo {
         mask: PIDFD_INFO_CREDS,
         ..PidfdInfo::default()
@@ -59,9 +71,14 @@ pub fn real_uid(pidfd: &OwnedFd) -> Option<(u32, u32)> {
     // SAFETY: `pidfd` is an open descriptor we own for the whole call, and `info` is a live,
     // writable, properly aligned `struct pidfd_info` of exactly the size the request number
     // encodes (64 bytes, checked at compile time), which is all the kernel reads or writes.
-    let done = unsafe { pidfd_get_info(pidfd.as_raw_fd(), &mut info) };
-    (done.is_ok() && info.mask & PIDFD_INFO_CREDS != 0 && info.pid != 0)
-        .then_some((info.pid, info.ruid))
+    match unsafe { pidfd_get_info(pidfd.as_raw_fd(), &mut info) } {
+        Err(nix::errno::Errno::ESRCH) => Described::Gone,
+        Ok(_) if info.mask & PIDFD_INFO_CREDS != 0 && info.pid != 0 => Described::As {
+            pid: info.pid,
+            real_uid: info.ruid,
+        },
+        _ => Described::Unknown,
+    }
 }
 
 /// Whether the process behind `pidfd` still runs: a pidfd turns readable when its process

@@ -390,6 +390,11 @@ impl tokio_stream::Stream for Incoming {
             let caller = Caller::accepted(cred.uid(), cred.gid(), cred.pid(), || {
                 crate::pidfd::of_peer(&stream)
             });
+            // The process that connected has exited; whoever still holds its socket (a child
+            // it passed it to) is not the caller the kernel named, so it gets nothing.
+            if caller.is_gone() {
+                continue;
+            }
             let permit = match self
                 .budget
                 .acquire(caller.budget_keys(None), caller.is_root())

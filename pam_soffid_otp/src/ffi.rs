@@ -6,7 +6,7 @@
 // sound (`clippy::undocumented_unsafe_blocks` is denied).
 #![allow(unsafe_code)]
 
-use std::ffi::{c_char, CStr, CString};
+use std::ffi::{c_char, c_int, CStr, CString};
 use std::sync::Once;
 
 use pam::constants::{PamFlag, PamResultCode, PAM_SILENT};
@@ -25,6 +25,36 @@ pam::pam_hooks!(PamSoffidOtp);
 extern "C" {
     /// Linux-PAM: the value of `name` in the PAM environment, or NULL.
     fn pam_getenv(pamh: *mut RawHandle, name: *const c_char) -> *const c_char;
+    /// POSIX: sets the calling thread's cancelability state, returning the old one.
+    fn pthread_setcancelstate(state: c_int, oldstate: *mut c_int) -> c_int;
+}
+
+/// glibc's `PTHREAD_CANCEL_DISABLE` (pthread.h: ENABLE is 0, DISABLE 1).
+const PTHREAD_CANCEL_DISABLE: c_int = 1;
+
+/// Holds the host thread's cancellation off while the module runs, and gives the old state back
+/// when dropped. A host that cancels a thread blocked in the module's socket calls would
+/// otherwise unwind glibc's forced unwind through Rust frames, which aborts the whole host; held
+/// off, the cancel takes effect at the host's next cancellation point, after the module
+/// returned (each of its calls ends by `timeout=`).
+struct NoCancel(c_int);
+
+impl NoCancel {
+    fn hold() -> NoCancel {
+        let mut old: c_int = 0;
+        // SAFETY: pthread_setcancelstate only reads its first argument and writes the calling
+        // thread's previous state through a pointer to a live local c_int.
+        unsafe { pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &mut old) };
+        NoCancel(old)
+    }
+}
+
+impl Drop for NoCancel {
+    fn drop(&mut self) {
+        let mut ignored: c_int = 0;
+        // SAFETY: as in `hold`; the state given back is the one glibc handed us.
+        unsafe { pthread_setcancelstate(self.0, &mut ignored) };
+    }
 }
 
 /// What every entry point needs: options (warnings logged), this host's name, PAM_SILENT.
@@ -63,6 +93,7 @@ fn install_panic_hook() {
 
 impl PamHooks for PamSoffidOtp {
     fn sm_authenticate(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
+        let _no_cancel = NoCancel::hold();
         let (options, host, silent) = setup(&args, flags);
         core::authenticate(&mut Handle(pamh), &host, silent, &options, || {
             GrpcDaemon::connect(&options.socket, options.timeout)
@@ -70,6 +101,7 @@ impl PamHooks for PamSoffidOtp {
     }
 
     fn acct_mgmt(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
+        let _no_cancel = NoCancel::hold();
         let (options, host, silent) = setup(&args, flags);
         core::account(&mut Handle(pamh), &host, silent, &options, || {
             GrpcDaemon::connect(&options.socket, options.timeout)
@@ -78,6 +110,7 @@ impl PamHooks for PamSoffidOtp {
 
     /// sshd's session stack: binds the login's reuse grants to its session (never fails it).
     fn sm_open_session(pamh: &mut RawHandle, args: Vec<&CStr>, flags: PamFlag) -> PamResultCode {
+        let _no_cancel = NoCancel::hold();
         let (options, host, _) = setup(&args, flags);
         core::open_session(&mut Handle(pamh), &host, &options, || {
             GrpcDaemon::connect(&options.socket, options.timeout)

@@ -186,6 +186,57 @@ fn a_panic_in_the_module_is_caught_by_its_own_unwinder_and_the_host_lives_on() {
     }
 }
 
+/// A threaded host that cancels its authenticating thread while the module waits on a guardd
+/// that never answers (`tests/fixtures/cancel_host.c`, built here with the system's cc and
+/// libpam). glibc's forced unwind through the module's Rust frames would abort the whole host;
+/// the module holds cancellation off while it runs, so the cancel lands after it returned.
+#[test]
+fn a_host_that_cancels_its_thread_inside_the_module_is_not_aborted() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let host = dir.path().join("cancel_host");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/cancel_host.c");
+    let built = Command::new("cc")
+        .arg(&source)
+        .arg("-o")
+        .arg(&host)
+        .args(["-lpam", "-pthread"])
+        .output()
+        .expect("cc");
+    assert!(built.status.success(), "{}", text(&built));
+    // guardd's socket, accepting and then never answering.
+    let socket = dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            held.extend(conn.ok());
+        }
+    });
+    let confdir = dir.path().join("pam.d");
+    std::fs::create_dir(&confdir).unwrap();
+    std::fs::write(
+        confdir.join("otp-test"),
+        PamServices::module_line(&format!("socket={} timeout=2", socket.display())),
+    )
+    .unwrap();
+    let started = Instant::now();
+    let out = Command::new(&host)
+        .arg(&confdir)
+        .args(["otp-test", "daemon"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "the host was killed: {}",
+        text(&out)
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("joined cancelled"), "{}", text(&out));
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
 /// The path of `program` on PATH.
 fn which(program: &str) -> std::path::PathBuf {
     std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
