@@ -5,7 +5,8 @@
 //! (the user behind a setuid-root sudo or su) for a few microseconds, where parsing
 //! `/proc/PID/status` costs 50-60 µs of every root login's connect on the development machine
 //! (README.md, Benchmarks). The pidfd names the process itself, never a pid that was reused
-//! since. On older kernels either call fails and `caller` reads /proc as before.
+//! since: once that process has exited the kernel says so (`Described::Gone`, and `runs`), and
+//! nothing is read by its pid. On older kernels either call fails and `caller` reads /proc.
 //!
 //! guardd's one foreign call that no crate wraps safely (the ioctl) lives here; the workspace
 //! denies `unsafe` everywhere else in the daemon.
