@@ -8,7 +8,7 @@ use crate::budget::Key;
 /// The process on the other end of the socket, as the kernel reports it (SO_PEERCRED) when the
 /// connection is accepted. Never what the request claims: a client cannot lie about these.
 /// A caller inside a user namespace is seen with its uid in guardd's namespace (its real one).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Caller {
     /// The effective uid that connected (0 for sshd, and for sudo, which is setuid root).
     pub uid: u32,
@@ -46,26 +46,6 @@ pub enum Process {
         start: Option<u64>,
     },
 }
-
-/// Two `Pinned` are the same only if they share the one pidfd.
-impl PartialEq for Process {
-    fn eq(&self, other: &Process) -> bool {
-        match (self, other) {
-            (Process::Unknown, Process::Unknown) | (Process::Gone, Process::Gone) => true,
-            (Process::Pinned(a), Process::Pinned(b)) => Arc::ptr_eq(a, b),
-            (
-                Process::Read { session, start },
-                Process::Read {
-                    session: s,
-                    start: t,
-                },
-            ) => (session, start) == (s, t),
-            _ => false,
-        }
-    }
-}
-
-impl Eq for Process {}
 
 /// What a caller asks to do, for the access table (docs/architecture.md#callers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,8 +97,8 @@ impl Caller {
         let (real_uid, process) = match privileged {
             None => (None, Process::Unknown),
             Some(p) => match real_uid_of(p, pidfd.as_ref()) {
-                None => (None, Process::Gone),
-                Some(real_uid) => (
+                Err(Gone) => (None, Process::Gone),
+                Ok(real_uid) => (
                     real_uid,
                     match pidfd {
                         Some(pidfd) => Process::Pinned(Arc::new(pidfd)),
@@ -142,7 +122,7 @@ impl Caller {
 
     /// Whether the process that connected was gone before its connection was accepted.
     pub fn is_gone(&self) -> bool {
-        self.process == Process::Gone
+        matches!(self.process, Process::Gone)
     }
 
     /// The caller's login session, if the process that connected still runs, now in a session
@@ -210,22 +190,26 @@ impl Caller {
     }
 }
 
+/// The process that connected has exited: nothing may be read by its pid, which may be another
+/// process's by now.
+struct Gone;
+
 /// The real uid of process `pid`: through its pidfd where the kernel describes one (Linux 6.13),
-/// else from the `Uid:` line of its status file. None when the pidfd says the process is gone
-/// (before or just after that read by pid, which then may have been another process's).
-fn real_uid_of(pid: u32, pidfd: Option<&OwnedFd>) -> Option<Option<u32>> {
+/// else from the `Uid:` line of its status file, believed only if the pidfd (where there is one)
+/// says the process still ran after that read.
+fn real_uid_of(pid: u32, pidfd: Option<&OwnedFd>) -> Result<Option<u32>, Gone> {
     use crate::pidfd::Described;
     if let Some(pidfd) = pidfd {
         match crate::pidfd::describe(pidfd) {
-            Described::As { pid: p, real_uid } if p == pid => return Some(Some(real_uid)),
-            Described::Gone => return None,
+            Described::As { pid: p, real_uid } if p == pid => return Ok(Some(real_uid)),
+            Described::Gone => return Err(Gone),
             _ => {}
         }
     }
     let uid = crate::procfs::status_number(pid, "Uid:").and_then(|u| u32::try_from(u).ok());
     match pidfd {
-        Some(pidfd) if !crate::pidfd::runs(pidfd) => None,
-        _ => Some(uid),
+        Some(pidfd) if !crate::pidfd::runs(pidfd) => Err(Gone),
+        _ => Ok(uid),
     }
 }
 
@@ -333,7 +317,7 @@ mod tests {
         let other = if euid == 0 { 1000 } else { euid + 1 };
         let user = Caller::from_cred(other, 0, Some(std::process::id() as i32));
         assert_eq!(user.real_uid, None);
-        assert_eq!(user.process, Process::default());
+        assert!(matches!(user.process, Process::Unknown));
     }
 
     /// A setuid-root program (sudo, su) connects with euid 0 and its user's real uid. Both ways

@@ -47,7 +47,7 @@ nix::ioctl_readwrite!(pidfd_get_info, 0xFF, 11, PidfdInfo);
 /// The pidfd of the process at the other end of `stream`, the one that connected; None on
 /// kernels before 6.5 (ENOPROTOOPT). Since 6.16 a peer already reaped still gets one, which
 /// `describe` reports as gone.
-pub fn of_peer(stream: &impl std::os::fd::AsFd) -> Option<OwnedFd> {
+pub fn of_peer(stream: &impl AsFd) -> Option<OwnedFd> {
     nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerPidfd).ok()
 }
 

@@ -1,15 +1,11 @@
 use std::future::Future;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{oneshot, watch};
-use tokio_stream::StreamExt;
 
 use crate::audit;
 use crate::budget::{Budget, Holding, Limits};
@@ -274,9 +270,14 @@ async fn accept(
     loop {
         tokio::select! {
             admitted = incoming.next() => {
-                let Some(Ok(conn)) = admitted else { break };
-                let caller = conn.caller.clone();
-                connections.spawn(calls::serve(conn, caller, service.clone(), closed.clone()));
+                let Admitted { stream, caller, holding } = admitted;
+                let (service, closed) = (service.clone(), closed.clone());
+                // The connection's place in the budget is held until its task ends, after the
+                // call being served even if the connection closed first.
+                connections.spawn(async move {
+                    let _holding = holding;
+                    calls::serve(stream, caller, service, closed).await;
+                });
             }
             // Ended connections are reaped as they go, so the set holds only open ones.
             Some(ended) = connections.join_next() => reaped(ended),
@@ -351,19 +352,20 @@ fn connection_limits() -> Limits {
 struct Incoming {
     listener: UnixListener,
     budget: Arc<Budget>,
-    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Until when accepting pauses; kept here, so a `next` dropped by the server's `select!`
+    /// during the pause does not cut it short.
+    pause: Option<tokio::time::Instant>,
 }
 
-impl tokio_stream::Stream for Incoming {
-    type Item = Result<Conn, std::io::Error>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+impl Incoming {
+    /// The next connection admitted. Cancel-safe: its only waits are `accept` and the pause.
+    async fn next(&mut self) -> Admitted {
         loop {
-            if let Some(pause) = &mut self.pause {
-                std::task::ready!(pause.as_mut().poll(cx));
+            if let Some(until) = self.pause {
+                tokio::time::sleep_until(until).await;
                 self.pause = None;
             }
-            let stream = match std::task::ready!(self.listener.poll_accept(cx)) {
+            let stream = match self.listener.accept().await {
                 Ok((stream, _)) => stream,
                 Err(e) => {
                     if matches!(
@@ -379,7 +381,7 @@ impl tokio_stream::Stream for Incoming {
                             "accept",
                             &format!("cannot accept connections: {e}; pausing"),
                         );
-                        self.pause = Some(Box::pin(tokio::time::sleep(ACCEPT_BACKOFF)));
+                        self.pause = Some(tokio::time::Instant::now() + ACCEPT_BACKOFF);
                     }
                     continue;
                 }
@@ -395,21 +397,21 @@ impl tokio_stream::Stream for Incoming {
             if caller.is_gone() {
                 continue;
             }
-            let permit = match self
+            let holding = match self
                 .budget
                 .acquire(caller.budget_keys(None), caller.is_root())
             {
-                Ok(permit) => permit,
+                Ok(holding) => holding,
                 Err(e) => {
                     audit::refused(&caller, "connect", "*", &e.to_string());
                     continue;
                 }
             };
-            return Poll::Ready(Some(Ok(Conn {
+            return Admitted {
                 stream: Opening::new(stream),
                 caller,
-                _holding: permit,
-            })));
+                holding,
+            };
         }
     }
 }
@@ -423,49 +425,9 @@ mod libc_errno {
 }
 
 /// An admitted connection: the stream, who is on the other end, and its place in the budget,
-/// given back when the connection closes.
-struct Conn {
+/// given back when the connection's task ends.
+struct Admitted {
     stream: Opening<UnixStream>,
     caller: Caller,
-    _holding: Holding,
-}
-
-impl AsyncRead for Conn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Conn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
+    holding: Holding,
 }

@@ -204,25 +204,12 @@ fn a_host_that_cancels_its_thread_inside_the_module_is_not_aborted() {
         .output()
         .expect("cc");
     assert!(built.status.success(), "{}", text(&built));
-    // guardd's socket, accepting and then never answering.
     let socket = dir.path().join("silent.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming() {
-            held.extend(conn.ok());
-        }
-    });
-    let confdir = dir.path().join("pam.d");
-    std::fs::create_dir(&confdir).unwrap();
-    std::fs::write(
-        confdir.join("otp-test"),
-        PamServices::module_line(&format!("socket={} timeout=2", socket.display())),
-    )
-    .unwrap();
+    silent_guardd(&socket);
+    let pam = stack(&socket, "2");
     let started = Instant::now();
     let out = Command::new(&host)
-        .arg(&confdir)
+        .arg(pam.dir.path())
         .args(["otp-test", "daemon"])
         .output()
         .unwrap();
@@ -235,6 +222,18 @@ fn a_host_that_cancels_its_thread_inside_the_module_is_not_aborted() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("joined cancelled"), "{}", text(&out));
     assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+/// A guardd at `socket` that accepts connections and never answers, for the life of the test.
+fn silent_guardd(socket: &std::path::Path) {
+    let listener = std::os::unix::net::UnixListener::bind(socket).unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            held.push(conn);
+        }
+    });
 }
 
 /// The path of `program` on PATH.
@@ -350,14 +349,7 @@ fn safe_mode_refuses_when_the_listen_backlog_is_full() {
 fn safe_mode_refuses_a_daemon_that_never_answers() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("silent.sock");
-    let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            held.push(conn);
-        }
-    });
+    silent_guardd(&socket);
     let pam = safe_stack(&socket, "1");
     let started = Instant::now();
     let out = pam.pamtester("otp-test", "daemon", "");

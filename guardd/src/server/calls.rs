@@ -24,8 +24,6 @@ use zeroize::Zeroizing;
 use crate::caller::Caller;
 use crate::service::GuardService;
 
-/// The gRPC service's path prefix: `/package.Service/`.
-const SERVICE_PATH: &str = "/soffid.otp.v1.Guard/";
 /// A gRPC message's prefix: a compression flag and the length (big-endian u32).
 const PREFIX: usize = 5;
 
@@ -220,9 +218,12 @@ async fn call(
     mut respond: SendResponse<Bytes>,
 ) {
     let (head, mut body) = request.into_parts();
+    // `/package.Service/Method`, the service's name as the .proto file gives it.
     let method = (head.method == http::Method::POST)
-        .then(|| head.uri.path().strip_prefix(SERVICE_PATH))
+        .then(|| head.uri.path().strip_prefix('/'))
         .flatten()
+        .and_then(|path| path.strip_prefix(proto::v1::guard_server::SERVICE_NAME))
+        .and_then(|path| path.strip_prefix('/'))
         .map(str::to_owned);
     let answered = match method {
         None => Err(Status::unimplemented(format!(
